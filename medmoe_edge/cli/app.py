@@ -1,0 +1,23 @@
+"""Root `medmoe-edge` Typer application: registers the commands, nothing else."""
+
+from __future__ import annotations
+
+import typer
+
+from . import info_cmd, init_random_cmd, run_cmd, runtimes_cmd
+
+app = typer.Typer(
+    name="medmoe-edge",
+    help="Med-MoE medical vision-language model: export, quantize, run and compare on edge devices.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("run")(run_cmd.run)
+app.command("info")(info_cmd.info)
+app.command("runtimes")(runtimes_cmd.runtimes)
+app.command("init-random")(init_random_cmd.init_random)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,59 @@
+"""`medmoe-edge run`: answer a question about an image, streaming the answer."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..api import load
+from ..generation import GenerationConfig
+from ..imaging import PreprocessMode
+from ..runtimes.base import DType, RuntimeOptions
+from .common import err, print_json, user_errors
+
+
+@user_errors
+def run(
+    image: Annotated[Path, typer.Option("--image", help="PNG, JPEG, TIFF, BMP or DICOM file.")],
+    question: Annotated[str, typer.Option("--question", help="Question about the image.")],
+    model: Annotated[str, typer.Option("--model", help="Checkpoint directory (or hub id) for the torch runtime.")],
+    runtime: Annotated[str, typer.Option("--runtime", help="Runtime plugin (see `medmoe-edge runtimes`).")] = "torch",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Maximum tokens to generate.")] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (official eval); >0 samples.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    preprocess: Annotated[PreprocessMode, typer.Option("--preprocess", help="pad: pad to square as in training (default); crop: resize + centre crop as the official eval.")] = PreprocessMode.PAD,
+    frame: Annotated[int | None, typer.Option("--frame", help="DICOM frame index [default: middle frame].")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")] = "cpu",
+    dtype: Annotated[DType | None, typer.Option("--dtype", help="Compute precision [default: float32].")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads [default: library default].")] = None,
+    vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (answer, token ids, timings, experts per MoE layer).")] = False,
+) -> None:
+    """Answer a question about a medical image with Med-MoE."""
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    options = RuntimeOptions(device=device, dtype=dtype, num_threads=threads, vision_tower=vision_tower)
+    with err.status(f"loading {model} with the {runtime} runtime"):
+        pipe = load(model, runtime=runtime, options=options)
+    with pipe:
+        if as_json:
+            ans = pipe.answer(image, question, generation=gen, preprocess_mode=preprocess, frame=frame)
+            obj = ans.to_json()
+            obj.update(runtime=runtime, model=str(model), preprocess=preprocess.value, generation=gen.__dict__)
+            print_json(obj)
+            return
+
+        def emit(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        ans = pipe.answer(image, question, generation=gen, preprocess_mode=preprocess, frame=frame, on_text=emit)
+        sys.stdout.write("\n")
+        t = ans.timings
+        err.print(
+            f"[dim]{len(ans.token_ids)} tokens ({ans.finish_reason.value}), prompt {ans.prompt_tokens} positions, "
+            f"first token {t.time_to_first_token_s * 1000:.0f} ms, decode {t.decode_tokens_per_s:.1f} tok/s[/]"
+        )

@@ -1,0 +1,119 @@
+"""The Med-MoE FFN block: frozen domain router, top-k routed experts, always-on meta expert (§2).
+
+Module names follow the released state-dict keys (§2.6) so that checkpoints load
+with a strict `load_state_dict`:
+
+    mlp.deepspeed_moe.gate.wg.{weight,bias}                       router, [E, H] / [E]
+    mlp.deepspeed_moe.experts.deepspeed_experts.{e}.<ffn keys>    routed experts
+    mlp.meta_moe.<ffn keys>                                       meta expert (weight 1, no gate)
+    mlp.coefficient.{weight,bias}                                 only with use_residual
+
+Execution is expert-sparse: per token only its selected expert(s) and the meta expert
+run. Because Med-MoE never drops tokens (§2.4) the block is a pure per-token
+function, so grouping tokens by expert is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..spec import MoESpec, TextSpec
+from .ffn import make_ffn
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Router decision for the tokens of one MoE layer.
+
+    Shapes (N = flattened tokens, E = experts, k = top_k):
+        probs:   [N, E] fp32 softmax over all experts
+        experts: [N, k] selected expert ids (int64), first is the argmax
+        weights: [N, k] fp32 combine weights as applied (raw p for k=1, renormalised for k=2)
+    """
+
+    probs: torch.Tensor
+    experts: torch.Tensor
+    weights: torch.Tensor
+
+
+class _Gate(nn.Module):
+    def __init__(self, hidden: int, n_experts: int) -> None:
+        super().__init__()
+        # §2.2: the Router's fc1 replaces `wg`, so the key is gate.wg.* and it has a bias.
+        self.wg = nn.Linear(hidden, n_experts, bias=True)
+
+
+class _Experts(nn.Module):
+    def __init__(self, text: TextSpec, n_experts: int) -> None:
+        super().__init__()
+        self.deepspeed_experts = nn.ModuleList(make_ffn(text) for _ in range(n_experts))
+
+
+class _MOELayer(nn.Module):
+    def __init__(self, text: TextSpec, moe: MoESpec) -> None:
+        super().__init__()
+        self.gate = _Gate(text.hidden_size, moe.num_experts)
+        self.experts = _Experts(text, moe.num_experts)
+
+
+def route(x: torch.Tensor, wg: nn.Linear, top_k: int) -> Routing:
+    """Router math of §2.3 steps 1-4 for flattened tokens `x` [N, H].
+
+    The official top-2 draws Gumbel noise for the second choice on every forward, even
+    at inference (§2.3.4, §7.3), so it cannot be reproduced exactly; we take the plain
+    second argmax, which is what that noise perturbs. Top-1 (the released setting) is exact.
+    """
+    # §2.3.1: gate and input in fp32 regardless of the model dtype.
+    logits = torch.nn.functional.linear(x.float(), wg.weight.float(), wg.bias.float())
+    probs = logits.softmax(dim=-1)  # §2.3.2: over all experts
+    e1 = probs.argmax(dim=-1, keepdim=True)  # first index on ties, as torch.argmax in the official code
+    p1 = probs.gather(-1, e1)
+    if top_k == 1:
+        # §2.3.3: weight is the raw softmax probability, NOT renormalised (p1 < 1).
+        return Routing(probs, e1, p1)
+    masked = probs.scatter(-1, e1, float("-inf"))
+    e2 = masked.argmax(dim=-1, keepdim=True)
+    p2 = probs.gather(-1, e2)
+    denom = (p1 + p2).clamp_min(torch.finfo(torch.float32).eps)  # §2.3.4: renormalised over the pair
+    return Routing(probs, torch.cat([e1, e2], -1), torch.cat([p1 / denom, p2 / denom], -1))
+
+
+class MoEFFN(nn.Module):
+    """One MoE FFN: `y = Σ_k w_k·Expert_{e_k}(x) + Meta(x)` (§2.3.6, use_residual=False)."""
+
+    def __init__(self, text: TextSpec, moe: MoESpec) -> None:
+        super().__init__()
+        self.top_k = moe.top_k
+        self.use_residual = moe.use_residual
+        self.deepspeed_moe = _MOELayer(text, moe)
+        self.meta_moe = make_ffn(text)
+        if moe.use_residual:
+            self.coefficient = nn.Linear(text.hidden_size, 2, bias=True)
+
+    @property
+    def experts(self) -> nn.ModuleList:
+        return self.deepspeed_moe.experts.deepspeed_experts
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """Args: x [B, T, H] (the layer's FFN input). Returns (y [B, T, H], routing of the B·T tokens)."""
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])
+        r = route(xf, self.deepspeed_moe.gate.wg, self.top_k)
+        routed = torch.zeros_like(xf)
+        # Expert-sparse dispatch: each expert runs only on the tokens that selected it.
+        for e in r.experts.unique().tolist():
+            tok, slot = (r.experts == e).nonzero(as_tuple=True)
+            # The official combine casts the fp32 weight to the activation dtype before scaling.
+            w = r.weights[tok, slot].to(x.dtype).unsqueeze(-1)
+            routed.index_add_(0, tok, self.experts[e](xf[tok]) * w)
+        meta = self.meta_moe(xf)
+        if self.use_residual:
+            # §2.3.6: y = c0·routed + c1·Meta(x) + Meta(x); the residual MLP *is* the meta module.
+            c = self.coefficient(xf).softmax(dim=-1)
+            y = routed * c[:, 0:1] + meta * c[:, 1:2] + meta
+        else:
+            y = routed + meta  # meta expert weight is exactly 1 (§3.5)
+        return y.reshape(shape), r

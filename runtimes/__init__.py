@@ -1,0 +1,18 @@
+"""Runtime plugins (installed as `medmoe_edge.runtimes`): see `base.Runtime` and `registry`."""
+
+from .base import ArtifactKind, Availability, DType, ModelInfo, PreparedRequest, Runtime, RuntimeOptions
+from .registry import discover, get_runtime, register, unregister
+
+__all__ = [
+    "ArtifactKind",
+    "Availability",
+    "DType",
+    "ModelInfo",
+    "PreparedRequest",
+    "Runtime",
+    "RuntimeOptions",
+    "discover",
+    "get_runtime",
+    "register",
+    "unregister",
+]

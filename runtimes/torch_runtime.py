@@ -1,0 +1,121 @@
+"""The PyTorch reference runtime (`--runtime torch`): the model every export is compared against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from medmoe_edge.checkpoint import LoadedModel, load_model
+from medmoe_edge.errors import InputError
+from medmoe_edge.generation import StepOutput
+from medmoe_edge.model.medmoe import IMAGE_TOKEN_INDEX
+from medmoe_edge.model.moe import Routing
+
+from .base import ArtifactKind, Availability, DType, ModelInfo, PreparedRequest, Runtime, RuntimeOptions
+
+_PAD, _TEXT, _IMAGE = 0, 1, 2
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device} was requested but this torch has no usable CUDA device: use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device} is not supported by the torch runtime: use cpu or cuda")
+    return dev
+
+
+class TorchRuntime(Runtime):
+    """Runs a Med-MoE checkpoint directory with the PyTorch reference model (expert-sparse MoE, KV cache)."""
+
+    name = "torch"
+    artifact_kind = ArtifactKind.CHECKPOINT
+    description = "PyTorch reference implementation (CPU or CUDA), the fidelity baseline"
+
+    @classmethod
+    def availability(cls) -> Availability:
+        gpu = "CUDA available" if torch.cuda.is_available() else "CPU only"
+        return Availability(True, f"torch {torch.__version__}, {gpu}")
+
+    def __init__(self, model: str | Path, options: RuntimeOptions | None = None) -> None:
+        options = options or RuntimeOptions()
+        device = _check_device(options.device)
+        if options.num_threads is not None:
+            if options.num_threads < 1:
+                raise InputError(f"--threads must be at least 1, got {options.num_threads}")
+            torch.set_num_threads(options.num_threads)
+        dtype = options.dtype or DType.FLOAT32
+        self.loaded: LoadedModel = load_model(model, dtype=dtype.torch, device=device, vision_tower=options.vision_tower)
+        self.model = self.loaded.model
+        t = self.loaded.spec.text
+        self._info = ModelInfo(
+            spec=self.loaded.spec,
+            tokenizer=self.loaded.tokenizer,
+            processor=self.loaded.processor,
+            label=self.loaded.checkpoint_dir.name,
+            context_length=t.max_position_embeddings,
+        )
+        self._cache = None
+        self._mask: torch.Tensor | None = None
+        self._next_pos: torch.Tensor | None = None
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    def prefill(self, requests: list[PreparedRequest], max_new_tokens: int) -> StepOutput:
+        m = self.model
+        pixels = torch.cat([r.pixel_values for r in requests]) if requests else None
+        image_rows = m.encode_images(pixels) if pixels is not None and pixels.shape[0] else None
+        rows, kinds, offset = [], [], 0
+        for r in requests:
+            n = r.pixel_values.shape[0]
+            rows.append(m.splice(r.token_ids, image_rows[offset : offset + n] if n else image_rows[:0]))
+            offset += n
+            kinds.append([k for i in r.token_ids for k in ([_IMAGE] * m.spec.image_tokens if i == IMAGE_TOKEN_INDEX else [_TEXT])])
+        batch = m.make_batch(rows)
+        self._cache = m.new_cache(len(requests), batch.embeds.shape[1] + max_new_tokens)
+        logits, routing = m.forward_embeds(batch.embeds, batch.positions, batch.mask, self._cache)
+        last = torch.tensor([n - 1 for n in batch.lengths], device=logits.device)
+        b = torch.arange(len(requests), device=logits.device)
+        self._mask = batch.mask
+        self._next_pos = torch.tensor(batch.lengths, device=logits.device)
+        L = batch.embeds.shape[1]
+        kind = torch.zeros(len(requests), L, dtype=torch.int64)
+        for i, k in enumerate(kinds):
+            kind[i, : len(k)] = torch.tensor(k)
+        return StepOutput(
+            logits=logits[b, last],
+            experts={layer: r.experts.view(len(requests), L, -1)[b.cpu(), last.cpu()].cpu() for layer, r in routing.items()},
+            prompt_routing=self._prompt_routing(routing, kind),
+        )
+
+    def _prompt_routing(self, routing: dict[int, Routing], kind: torch.Tensor) -> list[dict[int, dict[str, list[int]]]]:
+        """Per row and MoE layer: how many image / text prompt tokens each expert received (top-1 choice)."""
+        n_exp = self.model.spec.moe.num_experts
+        out: list[dict[int, dict[str, list[int]]]] = [{} for _ in range(kind.shape[0])]
+        for layer, r in routing.items():
+            top1 = r.experts[:, 0].view(kind.shape).cpu()
+            for i in range(kind.shape[0]):
+                out[i][layer] = {
+                    name: torch.bincount(top1[i][kind[i] == code], minlength=n_exp).tolist() for name, code in (("image", _IMAGE), ("text", _TEXT))
+                }
+        return out
+
+    def decode(self, tokens: torch.Tensor) -> StepOutput:
+        if self._cache is None or self._mask is None or self._next_pos is None:
+            raise RuntimeError("decode() called before prefill()")
+        m = self.model
+        tokens = tokens.to(m.device)
+        embeds = m.embed_tokens(tokens)[:, None]
+        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        logits, routing = m.forward_embeds(embeds, self._next_pos[:, None], self._mask, self._cache)
+        self._next_pos = self._next_pos + 1
+        return StepOutput(logits=logits[:, 0], experts={layer: r.experts.cpu() for layer, r in routing.items()})
+
+    def close(self) -> None:
+        self._cache = None

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny seeded checkpoints written by `init-random` in the released layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medmoe_edge.presets import PRESETS, Preset
+from medmoe_edge.random_init import write_random_checkpoint
+
+TINY = [Preset.TINY_PHI, Preset.TINY_STABLELM]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory) -> dict[Preset, Path]:
+    """One random tiny checkpoint per variant (seed 0), shared by the whole session (read-only)."""
+    root = tmp_path_factory.mktemp("ckpts")
+    return {p: write_random_checkpoint(PRESETS[p], root / p.value, seed=0) for p in TINY}
+
+
+@pytest.fixture(params=TINY, ids=lambda p: p.value)
+def tiny_ckpt(request, tiny_ckpts) -> Path:
+    return tiny_ckpts[request.param]
+
+
+@pytest.fixture(scope="session")
+def sample_png(tmp_path_factory) -> Path:
+    """A deterministic 48×40 RGB test image (non-square, so pad and crop differ)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("img") / "sample.png"
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), "RGB").save(path)
+    return path
