@@ -54,7 +54,10 @@ def resolve_model_dir(model: str | Path) -> Path:
     if path.exists():
         raise CheckpointError(f"{model} is a file; pass the checkpoint directory that holds config.json")
     if isinstance(model, str) and _HUB_ID.match(model):
-        return Path(_hub_download(model))
+        try:
+            return Path(_hub_download(model))
+        except CheckpointError as e:
+            raise CheckpointError(f"{model} is not a local directory, and as a hub id: {e}") from None
     raise CheckpointError(f"model directory {model} does not exist: pass a local checkpoint directory or a hub id like JsST/Med-MoE")
 
 

@@ -53,10 +53,19 @@ class Tokenizer:
         path = Path(path)
         if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
             raise CheckpointError(f"{path} has no tokenizer files (tokenizer.json or vocab.json + merges.txt): copy the base model's tokenizer into the checkpoint directory")
-        from transformers import AutoTokenizer  # heavy import, only when loading
+        import warnings
+
+        import transformers  # heavy import, only when loading
+        from transformers import AutoTokenizer
 
         try:
-            tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, padding_side="right")
+            # AutoTokenizer peeks at config.json and warns that moe_llava_* is not a transformers
+            # model type; that is expected here, so keep the user's terminal clean.
+            verbosity = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, padding_side="right")
         except ValueError as e:
             if "trust_remote_code" in str(e) or "remote code" in str(e):
                 raise CheckpointError(
@@ -66,6 +75,8 @@ class Tokenizer:
             raise CheckpointError(f"cannot load the tokenizer in {path}: {str(e).splitlines()[0]}") from None
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"cannot load the tokenizer in {path}: {str(e).splitlines()[0]}") from None
+        finally:
+            transformers.logging.set_verbosity(verbosity)
         return cls(tok)
 
     def encode(self, text: str) -> list[int]:

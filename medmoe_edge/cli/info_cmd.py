@@ -41,5 +41,9 @@ def info(
     if ci.ignored_vision_tensors:
         table.add_row("ignored", f"{ci.ignored_vision_tensors} vision-tower tensors inside the checkpoint (reloaded from mm_image_tower, as the official loader)")
     table.add_row("dtypes", ", ".join(f"{k}: {v} tensors" for k, v in sorted(ci.dtypes.items())))
-    table.add_row("files", "\n".join(f"{n} ({b / 2**20:.1f} MiB)" for n, b in ci.files))
+    table.add_row("files", "\n".join(f"{n} ({_size(b)})" for n, b in ci.files))
     out.print(table)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
