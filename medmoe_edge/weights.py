@@ -7,10 +7,13 @@ which refuses code; such a refusal becomes a one-line `CheckpointError`.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from .errors import CheckpointError
 
@@ -114,3 +117,38 @@ def tensor_infos(files: list[Path]) -> list[TensorInfo]:
             for name, t in _load_pickle(f).items():
                 infos.append(TensorInfo(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")))
     return infos
+
+
+def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, shard_bytes: int = 2 * 1024**3) -> None:
+    """Write `tensors` into `out` as safetensors shards, with the index, in the released layout (§2.6).
+
+    Each shard (at most `shard_bytes`) is written as soon as it fills, so a generator of
+    tensors never needs the whole model in memory; shards are then named
+    `model-0000i-of-0000n.safetensors` as transformers' `save_pretrained` names them.
+    """
+    written: list[tuple[str, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        tmp = f"shard-{len(written):05d}.tmp"
+        save_file(shard, str(out / tmp), metadata={"format": "pt"})
+        written.append((tmp, list(shard)))
+
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[name] = t
+        size += nbytes
+        total += nbytes
+    if shard:
+        flush()
+    weight_map: dict[str, str] = {}
+    for i, (tmp, names) in enumerate(written):
+        final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(out / tmp, out / final)
+        weight_map.update({k: final for k in names})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,94 @@
+"""Write checkpoint directories in the released Med-MoE layout (shared by `init-random` and `train-demo`).
+
+    config.json                          released config (§4.1), mm_image_tower = "clip-vision"
+    model-0000i-of-0000n.safetensors     shards, with model.safetensors.index.json (§2.6)
+    tokenizer.json, tokenizer_config.json
+    clip-vision/                         an HF CLIPVisionModel directory (config, weights, preprocessor)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import InputError
+from .hfconfig import text_config_dict, vision_config_dict
+from .imaging import ImageProcessorSpec
+from .model.vision import VisionTower
+from .spec import ModelSpec
+from .weights import write_sharded
+
+TOWER_DIRNAME = "clip-vision"
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `out` to fill; rename it to `out` only on success.
+
+    An interrupted or failed write leaves nothing at `out` (so nothing that looks complete).
+
+    Raises:
+        InputError: `out` exists and is not an empty directory.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out} already exists and is not empty: choose a new --out directory or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def full_tower_names(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
+    """All keys of a full HF CLIPVisionModel (every layer and post_layernorm), not only the used ones."""
+    with torch.device("meta"):
+        full = VisionTower(replace(spec.vision, select_layer=spec.vision.num_layers))
+    c = spec.vision.hidden_size
+    names = [(k, tuple(v.shape)) for k, v in full.state_dict().items()]
+    return names + [("vision_model.post_layernorm.weight", (c,)), ("vision_model.post_layernorm.bias", (c,))]
+
+
+def write_checkpoint(
+    directory: Path,
+    spec: ModelSpec,
+    lm_tensors: Iterator[tuple[str, torch.Tensor]],
+    tower_tensors: dict[str, torch.Tensor],
+    *,
+    dtype: str,
+    eos_id: int,
+    pad_id: int,
+    shard_bytes: int = 2 * 1024**3,
+) -> None:
+    """Write weights, config.json and the CLIP tower into `directory` (the tokenizer is written by the caller).
+
+    Args:
+        directory: an existing, empty directory (see `atomic_dir`).
+        spec: the model the tensors belong to.
+        lm_tensors: `model.*` / `lm_head.*` tensors in checkpoint naming, already in the storage dtype.
+        tower_tensors: `vision_model.*` tensors of a full CLIPVisionModel.
+        dtype: storage dtype name recorded as `torch_dtype`.
+    """
+    write_sharded(lm_tensors, directory, shard_bytes)
+    cfg = text_config_dict(spec.text, spec.moe, mm_image_tower=TOWER_DIRNAME, mm_hidden_size=spec.mm_hidden_size, dtype=dtype, eos_id=eos_id, pad_id=pad_id)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    tower = directory / TOWER_DIRNAME
+    tower.mkdir()
+    save_file(tower_tensors, str(tower / "model.safetensors"), metadata={"format": "pt"})
+    (tower / "config.json").write_text(json.dumps(vision_config_dict(spec.vision), indent=2) + "\n")
+    pre = ImageProcessorSpec.clip(spec.vision.image_size).to_preprocessor_config()
+    (tower / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
