@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .demo import demo_dir, is_demo
 from .errors import CheckpointError, ConfigError, UnsupportedCheckpoint
 from .hfconfig import moe_spec_from_config, text_spec_from_config, vision_spec_from_config
 from .imaging import ImageProcessorSpec
@@ -42,12 +43,14 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """A local checkpoint directory for `model`: an existing directory, or a hub id downloaded
-    with huggingface_hub when the network allows (cached afterwards).
+    """A local checkpoint directory for `model`: "demo" (the built-in model), an existing
+    directory, or a hub id downloaded with huggingface_hub when the network allows (cached afterwards).
 
     Raises:
         CheckpointError: neither a directory nor a downloadable hub id.
     """
+    if is_demo(model):
+        return demo_dir()
     path = Path(model).expanduser()
     if path.is_dir():
         return path

@@ -50,3 +50,12 @@ PRESETS: dict[Preset, ModelSpec] = {
 
 # Released checkpoints were saved in bf16 (§4.1 torch_dtype); tiny ones stay fp32 for exact tests.
 DEFAULT_DTYPE: dict[Preset, str] = {Preset.PHI: "bfloat16", Preset.STABLELM: "bfloat16", Preset.TINY_PHI: "float32", Preset.TINY_STABLELM: "float32"}
+
+# The built-in demo model (`medmoe-edge train-demo`): the Phi variant's structure at a size
+# that trains on 2 CPU cores in minutes. Hidden and FFN sizes are multiples of 256 so that
+# llama.cpp's k-quants apply to every decoder matrix; head_dim 32 → 12 rotary dims (0.4).
+# Its own CLIP-style tower sees 64-px images in 8-px patches: 64 image rows per prompt
+# (the released models' 336-px / 576-row path is unchanged).
+CLIP_DEMO = VisionSpec(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4)
+DEMO_VOCAB = 1024
+DEMO = _phi(256, 512, 4, 8, DEMO_VOCAB, CLIP_DEMO)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import info_cmd, init_random_cmd, run_cmd, runtimes_cmd
+from . import data_cmd, eval_cmd, info_cmd, init_random_cmd, run_cmd, runtimes_cmd, train_cmd
 
 app = typer.Typer(
     name="medmoe-edge",
@@ -17,6 +17,9 @@ app.command("run")(run_cmd.run)
 app.command("info")(info_cmd.info)
 app.command("runtimes")(runtimes_cmd.runtimes)
 app.command("init-random")(init_random_cmd.init_random)
+app.command("make-data")(data_cmd.make_data)
+app.command("train-demo")(train_cmd.train_demo)
+app.command("eval")(eval_cmd.eval_model)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from .common import human_count, out, print_json, user_errors
 
 @user_errors
 def info(
-    model: Annotated[str, typer.Argument(help="Checkpoint directory (or hub id).")],
+    model: Annotated[str, typer.Argument(help="'demo' (built-in), a checkpoint directory, or a hub id.")] = "demo",
     vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:

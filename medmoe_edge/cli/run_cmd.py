@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ..api import load
+from ..demo import DEMO_LABEL, is_demo
 from ..generation import GenerationConfig
 from ..imaging import PreprocessMode
 from ..runtimes.base import DType, RuntimeOptions
@@ -19,7 +20,7 @@ from .common import err, print_json, user_errors
 def run(
     image: Annotated[Path, typer.Option("--image", help="PNG, JPEG, TIFF, BMP or DICOM file.")],
     question: Annotated[str, typer.Option("--question", help="Question about the image.")],
-    model: Annotated[str, typer.Option("--model", help="Checkpoint directory (or hub id) for the torch runtime.")],
+    model: Annotated[str, typer.Option("--model", help="'demo' (built-in), a checkpoint directory, or a hub id.")] = "demo",
     runtime: Annotated[str, typer.Option("--runtime", help="Runtime plugin (see `medmoe-edge runtimes`).")] = "torch",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Maximum tokens to generate.")] = 512,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (official eval); >0 samples.")] = 0.0,
@@ -38,11 +39,15 @@ def run(
     options = RuntimeOptions(device=device, dtype=dtype, num_threads=threads, vision_tower=vision_tower)
     with err.status(f"loading {model} with the {runtime} runtime"):
         pipe = load(model, runtime=runtime, options=options)
+    if is_demo(model) and not as_json:
+        err.print(f"[yellow]{DEMO_LABEL}[/]")
     with pipe:
         if as_json:
             ans = pipe.answer(image, question, generation=gen, preprocess_mode=preprocess, frame=frame)
             obj = ans.to_json()
             obj.update(runtime=runtime, model=str(model), preprocess=preprocess.value, generation=gen.__dict__)
+            if is_demo(model):
+                obj["model_note"] = DEMO_LABEL
             print_json(obj)
             return
 
