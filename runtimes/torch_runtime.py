@@ -74,7 +74,7 @@ class TorchRuntime(Runtime):
         rows, kinds, offset = [], [], 0
         for r in requests:
             n = r.pixel_values.shape[0]
-            rows.append(m.splice(r.token_ids, image_rows[offset : offset + n] if n else image_rows[:0]))
+            rows.append(m.splice(r.token_ids, image_rows[offset : offset + n] if n else torch.zeros(0, m.spec.image_tokens, m.spec.text.hidden_size)))
             offset += n
             kinds.append([k for i in r.token_ids for k in ([_IMAGE] * m.spec.image_tokens if i == IMAGE_TOKEN_INDEX else [_TEXT])])
         batch = m.make_batch(rows)

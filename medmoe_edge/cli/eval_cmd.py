@@ -10,7 +10,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ..api import load
-from ..demo import DEMO_DATA_SEED
+from ..demo import DEMO_DATA_SEED, DEMO_LABEL, is_demo
 from ..errors import InputError
 from ..evaluate import evaluate, write_report
 from ..generation import GenerationConfig
@@ -69,6 +69,8 @@ def eval_model(
         samples = samples[:limit]
     with err.status(f"loading {model} with the {runtime} runtime"):
         pipe = load(model, runtime=runtime, options=RuntimeOptions())
+    if is_demo(model):
+        err.print(f"[yellow]{DEMO_LABEL}[/]")
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("answering", total=len(samples))
         result = evaluate(pipe, samples, root, generation=GenerationConfig(max_new_tokens=max_new_tokens), preprocess_mode=preprocess, progress=lambda i, n: bar.update(task, completed=i))

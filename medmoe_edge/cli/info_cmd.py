@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..demo import DEMO_LABEL, is_demo
 from ..info import checkpoint_info
 from .common import human_count, out, print_json, user_errors
 
@@ -21,7 +22,10 @@ def info(
     """Describe a Med-MoE checkpoint without loading its weights."""
     ci = checkpoint_info(model, vision_tower)
     if as_json:
-        print_json(ci.to_json())
+        obj = ci.to_json()
+        if is_demo(model):
+            obj["model_note"] = DEMO_LABEL
+        print_json(obj)
         return
     t, m, c = ci.text, ci.moe, ci.counts
     table = Table(title=f"Med-MoE checkpoint {ci.directory}", show_header=False)
@@ -43,6 +47,8 @@ def info(
     table.add_row("dtypes", ", ".join(f"{k}: {v} tensors" for k, v in sorted(ci.dtypes.items())))
     table.add_row("files", "\n".join(f"{n} ({_size(b)})" for n, b in ci.files))
     out.print(table)
+    if is_demo(model):
+        out.print(f"[yellow]{DEMO_LABEL}[/]")
 
 
 def _size(n: int) -> str:

@@ -15,7 +15,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from medmoe_edge.calibration.synth import DOMAINS, Sample, caption
@@ -109,8 +108,3 @@ def collate(encoded: list[Encoded], image_index: list[int], pad_id: int, max_len
         mask[i, :n] = 1
         labels[i, :n] = torch.tensor(e.labels[:n])
     return Batch(torch.tensor(image_index), suffix, mask, labels)
-
-
-def shuffled_turns(qa: list[tuple[str, str]], rng: np.random.Generator, max_turns: int) -> list[tuple[str, str]]:
-    order = rng.permutation(len(qa))[:max_turns]
-    return [qa[i] for i in order]

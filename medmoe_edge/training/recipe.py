@@ -28,6 +28,21 @@ from .data import ConversationEncoder, collate, load_images
 from .stages import StageConfig, averaged_hidden_states, conversation_batches, multimodal_loss, run_stage, set_trainable, text_batches, text_loss, to_moe, train_router
 
 TRAINING_LOG = "training_log.json"
+MODEL_CARD = "README.md"
+
+
+def model_card(record: dict) -> str:
+    """The checkpoint's README: what the demo is, and that it is not for clinical use."""
+    return (
+        "# medmoe-edge demo model\n\n"
+        "**DEMO ONLY, NOT FOR CLINICAL USE.** A miniature Med-MoE (Phi-variant structure: 4 layers, hidden 256, "
+        "MoE on layers 0 and 2 with 4 experts + meta expert, top-1) trained by `medmoe-edge train-demo` on "
+        "synthetic images that imitate CT, MRI, X-ray and pathology. It has never seen a patient image; "
+        "its answers about real scans mean nothing clinically.\n\n"
+        f"Training data: `{record['data']['manifest']}` (sha256 {record['data']['sha256']}), "
+        f"{record['data']['images']} images, {record['data']['qa_pairs']} QA pairs. "
+        f"Router label → expert: {record['router_label_map']}. Recipe and losses: `training_log.json`.\n"
+    )
 
 
 @dataclass(frozen=True)
@@ -153,5 +168,6 @@ def train_demo(data_dir: Path, out: Path, recipe: DemoRecipe = DemoRecipe(), log
             "torch": torch.__version__,
         }
         (tmp / TRAINING_LOG).write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / MODEL_CARD).write_text(model_card(record))
     log(f"wrote {out} in {timings['total']:.0f} s")
     return out
