@@ -165,21 +165,35 @@ def tower_files(directory: Path) -> TowerFiles:
 
 
 _UNPREFIXED_CLIP = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+_TOWER_LAYER = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.")
+
+
+def canonical_tower_name(name: str) -> str | None:
+    """`vision_model.*` name of a CLIP vision tensor, or None for anything else (text tower,
+    projections, logit scale, position-id buffers). transformers 5 saves CLIPVisionModel
+    without the `vision_model.` prefix; both layouts are accepted."""
+    if name.startswith(_UNPREFIXED_CLIP):
+        name = "vision_model." + name
+    if not name.startswith("vision_model.") or name.startswith("vision_model.embeddings.position_ids"):
+        return None
+    return name
+
+
+def tower_tensor_used(name: str, layers_used: int) -> bool:
+    """Whether Med-MoE uses a canonical tower tensor: not post_layernorm, not a layer past the
+    selected one (§1.1: computed but unused upstream)."""
+    m = _TOWER_LAYER.match(name)
+    return not name.startswith("vision_model.post_layernorm.") and not (m and int(m.group(1)) >= layers_used)
 
 
 def _tower_state(directory: Path, model: MedMoE) -> dict[str, torch.Tensor]:
-    """The tower tensors the model uses; unused layers, post_layernorm and CLIP text parts are dropped."""
-    raw = load_tensors(weight_files(directory))
+    """The tower tensors the model uses, under their canonical names."""
     used = model.spec.vision.layers_used
     keep: dict[str, torch.Tensor] = {}
-    for name, t in raw.items():
-        if name.startswith(_UNPREFIXED_CLIP):
-            name = "vision_model." + name  # transformers 5 saves CLIPVisionModel without the prefix
-        m = re.match(r"^vision_model\.encoder\.layers\.(\d+)\.", name)
-        if m and int(m.group(1)) >= used:
-            continue  # past the selected layer (§1.1: computed but unused upstream)
-        if name.startswith("vision_model.") and not name.startswith(("vision_model.post_layernorm.", "vision_model.embeddings.position_ids")):
-            keep[name] = t
+    for name, t in load_tensors(weight_files(directory)).items():
+        canon = canonical_tower_name(name)
+        if canon is not None and tower_tensor_used(canon, used):
+            keep[canon] = t
     return keep
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import detect_generation, read_json, resolve_model_dir, resolve_tower_dir
+from .checkpoint import canonical_tower_name, detect_generation, read_json, resolve_model_dir, resolve_tower_dir, tower_tensor_used
 from .errors import CheckpointError
 from .hfconfig import moe_spec_from_config, text_spec_from_config, vision_spec_from_config
 from .spec import MoESpec, TextSpec
@@ -126,14 +126,9 @@ def checkpoint_info(model: str | Path, vision_tower: str | Path | None = None) -
     try:
         tower_dir = resolve_tower_dir(str(cfg.get("mm_image_tower") or ""), directory, vision_tower)
         vspec = vision_spec_from_config(read_json(tower_dir / "config.json", "HF CLIP config"), select_layer=int(cfg.get("mm_vision_select_layer", -2)))
-        vinfos = [t for t in tensor_infos(weight_files(tower_dir)) if t.name.startswith("vision_model.") and "position_ids" not in t.name]
-        v_total = sum(t.numel for t in vinfos)
-        v_used = sum(
-            t.numel
-            for t in vinfos
-            if not t.name.startswith("vision_model.post_layernorm.")
-            and not ((m := re.match(r"^vision_model\.encoder\.layers\.(\d+)\.", t.name)) and int(m.group(1)) >= vspec.layers_used)
-        )
+        vinfos = [(canon, t.numel) for t in tensor_infos(weight_files(tower_dir)) if (canon := canonical_tower_name(t.name))]
+        v_total = sum(n for _, n in vinfos)
+        v_used = sum(n for canon, n in vinfos if tower_tensor_used(canon, vspec.layers_used))
     except CheckpointError as e:
         tower_error = str(e)
     names = {f.name for f in files}

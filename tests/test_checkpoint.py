@@ -200,3 +200,6 @@ def test_vision_tower_override_and_unprefixed_transformers5_layout(tiny_ckpts, t
     a = load_model(src).model.vision.state_dict()
     b = load_model(src, vision_tower=tower).model.vision.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    prefixed, unprefixed = checkpoint_info(src).counts, checkpoint_info(src, vision_tower=tower).counts
+    assert (unprefixed.vision_total, unprefixed.vision_used) == (prefixed.vision_total, prefixed.vision_used)
+    assert 0 < prefixed.vision_used < prefixed.vision_total
