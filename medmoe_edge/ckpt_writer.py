@@ -25,7 +25,7 @@ from .hfconfig import text_config_dict, vision_config_dict
 from .imaging import ImageProcessorSpec
 from .model.vision import VisionTower
 from .spec import ModelSpec
-from .weights import write_sharded
+from .weights import DEFAULT_SHARD_BYTES, write_sharded
 
 TOWER_DIRNAME = "clip-vision"
 
@@ -72,7 +72,7 @@ def write_checkpoint(
     dtype: str,
     eos_id: int,
     pad_id: int,
-    shard_bytes: int = 2 * 1024**3,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> None:
     """Write weights, config.json and the CLIP tower into `directory` (the tokenizer is written by the caller).
 

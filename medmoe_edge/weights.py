@@ -119,7 +119,10 @@ def tensor_infos(files: list[Path]) -> list[TensorInfo]:
     return infos
 
 
-def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, shard_bytes: int = 2 * 1024**3) -> None:
+DEFAULT_SHARD_BYTES = 2 * 1024**3  # transformers' default max_shard_size is of this order
+
+
+def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
     """Write `tensors` into `out` as safetensors shards, with the index, in the released layout (§2.6).
 
     Each shard (at most `shard_bytes`) is written as soon as it fills, so a generator of
