@@ -27,9 +27,6 @@ from .weights import TensorInfo, load_tensors, tensor_infos, weight_files
 CLIP_L14_336_ID = "openai/clip-vit-large-patch14-336"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: {what}")

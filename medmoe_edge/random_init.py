@@ -13,15 +13,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPES
 from .ckpt_writer import atomic_dir, full_tower_names, write_checkpoint
 from .errors import InputError
 from .model.medmoe import MedMoELM
 from .spec import ModelSpec, Variant
+from .runtimes.base import DType
 from .tokenizer import PHI_SPECIALS, STABLELM_SPECIALS, Tokenizer, default_corpus, train_bpe
-
-DEFAULT_SHARD_BYTES = 2 * 1024**3
-
+from .weights import DEFAULT_SHARD_BYTES
 
 def _init(name: str, shape: tuple[int, ...], spec: ModelSpec, g: torch.Generator) -> torch.Tensor:
     """Random values that keep activations in a realistic range and routing diverse."""
@@ -56,14 +54,15 @@ def write_random_checkpoint(spec: ModelSpec, out: str | Path, *, seed: int = 0, 
     Raises:
         InputError: `out` exists and is not empty, or an unknown dtype.
     """
-    if dtype not in DTYPES:
-        raise InputError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    try:
+        tdt = DType(dtype).torch
+    except ValueError:
+        raise InputError(f"--dtype {dtype} is not one of {', '.join(d.value for d in DType)}") from None
     out = Path(out)
     with atomic_dir(out) as tmp:
         specials = PHI_SPECIALS if spec.variant is Variant.PHI else STABLELM_SPECIALS
         train_bpe(default_corpus(), tokenizer_vocab or min(512, spec.text.vocab_size), specials, tmp)
         tok = Tokenizer.from_dir(tmp)
-        tdt = DTYPES[dtype]
         with torch.device("meta"):
             lm_names = [(k, tuple(v.shape)) for k, v in MedMoELM(spec).state_dict().items()]
         tower = dict(_tensors(full_tower_names(spec), spec, seed + 1, tdt))
