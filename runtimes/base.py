@@ -28,6 +28,7 @@ import torch
 from medmoe_edge.errors import InputError
 from medmoe_edge.generation import GenerationConfig, LoopTimings, RowResult, StepOutput, TokenEvent, generate
 from medmoe_edge.imaging import ImageProcessorSpec
+from medmoe_edge.model.medmoe import IMAGE_TOKEN_INDEX
 from medmoe_edge.spec import ModelSpec
 from medmoe_edge.tokenizer import Tokenizer
 
@@ -69,12 +70,14 @@ class RuntimeOptions:
         dtype: compute precision, or None for the runtime's default.
         num_threads: CPU threads, or None for the library default.
         vision_tower: CLIP directory overriding the checkpoint's `mm_image_tower`.
+        provider: execution provider, for runtimes that have them (onnxruntime: cpu, cuda, tensorrt).
     """
 
     device: str = "cpu"
     dtype: DType | None = None
     num_threads: int | None = None
     vision_tower: Path | None = None
+    provider: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,35 @@ class PreparedRequest:
     def spliced_length(self, image_tokens: int) -> int:
         n_img = self.pixel_values.shape[0]
         return len(self.token_ids) - n_img + n_img * image_tokens
+
+
+TOKEN_PAD, TOKEN_TEXT, TOKEN_IMAGE = 0, 1, 2
+
+
+def token_kinds(requests: list[PreparedRequest], image_tokens: int, length: int) -> torch.Tensor:
+    """[B, length] int64: TOKEN_IMAGE / TOKEN_TEXT per spliced prompt position, TOKEN_PAD after the end."""
+    kinds = torch.full((len(requests), length), TOKEN_PAD, dtype=torch.int64)
+    for i, r in enumerate(requests):
+        row = [k for t in r.token_ids for k in ([TOKEN_IMAGE] * image_tokens if t == IMAGE_TOKEN_INDEX else [TOKEN_TEXT])]
+        kinds[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+    return kinds
+
+
+def prompt_routing_counts(top1: dict[int, torch.Tensor], kinds: torch.Tensor, n_experts: int) -> list[dict[int, dict[str, list[int]]]]:
+    """Per row and MoE layer: how many image / text prompt positions each expert received.
+
+    Args:
+        top1: {MoE layer: [B, L] first-choice expert per spliced prompt position}.
+        kinds: [B, L] from `token_kinds`.
+    """
+    out: list[dict[int, dict[str, list[int]]]] = [{} for _ in range(kinds.shape[0])]
+    for layer, experts in top1.items():
+        experts = experts.cpu()
+        for i in range(kinds.shape[0]):
+            out[i][layer] = {
+                name: torch.bincount(experts[i][kinds[i] == code], minlength=n_experts).tolist() for name, code in (("image", TOKEN_IMAGE), ("text", TOKEN_TEXT))
+            }
+    return out
 
 
 class Runtime(ABC):

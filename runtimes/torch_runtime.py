@@ -9,12 +9,8 @@ import torch
 from medmoe_edge.checkpoint import LoadedModel, load_model
 from medmoe_edge.errors import InputError
 from medmoe_edge.generation import StepOutput
-from medmoe_edge.model.medmoe import IMAGE_TOKEN_INDEX
-from medmoe_edge.model.moe import Routing
 
-from .base import ArtifactKind, Availability, DType, ModelInfo, PreparedRequest, Runtime, RuntimeOptions
-
-_PAD, _TEXT, _IMAGE = 0, 1, 2
+from .base import ArtifactKind, Availability, DType, ModelInfo, PreparedRequest, Runtime, RuntimeOptions, prompt_routing_counts, token_kinds
 
 
 def _check_device(device: str) -> torch.device:
@@ -43,6 +39,8 @@ class TorchRuntime(Runtime):
 
     def __init__(self, model: str | Path, options: RuntimeOptions | None = None) -> None:
         options = options or RuntimeOptions()
+        if options.provider is not None:
+            raise InputError(f"--provider {options.provider} is an option of the onnxruntime runtime; the torch runtime takes --device cpu|cuda")
         device = _check_device(options.device)
         if options.num_threads is not None:
             if options.num_threads < 1:
@@ -71,12 +69,11 @@ class TorchRuntime(Runtime):
         m = self.model
         pixels = torch.cat([r.pixel_values for r in requests]) if requests else None
         image_rows = m.encode_images(pixels) if pixels is not None and pixels.shape[0] else None
-        rows, kinds, offset = [], [], 0
+        rows, offset = [], 0
         for r in requests:
             n = r.pixel_values.shape[0]
             rows.append(m.splice(r.token_ids, image_rows[offset : offset + n] if n else torch.zeros(0, m.spec.image_tokens, m.spec.text.hidden_size)))
             offset += n
-            kinds.append([k for i in r.token_ids for k in ([_IMAGE] * m.spec.image_tokens if i == IMAGE_TOKEN_INDEX else [_TEXT])])
         batch = m.make_batch(rows)
         self._cache = m.new_cache(len(requests), batch.embeds.shape[1] + max_new_tokens)
         logits, routing = m.forward_embeds(batch.embeds, batch.positions, batch.mask, self._cache)
@@ -84,27 +81,13 @@ class TorchRuntime(Runtime):
         b = torch.arange(len(requests), device=logits.device)
         self._mask = batch.mask
         self._next_pos = torch.tensor(batch.lengths, device=logits.device)
-        L = batch.embeds.shape[1]
-        kind = torch.zeros(len(requests), L, dtype=torch.int64)
-        for i, k in enumerate(kinds):
-            kind[i, : len(k)] = torch.tensor(k)
+        B, L = len(requests), batch.embeds.shape[1]
+        kinds = token_kinds(requests, m.spec.image_tokens, L)
         return StepOutput(
             logits=logits[b, last],
-            experts={layer: r.experts.view(len(requests), L, -1)[b.cpu(), last.cpu()].cpu() for layer, r in routing.items()},
-            prompt_routing=self._prompt_routing(routing, kind),
+            experts={layer: r.experts.view(B, L, -1)[b.cpu(), last.cpu()].cpu() for layer, r in routing.items()},
+            prompt_routing=prompt_routing_counts({layer: r.experts[:, 0].view(B, L) for layer, r in routing.items()}, kinds, m.spec.moe.num_experts),
         )
-
-    def _prompt_routing(self, routing: dict[int, Routing], kind: torch.Tensor) -> list[dict[int, dict[str, list[int]]]]:
-        """Per row and MoE layer: how many image / text prompt tokens each expert received (top-1 choice)."""
-        n_exp = self.model.spec.moe.num_experts
-        out: list[dict[int, dict[str, list[int]]]] = [{} for _ in range(kind.shape[0])]
-        for layer, r in routing.items():
-            top1 = r.experts[:, 0].view(kind.shape).cpu()
-            for i in range(kind.shape[0]):
-                out[i][layer] = {
-                    name: torch.bincount(top1[i][kind[i] == code], minlength=n_exp).tolist() for name, code in (("image", _IMAGE), ("text", _TEXT))
-                }
-        return out
 
     def decode(self, tokens: torch.Tensor) -> StepOutput:
         if self._cache is None or self._mask is None or self._next_pos is None:

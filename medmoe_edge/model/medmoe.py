@@ -68,6 +68,19 @@ class Batch:
     lengths: list[int]
 
 
+def pad_batch(rows: Sequence[torch.Tensor], hidden: int, *, dtype: torch.dtype, device: torch.device | str) -> Batch:
+    """Right-pad spliced rows [L_b, H] into a `Batch` (shared by every runtime that splices itself)."""
+    lengths = [r.shape[0] for r in rows]
+    b, L = len(rows), max(lengths)
+    embeds = torch.zeros(b, L, hidden, dtype=dtype, device=device)
+    mask = torch.zeros(b, L, dtype=torch.int64, device=device)
+    for i, r in enumerate(rows):
+        embeds[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    return Batch(embeds, mask, positions, lengths)
+
+
 class MedMoE(nn.Module):
     """Reference Med-MoE for inference. Build with `medmoe_edge.checkpoint.load_model`."""
 
@@ -137,15 +150,7 @@ class MedMoE(nn.Module):
 
     def make_batch(self, rows: Sequence[torch.Tensor]) -> Batch:
         """Right-pad spliced rows [L_b, H] into a `Batch`."""
-        lengths = [r.shape[0] for r in rows]
-        b, L, h = len(rows), max(lengths), self.spec.text.hidden_size
-        embeds = torch.zeros(b, L, h, dtype=self.dtype, device=self.device)
-        mask = torch.zeros(b, L, dtype=torch.int64, device=self.device)
-        for i, r in enumerate(rows):
-            embeds[i, : r.shape[0]] = r
-            mask[i, : r.shape[0]] = 1
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        return Batch(embeds, mask, positions, lengths)
+        return pad_batch(rows, self.spec.text.hidden_size, dtype=self.dtype, device=self.device)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         t = self.spec.text

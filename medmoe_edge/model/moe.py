@@ -92,23 +92,51 @@ class MoEFFN(nn.Module):
         self.meta_moe = make_ffn(text)
         if moe.use_residual:
             self.coefficient = nn.Linear(text.hidden_size, 2, bias=True)
+        # Graph exporters trace Python, so they need a loop with a fixed shape (see
+        # `_dispatch_static`); eager inference keeps the data-dependent loop.
+        self.static_dispatch = False
 
     @property
     def experts(self) -> nn.ModuleList:
         return self.deepspeed_moe.experts.deepspeed_experts
+
+    def _dispatch_eager(self, xf: torch.Tensor, r: Routing) -> torch.Tensor:
+        """Σ_k w_k·Expert_{e_k}(x): each expert that was chosen runs only on the tokens that chose it."""
+        routed = torch.zeros_like(xf)
+        for e in r.experts.unique().tolist():
+            tok, slot = (r.experts == e).nonzero(as_tuple=True)
+            # The official combine casts the fp32 weight to the activation dtype before scaling.
+            w = r.weights[tok, slot].to(xf.dtype).unsqueeze(-1)
+            routed.index_add_(0, tok, self.experts[e](xf[tok]) * w)
+        return routed
+
+    def _dispatch_static(self, xf: torch.Tensor, r: Routing) -> torch.Tensor:
+        """The same sum with a loop of fixed trip count, for tracing into ONNX.
+
+        For every slot k and expert e the tokens whose k-th choice is e are gathered
+        (NonZero + Gather), run through expert e, and scattered back (ScatterND). An expert
+        nobody chose runs on zero rows, so per token only its selected expert(s) do work:
+        the graph stays expert-sparse. Within one slot every token has exactly one
+        expert, so the scatters of a slot never overlap and need no reduction (TensorRT's
+        ScatterND has none); the k slots are summed afterwards, in slot order as `index_add_`.
+        """
+        routed: torch.Tensor | None = None
+        for k in range(r.experts.shape[1]):
+            out = torch.zeros_like(xf)
+            for e, expert in enumerate(self.experts):
+                tok = (r.experts[:, k] == e).nonzero().squeeze(-1)
+                w = r.weights[:, k].index_select(0, tok).to(xf.dtype).unsqueeze(-1)
+                out = out.index_put((tok,), expert(xf.index_select(0, tok)) * w)
+            routed = out if routed is None else routed + out
+        assert routed is not None
+        return routed
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """Args: x [B, T, H] (the layer's FFN input). Returns (y [B, T, H], routing of the B·T tokens)."""
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
         r = route(xf, self.deepspeed_moe.gate.wg, self.top_k)
-        routed = torch.zeros_like(xf)
-        # Expert-sparse dispatch: each expert runs only on the tokens that selected it.
-        for e in r.experts.unique().tolist():
-            tok, slot = (r.experts == e).nonzero(as_tuple=True)
-            # The official combine casts the fp32 weight to the activation dtype before scaling.
-            w = r.weights[tok, slot].to(x.dtype).unsqueeze(-1)
-            routed.index_add_(0, tok, self.experts[e](xf[tok]) * w)
+        routed = self._dispatch_static(xf, r) if self.static_dispatch else self._dispatch_eager(xf, r)
         meta = self.meta_moe(xf)
         if self.use_residual:
             # §2.3.6: y = c0·routed + c1·Meta(x) + Meta(x); the residual MLP *is* the meta module.

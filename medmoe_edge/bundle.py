@@ -1,0 +1,267 @@
+"""Deployment bundles and their manifest (`manifest.json`), shared by every export format.
+
+A bundle is a directory that one runtime can load without the source checkpoint:
+
+    manifest.json            what is in the bundle, written last (see `write_manifest`)
+    config.json              the source checkpoint's config, mm_image_tower = "clip-vision"
+    clip-vision/             the tower's config.json and preprocessor_config.json (no weights)
+    tokenizer files          copied from the checkpoint
+    <format files>           e.g. vision.onnx, embed.onnx, decoder.onnx and their .data files
+
+The manifest lists every other file with its SHA-256 and size. A runtime calls
+`open_bundle`, which refuses a bundle whose manifest is missing, unreadable, of another
+format or version, or whose files are missing or do not hash to the manifest. Exports
+write the whole directory under a temporary name and rename it at the end
+(`ckpt_writer.atomic_dir`), so an interrupted export leaves nothing that looks complete.
+
+Precision is recorded per *tensor group* (`TensorGroup`): the vision tower, the projector,
+the embedding, each layer's attention, each dense FFN, each router, each routed expert,
+each meta expert, the final norm and lm_head. A uniform export gives every group the
+same precision; per-expert mixed-precision plans later fill in different values
+without changing the format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+from .runtimes.base import ArtifactKind
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+_HASH_CHUNK = 8 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 8 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of the bundle (path relative to the bundle directory)."""
+
+    path: str
+    sha256: str
+    bytes: int
+    role: str  # e.g. "graph", "weights", "config", "tokenizer", "vision-config"
+
+
+@dataclass(frozen=True)
+class TensorGroup:
+    """A group of tensors that share one precision.
+
+    Attributes:
+        name: "vision", "projector", "embed", "layers.{i}.attn", "layers.{i}.ffn",
+            "layers.{i}.router", "layers.{i}.expert.{e}", "layers.{i}.meta", "final_norm", "lm_head".
+        precision: the storage/compute type of the group's weights ("fp32", "fp16"; later "int8", "q4_k", ...).
+        params: number of parameters in the group.
+    """
+
+    name: str
+    precision: str
+    params: int
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """One input or output of a graph: name, element type and shape (ints or symbolic names)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """A compiled graph of the bundle and its interface."""
+
+    file: str
+    inputs: tuple[GraphIO, ...]
+    outputs: tuple[GraphIO, ...]
+
+    def profile_shapes(self, bounds: dict[str, list[int]]) -> tuple[dict[str, list[int]], ...]:
+        """(min, opt, max) input shapes with each symbolic dimension replaced by its bound.
+
+        Raises:
+            CheckpointError: an input has a symbolic dimension without bounds.
+        """
+        out: tuple[dict[str, list[int]], ...] = ({}, {}, {})
+        for io in self.inputs:
+            for which in range(3):
+                shape = []
+                for dim in io.shape:
+                    if isinstance(dim, str):
+                        if dim not in bounds:
+                            raise CheckpointError(f"{self.file}: input {io.name} dimension {dim!r} has no optimisation-profile bounds in the manifest")
+                        dim = bounds[dim][which]
+                    shape.append(int(dim))
+                out[which][io.name] = shape
+        return out
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a runtime needs to trust and interpret a bundle.
+
+    Attributes:
+        format: the artifact kind (onnx, gguf, tensorrt).
+        precision: the bundle's overall precision label (e.g. "fp32"); per group in `tensor_groups`.
+        files: every file of the bundle except the manifest itself.
+        source: {"path", "sha256", "label"}: the checkpoint it was exported from.
+        toolchain: versions of the exporter and libraries (and the ONNX opset).
+        graphs: named graphs with their inputs and outputs.
+        model: facts runtimes need without parsing configs (layers, MoE layout, KV shape, vocab rows).
+        preprocessing: image processor settings and the default mode.
+        prompt: conversation template and system prompt.
+        extra: format-specific settings (e.g. TensorRT optimisation profiles).
+    """
+
+    format: ArtifactKind
+    precision: str
+    files: tuple[FileEntry, ...]
+    tensor_groups: tuple[TensorGroup, ...]
+    source: dict[str, Any]
+    toolchain: dict[str, Any]
+    graphs: dict[str, GraphSpec]
+    model: dict[str, Any]
+    preprocessing: dict[str, Any]
+    prompt: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+    version: int = MANIFEST_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["format"] = self.format.value
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
+        def io(items: list) -> tuple[GraphIO, ...]:
+            return tuple(GraphIO(i["name"], i["dtype"], tuple(i["shape"])) for i in items)
+
+        return cls(
+            format=ArtifactKind(d["format"]),
+            precision=str(d["precision"]),
+            files=tuple(FileEntry(**f) for f in d["files"]),
+            tensor_groups=tuple(TensorGroup(**g) for g in d["tensor_groups"]),
+            source=dict(d["source"]),
+            toolchain=dict(d["toolchain"]),
+            graphs={k: GraphSpec(g["file"], io(g["inputs"]), io(g["outputs"])) for k, g in d["graphs"].items()},
+            model=dict(d["model"]),
+            preprocessing=dict(d["preprocessing"]),
+            prompt=dict(d["prompt"]),
+            extra=dict(d.get("extra", {})),
+            version=int(d["version"]),
+        )
+
+    def group_precisions(self) -> dict[str, int]:
+        """Parameters per precision, e.g. {"fp16": 1_234_567}."""
+        out: dict[str, int] = {}
+        for g in self.tensor_groups:
+            out[g.precision] = out.get(g.precision, 0) + g.params
+        return out
+
+
+def file_entries(bundle: Path, roles: dict[str, str]) -> tuple[FileEntry, ...]:
+    """Hash every file under `bundle` (except the manifest), sorted by path.
+
+    Args:
+        roles: relative path → role; files not named get the role "other".
+    """
+    entries = []
+    for p in sorted(bundle.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            rel = p.relative_to(bundle).as_posix()
+            entries.append(FileEntry(rel, sha256_file(p), p.stat().st_size, roles.get(rel, "other")))
+    return tuple(entries)
+
+
+def write_manifest(bundle: Path, manifest: Manifest) -> Path:
+    """Write `manifest.json` atomically (temp file + rename). Call it after every other file is final."""
+    path = bundle / MANIFEST_NAME
+    fd, tmp = tempfile.mkstemp(dir=bundle, prefix=f".{MANIFEST_NAME}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest.to_json(), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def is_bundle(path: str | Path) -> bool:
+    """Whether `path` is a directory with a manifest (a bundle, possibly corrupt)."""
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def read_manifest(bundle: str | Path) -> Manifest:
+    """Parse `manifest.json` without checking the files.
+
+    Raises:
+        CheckpointError: no manifest, unreadable, or of an unknown version.
+    """
+    bundle = Path(bundle)
+    path = bundle / MANIFEST_NAME
+    if not bundle.is_dir():
+        raise CheckpointError(f"{bundle} is not a directory: pass the bundle directory written by `medmoe-edge export`")
+    if not path.is_file():
+        raise CheckpointError(f"{bundle} has no {MANIFEST_NAME}: it is not a complete bundle (an interrupted export?); export it again")
+    try:
+        data = json.loads(path.read_text())
+        version = int(data.get("version", -1))
+        if version != MANIFEST_VERSION:
+            raise CheckpointError(f"{path} is manifest version {version}; this medmoe-edge reads version {MANIFEST_VERSION}: re-export the bundle")
+        return Manifest.from_json(data)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e}): export the bundle again") from None
+
+
+def verify_files(bundle: Path, manifest: Manifest) -> None:
+    """Check that every listed file exists with its size and SHA-256.
+
+    Raises:
+        CheckpointError: naming the first file that is missing, truncated or altered.
+    """
+    for f in manifest.files:
+        p = bundle / f.path
+        if not p.is_file():
+            raise CheckpointError(f"bundle file {f.path} is missing from {bundle}: copy the whole bundle directory or export it again")
+        size = p.stat().st_size
+        if size != f.bytes:
+            raise CheckpointError(f"bundle file {f.path} has {size} bytes but the manifest says {f.bytes}: the bundle is corrupt or incomplete; export it again")
+        if sha256_file(p) != f.sha256:
+            raise CheckpointError(f"bundle file {f.path} does not match its SHA-256 in the manifest: the bundle is corrupt; export it again")
+
+
+def open_bundle(bundle: str | Path, expected: ArtifactKind) -> Manifest:
+    """Read the manifest, check it is a bundle of `expected` format, verify every file.
+
+    Raises:
+        CheckpointError: not a bundle, wrong format, or corrupt.
+    """
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    if manifest.format is not expected:
+        raise CheckpointError(f"{bundle} is a {manifest.format.value} bundle, not {expected.value}: use --runtime for {manifest.format.value} or export with --format {expected.value}")
+    verify_files(bundle, manifest)
+    return manifest
+
+
+def checkpoint_sha256(files: list[Path]) -> str:
+    """One SHA-256 over the given files in order (name and content), identifying a source checkpoint."""
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    return h.hexdigest()

@@ -1,0 +1,301 @@
+"""The ONNX Runtime runtime (`--runtime onnxruntime`): runs a bundle from `medmoe-edge export --format onnx`.
+
+* The bundle is verified (manifest, SHA-256 of every file) before anything is loaded.
+* `--provider cpu|cuda|tensorrt` picks the execution provider. A provider that this
+  onnxruntime build lacks, or that fails to initialise, is an error: ONNX Runtime would
+  otherwise fall back to the CPU silently (toolchain-facts §1, onnxruntime-gpu).
+* KV cache: one preallocated buffer per layer and key/value for the whole generation
+  (prompt + `max_new_tokens` slots), bound to the decoder with I/O binding. The graph
+  reads the filled prefix and returns only this pass's new rows, which are copied in.
+  Inputs and outputs are torch tensors on the provider's device, so nothing round-trips
+  through host memory on CUDA.
+* Sampling, stopping and streaming are the shared loop's (`medmoe_edge.generation`).
+
+The TensorRT provider path is written against ONNX Runtime's documented provider
+options and has not been run (no TensorRT on the machines this was built on).
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medmoe_edge.bundle import Manifest, open_bundle
+from medmoe_edge.checkpoint import read_spec
+from medmoe_edge.errors import InputError, RuntimeUnavailable
+from medmoe_edge.generation import StepOutput
+from medmoe_edge.model.medmoe import IMAGE_TOKEN_INDEX, pad_batch
+from medmoe_edge.tokenizer import Tokenizer
+
+from .base import ArtifactKind, Availability, ModelInfo, PreparedRequest, Runtime, RuntimeOptions, prompt_routing_counts, token_kinds
+
+_TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+
+
+class Provider(str, Enum):
+    """ONNX Runtime execution providers this runtime drives."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+    TENSORRT = "tensorrt"
+
+    @property
+    def ort_name(self) -> str:
+        return {Provider.CPU: "CPUExecutionProvider", Provider.CUDA: "CUDAExecutionProvider", Provider.TENSORRT: "TensorrtExecutionProvider"}[self]
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise RuntimeUnavailable("the onnxruntime runtime needs ONNX Runtime: pip install 'medmoe-edge[onnx]' (CPU) or 'medmoe-edge[gpu]' (CUDA/TensorRT)") from None
+    return onnxruntime
+
+
+def _parse_provider(options: RuntimeOptions) -> tuple[Provider, int]:
+    """The provider and device index from --provider / --device (they must agree)."""
+    dev = options.device.strip().lower()
+    dev_type, _, idx = dev.partition(":")
+    if dev_type not in ("cpu", "cuda") or (idx and not idx.isdigit()):
+        raise InputError(f"--device {options.device!r} is not valid for the onnxruntime runtime: use cpu, cuda or cuda:N")
+    if options.provider is None:
+        provider = Provider.CPU if dev_type == "cpu" else Provider.CUDA
+    else:
+        try:
+            provider = Provider(options.provider.lower())
+        except ValueError:
+            raise InputError(f"--provider {options.provider!r} is not supported: use cpu, cuda or tensorrt") from None
+        if (provider is Provider.CPU) != (dev_type == "cpu") and options.device != "cpu":
+            raise InputError(f"--provider {provider.value} and --device {options.device} disagree: drop --device or choose a matching one")
+    return provider, int(idx or 0)
+
+
+class OnnxRuntimeRuntime(Runtime):
+    """Runs an ONNX bundle with ONNX Runtime (CPU, CUDA or TensorRT execution provider)."""
+
+    name = "onnxruntime"
+    artifact_kind = ArtifactKind.ONNX
+    description = "ONNX Runtime on an exported bundle (--provider cpu|cuda|tensorrt)"
+
+    @classmethod
+    def availability(cls) -> Availability:
+        try:
+            ort = _import_ort()
+        except RuntimeUnavailable as e:
+            return Availability(False, str(e))
+        return Availability(True, f"onnxruntime {ort.__version__}, providers: {', '.join(ort.get_available_providers())}")
+
+    def __init__(self, model: str | Path, options: RuntimeOptions | None = None) -> None:
+        options = options or RuntimeOptions()
+        ort = _import_ort()
+        if options.vision_tower is not None:
+            raise InputError("--vision-tower does not apply to a bundle: the tower is exported into it; pass it to `medmoe-edge export`")
+        self.dir = Path(model)
+        self.manifest: Manifest = open_bundle(self.dir, ArtifactKind.ONNX)
+        mm = self.manifest.model
+        self.dtype_name = str(mm["dtype"])
+        if options.dtype is not None and options.dtype.value != self.dtype_name:
+            raise InputError(f"this bundle computes in {self.dtype_name}; --dtype {options.dtype.value} needs a bundle exported with that precision (medmoe-edge export --precision)")
+        if options.num_threads is not None and options.num_threads < 1:
+            raise InputError(f"--threads must be at least 1, got {options.num_threads}")
+        self.provider, self.device_id = _parse_provider(options)
+        if self.provider.ort_name not in ort.get_available_providers():
+            raise RuntimeUnavailable(
+                f"--provider {self.provider.value}: this onnxruntime build has no {self.provider.ort_name} "
+                f"(it has {', '.join(ort.get_available_providers())}): install onnxruntime-gpu with CUDA/cuDNN (and TensorRT) for it, or use --provider cpu"
+            )
+        if self.provider is Provider.CPU:
+            self.device = torch.device("cpu")
+        else:
+            if not torch.cuda.is_available():
+                raise RuntimeUnavailable(f"--provider {self.provider.value} keeps the KV cache in GPU memory through torch, and this torch has no CUDA: install a CUDA build of torch, or use --provider cpu")
+            self.device = torch.device("cuda", self.device_id)
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if options.num_threads is not None:
+            so.intra_op_num_threads = options.num_threads
+            so.inter_op_num_threads = 1
+        self.sessions = {name: self._session(ort, so, name) for name in ("vision", "embed", "decoder")}
+
+        spec, _cfg, tower = read_spec(self.dir)
+        self.spec = spec
+        self.moe_layers = [int(x) for x in mm["moe_layers"]]
+        self.n_layers = int(mm["num_layers"])
+        self.vocab_rows = int(mm["vocab_rows"])
+        self.kv_shape = (int(mm["num_kv_heads"]), int(mm["head_dim"]))
+        self.hidden = int(mm["hidden_size"])
+        self.top_k = int(mm["top_k"])
+        self.n_experts = int(mm["num_experts"])
+        self.torch_dtype = _TORCH[self.dtype_name]
+        self._info = ModelInfo(
+            spec=spec,
+            tokenizer=Tokenizer.from_dir(self.dir),
+            processor=tower.processor,
+            label=f"{self.manifest.source.get('label', self.dir.name)} (onnx {self.manifest.precision}, {self.provider.value})",
+            context_length=int(mm["context_length"]),
+        )
+        self._kv: list[torch.Tensor] = []
+        self._mask: torch.Tensor | None = None
+        self._next_pos: torch.Tensor | None = None
+        self._filled = 0
+
+    def _session(self, ort, so, name: str):
+        graph = self.manifest.graphs[name]
+        path = str(self.dir / graph.file)
+        if self.provider is Provider.CPU:
+            providers: list = ["CPUExecutionProvider"]
+        elif self.provider is Provider.CUDA:
+            providers = [("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
+        else:
+            providers = [("TensorrtExecutionProvider", self._trt_options(name)), ("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
+        try:
+            sess = ort.InferenceSession(path, sess_options=so, providers=providers)
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise RuntimeUnavailable(f"ONNX Runtime could not load {graph.file} with --provider {self.provider.value}: {str(e).splitlines()[0]}") from None
+        active = sess.get_providers()
+        if not active or active[0] != self.provider.ort_name:
+            raise RuntimeUnavailable(
+                f"--provider {self.provider.value}: ONNX Runtime fell back to {active[0] if active else 'nothing'} "
+                f"(the {self.provider.ort_name} failed to initialise: check the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs); use --provider cpu to run on the CPU"
+            )
+        return sess
+
+    def _trt_options(self, name: str) -> dict:
+        """TensorRT provider options: fp16 for fp16 bundles, engine cache, the manifest's optimisation profile (unverified here)."""
+        bounds = self.manifest.extra.get("tensorrt_profiles", {}).get(name, {})
+        mins, opts, maxs = self.manifest.graphs[name].profile_shapes(bounds)
+
+        def fmt(shapes: dict[str, list[int]]) -> str:
+            return ",".join(f"{k}:{'x'.join(str(d) for d in v)}" for k, v in shapes.items())
+
+        cache = Path(os.environ.get("MEDMOE_EDGE_TRT_CACHE", Path.home() / ".cache" / "medmoe-edge" / "trt")) / self.manifest.files[0].sha256[:16]
+        cache.mkdir(parents=True, exist_ok=True)
+        return {
+            "device_id": self.device_id,
+            "trt_fp16_enable": self.dtype_name == "float16",
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+            "trt_profile_min_shapes": fmt(mins),
+            "trt_profile_opt_shapes": fmt(opts),
+            "trt_profile_max_shapes": fmt(maxs),
+        }
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    # ---- graph calls -------------------------------------------------------------------
+
+    def _run(self, name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """Run graph `name` reading `inputs` and writing into the preallocated `outputs` (I/O binding)."""
+        io = self.sessions[name].io_binding()
+        dev, idx = self.device.type, self.device.index or 0
+        for key, t in inputs.items():
+            t = t.contiguous()
+            inputs[key] = t  # keep the contiguous copy alive until the run ends
+            io.bind_input(key, dev, idx, _np_dtype(t), list(t.shape), t.data_ptr())
+        for key, t in outputs.items():
+            io.bind_output(key, dev, idx, _np_dtype(t), list(t.shape), t.data_ptr())
+        self.sessions[name].run_with_iobinding(io)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(ids.shape[0], self.hidden, dtype=self.torch_dtype, device=self.device)
+        if ids.shape[0]:
+            self._run("embed", {"input_ids": ids.to(self.device)}, {"embeds": out})
+        return out
+
+    def _decoder(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One decoder pass; writes the new keys/values into the cache buffers. Returns (logits [B,V], experts {layer: [B,T,k]})."""
+        b, t = embeds.shape[0], embeds.shape[1]
+        kv, d = self.kv_shape
+        inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, "last_index": last}
+        for i in range(self.n_layers):
+            inputs[f"past_key_{i}"], inputs[f"past_value_{i}"] = self._kv[2 * i], self._kv[2 * i + 1]
+        outputs = {"logits": torch.empty(b, self.vocab_rows, dtype=torch.float32, device=self.device)}
+        experts = {}
+        for m in self.moe_layers:
+            experts[m] = outputs[f"experts_{m}"] = torch.empty(b, t, self.top_k, dtype=torch.int64, device=self.device)
+            outputs[f"router_probs_{m}"] = torch.empty(b, t, self.n_experts, dtype=torch.float32, device=self.device)
+        new = [torch.empty(b, kv, t, d, dtype=self.torch_dtype, device=self.device) for _ in range(2 * self.n_layers)]
+        for i in range(self.n_layers):
+            outputs[f"new_key_{i}"], outputs[f"new_value_{i}"] = new[2 * i], new[2 * i + 1]
+        start = self._filled
+        if start + t > self._kv[0].shape[2]:
+            raise InputError(f"sequence of {start + t} tokens exceeds the KV cache of {self._kv[0].shape[2]}: lower --max-new-tokens")
+        self._run("decoder", inputs, outputs)
+        for buf, rows in zip(self._kv, new):
+            buf[:, :, start : start + t].copy_(rows)
+        self._filled = start + t
+        return outputs["logits"], experts
+
+    # ---- Runtime interface ---------------------------------------------------------------
+
+    def prefill(self, requests: list[PreparedRequest], max_new_tokens: int) -> StepOutput:
+        p = self.spec.image_tokens
+        for r in requests:
+            bad = [i for i in r.token_ids if i != IMAGE_TOKEN_INDEX and not 0 <= i < self.vocab_rows]
+            if bad:
+                raise InputError(f"token id {bad[0]} is outside the vocabulary of {self.vocab_rows}")
+            n_img = sum(1 for i in r.token_ids if i == IMAGE_TOKEN_INDEX)
+            if n_img != r.pixel_values.shape[0]:
+                raise InputError(f"prompt has {n_img} <image> placeholders but {r.pixel_values.shape[0]} images were given")
+        pixels = torch.cat([r.pixel_values for r in requests]).to(torch.float32)
+        image_rows = torch.empty(pixels.shape[0], p, self.hidden, dtype=self.torch_dtype, device=self.device)
+        if pixels.shape[0]:
+            self._run("vision", {"pixel_values": pixels.to(self.device)}, {"image_embeds": image_rows})
+        text_ids = torch.tensor([i for r in requests for i in r.token_ids if i != IMAGE_TOKEN_INDEX], dtype=torch.int64)
+        text_rows = self._embed(text_ids)
+        rows, ti, ii = [], 0, 0
+        for r in requests:
+            parts = []
+            for i in r.token_ids:
+                if i == IMAGE_TOKEN_INDEX:
+                    parts.append(image_rows[ii])
+                    ii += 1
+                else:
+                    parts.append(text_rows[ti : ti + 1])
+                    ti += 1
+            rows.append(torch.cat(parts))
+        batch = pad_batch(rows, self.hidden, dtype=self.torch_dtype, device=self.device)
+        B, L = batch.embeds.shape[0], batch.embeds.shape[1]
+        kv, d = self.kv_shape
+        self._kv = [torch.zeros(B, kv, L + max_new_tokens, d, dtype=self.torch_dtype, device=self.device) for _ in range(2 * self.n_layers)]
+        self._filled = 0
+        last = torch.tensor([n - 1 for n in batch.lengths], dtype=torch.int64, device=self.device)
+        logits, experts = self._decoder(batch.embeds, batch.mask, batch.positions, last)
+        self._mask = batch.mask
+        self._next_pos = torch.tensor(batch.lengths, dtype=torch.int64, device=self.device)
+        rows_idx = torch.arange(B)
+        kinds = token_kinds(requests, p, L)
+        return StepOutput(
+            logits=logits.cpu(),
+            experts={m: e.cpu()[rows_idx, last.cpu()] for m, e in experts.items()},
+            prompt_routing=prompt_routing_counts({m: e[..., 0] for m, e in experts.items()}, kinds, self.n_experts),
+        )
+
+    def decode(self, tokens: torch.Tensor) -> StepOutput:
+        if not self._kv or self._mask is None or self._next_pos is None:
+            raise RuntimeError("decode() called before prefill()")
+        embeds = self._embed(tokens.to(torch.int64))[:, None]
+        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        b = tokens.shape[0]
+        logits, experts = self._decoder(embeds, self._mask, self._next_pos[:, None], torch.zeros(b, dtype=torch.int64, device=self.device))
+        self._next_pos = self._next_pos + 1
+        return StepOutput(logits=logits.cpu(), experts={m: e[:, 0].cpu() for m, e in experts.items()})
+
+    def close(self) -> None:
+        self._kv = []
+        self.sessions = {}
+
+
+def _np_dtype(t: torch.Tensor):
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[t.dtype]
+
+
+__all__ = ["OnnxRuntimeRuntime", "Provider"]
