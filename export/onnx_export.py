@@ -3,7 +3,7 @@
 Choices (docs/ONNX.md has the measurements behind them):
 
 * Exporter: torch's TorchScript exporter at opset 17 (`dynamo=False`). It gives stable,
-  module-scoped node names (`/text/layers.2/mlp/deepspeed_moe/experts/deepspeed_experts.1/fc1/Gemm`),
+  module-scoped node names (`/text/layers.2/mlp/deepspeed_experts.1/fc1/Gemm`),
   so intermediate outputs of the same layer and expert can be compared across exports;
   opset 17 has LayerNormalization and is inside what TensorRT 8.6–10 parse.
 * MoE: NonZero/Gather/ScatterND dispatch per expert (expert-sparse, standard ops, no
@@ -81,7 +81,7 @@ def tensor_group(name: str) -> str:
     if parts[3] == "deepspeed_moe":
         if parts[4] == "gate":
             return f"layers.{i}.router"
-        return f"layers.{i}.expert.{parts[7]}"  # deepspeed_moe.experts.deepspeed_experts.{e}
+        return f"layers.{i}.expert.{parts[6]}"  # mlp.deepspeed_moe.experts.deepspeed_experts.{e}
     if parts[3] == "meta_moe":
         return f"layers.{i}.meta"
     if parts[3] == "coefficient":

@@ -87,11 +87,14 @@ class StepOutput:
         experts: {MoE layer: [B, k]} experts that processed the token whose logits these are
             (the last prompt token after prefill); empty when the runtime cannot report routing.
         prompt_routing: after prefill only: per row, {MoE layer: {"image": [E counts], "text": [E counts]}}.
+        prompt_experts: after prefill only: {MoE layer: [B, L, k]} experts of every spliced prompt
+            position (padding included), for fidelity checks.
     """
 
     logits: torch.Tensor
     experts: dict[int, torch.Tensor] = field(default_factory=dict)
     prompt_routing: list[dict[int, dict[str, list[int]]]] | None = None
+    prompt_experts: dict[int, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

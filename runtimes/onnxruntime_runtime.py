@@ -277,6 +277,7 @@ class OnnxRuntimeRuntime(Runtime):
             logits=logits.cpu(),
             experts={m: e.cpu()[rows_idx, last.cpu()] for m, e in experts.items()},
             prompt_routing=prompt_routing_counts({m: e[..., 0] for m, e in experts.items()}, kinds, self.n_experts),
+            prompt_experts={m: e.cpu() for m, e in experts.items()},
         )
 
     def decode(self, tokens: torch.Tensor) -> StepOutput:

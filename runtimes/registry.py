@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 
 from medmoe_edge.errors import RuntimeUnavailable
 
-from .base import Availability, Runtime
+from .base import ArtifactKind, Availability, Runtime
 
 ENTRY_POINT_GROUP = "medmoe_edge.runtimes"
 
@@ -81,3 +81,15 @@ def get_runtime(name: str) -> type[Runtime]:
     if not av.available or entry.cls is None:
         raise RuntimeUnavailable(f"runtime {name!r} is not available: {av.reason}")
     return entry.cls
+
+
+def runtime_for(kind: ArtifactKind) -> str:
+    """Name of the first registered runtime (by name) that loads artifacts of `kind`.
+
+    Raises:
+        RuntimeUnavailable: no installed runtime loads that kind.
+    """
+    for name, entry in sorted(discover().items()):
+        if entry.cls is not None and entry.cls.artifact_kind is kind:
+            return name
+    raise RuntimeUnavailable(f"no installed runtime loads {kind.value} artifacts: see `medmoe-edge runtimes`")

@@ -6,11 +6,20 @@ from pathlib import Path
 
 import torch
 
+from medmoe_edge.bundle import is_bundle, read_manifest
 from medmoe_edge.checkpoint import LoadedModel, load_model
-from medmoe_edge.errors import InputError
+from medmoe_edge.errors import CheckpointError, InputError
 from medmoe_edge.generation import StepOutput
 
 from .base import ArtifactKind, Availability, DType, ModelInfo, PreparedRequest, Runtime, RuntimeOptions, prompt_routing_counts, token_kinds
+
+
+def _bundle_runtime_hint(bundle: str | Path) -> str:
+    try:
+        fmt = read_manifest(bundle).format
+    except CheckpointError:
+        return "onnxruntime (or the runtime of its format)"
+    return {ArtifactKind.ONNX: "onnxruntime", ArtifactKind.GGUF: "llamacpp", ArtifactKind.TENSORRT: "tensorrt"}.get(fmt, fmt.value)
 
 
 def _check_device(device: str) -> torch.device:
@@ -39,6 +48,8 @@ class TorchRuntime(Runtime):
 
     def __init__(self, model: str | Path, options: RuntimeOptions | None = None) -> None:
         options = options or RuntimeOptions()
+        if is_bundle(model):
+            raise InputError(f"{model} is an exported bundle, not a checkpoint: run it with --runtime {_bundle_runtime_hint(model)}")
         if options.provider is not None:
             raise InputError(f"--provider {options.provider} is an option of the onnxruntime runtime; the torch runtime takes --device cpu|cuda")
         device = _check_device(options.device)
@@ -87,6 +98,7 @@ class TorchRuntime(Runtime):
             logits=logits[b, last],
             experts={layer: r.experts.view(B, L, -1)[b.cpu(), last.cpu()].cpu() for layer, r in routing.items()},
             prompt_routing=prompt_routing_counts({layer: r.experts[:, 0].view(B, L) for layer, r in routing.items()}, kinds, m.spec.moe.num_experts),
+            prompt_experts={layer: r.experts.view(B, L, -1).cpu() for layer, r in routing.items()},
         )
 
     def decode(self, tokens: torch.Tensor) -> StepOutput:

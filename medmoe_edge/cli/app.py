@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import data_cmd, eval_cmd, info_cmd, init_random_cmd, run_cmd, runtimes_cmd, train_cmd
+from . import data_cmd, eval_cmd, export_cmd, info_cmd, init_random_cmd, run_cmd, runtimes_cmd, train_cmd, verify_cmd
 
 app = typer.Typer(
     name="medmoe-edge",
@@ -20,6 +20,8 @@ app.command("init-random")(init_random_cmd.init_random)
 app.command("make-data")(data_cmd.make_data)
 app.command("train-demo")(train_cmd.train_demo)
 app.command("eval")(eval_cmd.eval_model)
+app.command("export")(export_cmd.export)
+app.command("verify")(verify_cmd.verify_bundle)
 
 
 def main() -> None:

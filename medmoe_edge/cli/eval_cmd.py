@@ -22,7 +22,7 @@ EVAL_PER_DOMAIN = 100
 CALIBRATION_PER_DOMAIN = 64
 
 
-def _dataset(set_name: str, data: Path | None) -> tuple[list, Path]:
+def dataset_samples(set_name: str, data: Path | None) -> tuple[list, Path]:
     """Samples of a split name (eval, calibration, train) or of a manifest path."""
     from ..calibration.synth import Split, build_split, read_manifest
 
@@ -62,7 +62,7 @@ def eval_model(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Evaluate with the paper's scoring (closed: substring accuracy + strict match; open: recall) per domain."""
-    samples, root = _dataset(set_name, data)
+    samples, root = dataset_samples(set_name, data)
     if limit is not None:
         if limit < 1:
             raise InputError(f"--limit must be at least 1, got {limit}")

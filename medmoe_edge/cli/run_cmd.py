@@ -20,7 +20,7 @@ from .common import err, print_json, user_errors
 def run(
     image: Annotated[Path, typer.Option("--image", help="PNG, JPEG, TIFF, BMP or DICOM file.")],
     question: Annotated[str, typer.Option("--question", help="Question about the image.")],
-    model: Annotated[str, typer.Option("--model", help="'demo' (built-in), a checkpoint directory, or a hub id.")] = "demo",
+    model: Annotated[str, typer.Option("--model", help="'demo' (built-in), a checkpoint directory, a hub id, or a bundle from `export` (with its --runtime).")] = "demo",
     runtime: Annotated[str, typer.Option("--runtime", help="Runtime plugin (see `medmoe-edge runtimes`).")] = "torch",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Maximum tokens to generate.")] = 512,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (official eval); >0 samples.")] = 0.0,
@@ -29,6 +29,7 @@ def run(
     preprocess: Annotated[PreprocessMode, typer.Option("--preprocess", help="pad: pad to square as in training (default); crop: resize + centre crop as the official eval.")] = PreprocessMode.PAD,
     frame: Annotated[int | None, typer.Option("--frame", help="DICOM frame index [default: middle frame].")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")] = "cpu",
+    provider: Annotated[str | None, typer.Option("--provider", help="onnxruntime execution provider: cpu, cuda or tensorrt (never a silent fallback).")] = None,
     dtype: Annotated[DType | None, typer.Option("--dtype", help="Compute precision [default: float32].")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads [default: library default].")] = None,
     vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")] = None,
@@ -36,7 +37,7 @@ def run(
 ) -> None:
     """Answer a question about a medical image with Med-MoE."""
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    options = RuntimeOptions(device=device, dtype=dtype, num_threads=threads, vision_tower=vision_tower)
+    options = RuntimeOptions(device=device, dtype=dtype, num_threads=threads, vision_tower=vision_tower, provider=provider)
     with err.status(f"loading {model} with the {runtime} runtime"):
         pipe = load(model, runtime=runtime, options=options)
     if is_demo(model) and not as_json:
