@@ -39,6 +39,12 @@ from medmoe_edge.model.moe import MoEFFN
 from medmoe_edge.spec import MoESpec, TextSpec, Variant
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "MOE_DISPATCH.md"
+NOTES = {
+    "dispatch": "chosen: standard ops, expert-sparse",
+    "gather": "decode only: prefill would copy an expert per token",
+    "ort-moe": "ORT contrib op: TensorRT cannot parse it",
+    "dense": "all experts on all tokens: not expert-sparse",
+}
 
 
 def make_block(hidden: int, ffn: int, experts: int, seed: int) -> MoEFFN:
@@ -194,7 +200,7 @@ def main() -> None:
                     err = float(np.abs(y - refs[phase].numpy()).max())
                     res[phase] = (timed(sess, x.numpy(), a.reps if phase == "decode" else max(3, a.reps // 5)), err)
                 errs = [r[1] for r in res.values() if r]
-                rows.append((n_exp, name, res["decode"][0], res["prefill"][0] if res["prefill"] else None, max(errs), ""))
+                rows.append((n_exp, name, res["decode"][0], res["prefill"][0] if res["prefill"] else None, max(errs), NOTES[name]))
                 del sess
                 print(rows[-1], flush=True)
     write_doc(a, rows)

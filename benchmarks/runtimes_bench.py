@@ -58,8 +58,17 @@ def child(kind: str, model: str, decode: int, threads: int) -> None:
         out = rt.decode(tok)
         tok = out.logits.argmax(-1)
         steps.append(time.perf_counter() - t)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss_bytes()
     print(json.dumps({"load_s": load_s, "ttft_s": ttft, "decode_tok_s": 1.0 / statistics.median(steps), "peak_rss": rss, "torch_threads": torch.get_num_threads()}))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Unlike ru_maxrss it starts afresh at exec, so the
+    parent's memory at fork time does not count."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: kB on Linux-likes, bytes on macOS
 
 
 def measure(kind: str, model: Path | str, decode: int, threads: int) -> dict:

@@ -166,6 +166,12 @@ class Manifest:
             version=int(d["version"]),
         )
 
+    @property
+    def bundle_id(self) -> str:
+        """A short identifier of the bundle's content (hash of every file's SHA-256), e.g. for caches."""
+        h = hashlib.sha256("".join(f"{f.path}:{f.sha256}\n" for f in self.files).encode())
+        return h.hexdigest()[:16]
+
     def group_precisions(self) -> dict[str, int]:
         """Parameters per precision, e.g. {"fp16": 1_234_567}."""
         out: dict[str, int] = {}

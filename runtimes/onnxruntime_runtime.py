@@ -174,7 +174,7 @@ class OnnxRuntimeRuntime(Runtime):
         def fmt(shapes: dict[str, list[int]]) -> str:
             return ",".join(f"{k}:{'x'.join(str(d) for d in v)}" for k, v in shapes.items())
 
-        cache = Path(os.environ.get("MEDMOE_EDGE_TRT_CACHE", Path.home() / ".cache" / "medmoe-edge" / "trt")) / self.manifest.files[0].sha256[:16]
+        cache = Path(os.environ.get("MEDMOE_EDGE_TRT_CACHE", Path.home() / ".cache" / "medmoe-edge" / "trt")) / self.manifest.bundle_id
         cache.mkdir(parents=True, exist_ok=True)
         return {
             "device_id": self.device_id,

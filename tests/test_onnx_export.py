@@ -292,3 +292,19 @@ def test_demo_bundle_on_the_whole_eval_split(precision, fp32_bundles, tmp_path):
     else:
         assert m["answer_agreement"] >= 0.98
     assert rep.passed
+
+
+def test_tensorrt_provider_options_come_from_the_manifest(fp32_bundles, tmp_path, monkeypatch):
+    """The TensorRT path cannot run here; its provider options (profiles, fp16, cache) are checked instead."""
+    monkeypatch.setenv("MEDMOE_EDGE_TRT_CACHE", str(tmp_path))
+    _, bundle = fp32_bundles["demo"]
+    rt = OnnxRuntimeRuntime(bundle)
+    opts = rt._trt_options("decoder")
+    mins = dict(item.split(":") for item in opts["trt_profile_min_shapes"].split(","))
+    maxs = dict(item.split(":") for item in opts["trt_profile_max_shapes"].split(","))
+    assert mins["inputs_embeds"] == "1x1x256" and maxs["inputs_embeds"] == "4x2048x256"
+    assert maxs["past_key_3"] == "4x8x2048x32" and mins["last_index"] == "1"
+    assert opts["trt_fp16_enable"] is False and opts["trt_engine_cache_enable"] is True
+    assert Path(opts["trt_engine_cache_path"]).parent == tmp_path and Path(opts["trt_engine_cache_path"]).name == rt.manifest.bundle_id
+    vis = rt._trt_options("vision")
+    assert vis["trt_profile_max_shapes"] == "pixel_values:4x3x64x64"

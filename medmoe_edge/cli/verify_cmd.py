@@ -10,7 +10,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ..api import Pipeline, load
-from ..bundle import checkpoint_sha256, open_bundle, read_manifest
+from ..bundle import checkpoint_sha256, read_manifest
 from ..checkpoint import read_spec, resolve_model_dir
 from ..errors import CheckpointError, InputError
 from ..imaging import PreprocessMode
@@ -49,7 +49,7 @@ def print_report(report: VerifyReport, title: str) -> None:
 
 def run_verify(bundle: Path, *, reference: str | None, set_name: str, data: Path | None, limit: int | None, provider: str | None, threads: int | None, max_new_tokens: int, preprocess: PreprocessMode) -> VerifyReport:
     """Load both runtimes and compare them (shared by `verify` and `export`)."""
-    manifest = open_bundle(bundle, read_manifest(bundle).format)
+    manifest = read_manifest(bundle)  # the runtime verifies every file's SHA-256 when it loads the bundle
     tolerances = TOLERANCES.get(manifest.precision)
     if tolerances is None:
         raise InputError(f"no fidelity tolerances are defined for {manifest.precision} bundles")
