@@ -35,7 +35,7 @@ from medmoe_edge.prompt import SYSTEM, build_prompt
 from medmoe_edge.runtimes.base import ArtifactKind
 from medmoe_edge.weights import weight_files
 
-from .onnx_graphs import DecoderGraph, EmbedGraph, VisionGraph, decoder_io_names, use_static_dispatch
+from .onnx_graphs import DecoderGraph, EmbedGraph, VisionGraph, decoder_io_names, use_buffer_attention, use_static_dispatch
 
 OPSET = 17
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
@@ -147,6 +147,7 @@ def export_onnx(model: str | Path, out: Path, precision: OnnxPrecision = OnnxPre
     loaded: LoadedModel = load_model(model, dtype=precision.torch, vision_tower=vision_tower)
     m = loaded.model
     use_static_dispatch(m)
+    use_buffer_attention(m)
     spec, t = loaded.spec, loaded.spec.text
     dt = precision.torch
     dname = {torch.float32: "float32", torch.float16: "float16"}[dt]

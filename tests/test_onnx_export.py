@@ -308,3 +308,25 @@ def test_tensorrt_provider_options_come_from_the_manifest(fp32_bundles, tmp_path
     assert Path(opts["trt_engine_cache_path"]).parent == tmp_path and Path(opts["trt_engine_cache_path"]).name == rt.manifest.bundle_id
     vis = rt._trt_options("vision")
     assert vis["trt_profile_max_shapes"] == "pixel_values:4x3x64x64"
+
+
+def test_grouped_query_attention_reads_the_buffer_without_repeating_kv(tmp_path, sample_png):
+    """num_kv_heads < num_heads: the export groups queries instead of repeating K/V; logits still match."""
+    from dataclasses import replace
+
+    from medmoe_edge.presets import PRESETS
+    from medmoe_edge.random_init import write_random_checkpoint
+
+    base = PRESETS[Preset.TINY_STABLELM]
+    spec = replace(base, text=replace(base.text, num_kv_heads=2))
+    src = write_random_checkpoint(spec, tmp_path / "gqa", seed=1)
+    export_onnx(src, tmp_path / "gqa-onnx")
+    ref, rt = TorchRuntime(src), OnnxRuntimeRuntime(tmp_path / "gqa-onnx")
+    assert rt.kv_shape == (2, 16)
+    reqs = _requests(api.Pipeline(ref), sample_png, ["What is shown?", "Is the left lung clear of any opacity?"])
+    a, b = ref.prefill(reqs, 4), rt.prefill(reqs, 4)
+    assert (a.logits - b.logits).abs().max() <= 1e-4
+    for _ in range(3):
+        tok = a.logits.argmax(-1)
+        a, b = ref.decode(tok), rt.decode(tok)
+        assert (a.logits - b.logits).abs().max() <= 1e-4
