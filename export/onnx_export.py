@@ -15,7 +15,6 @@ Choices (docs/ONNX.md has the measurements behind them):
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from dataclasses import asdict
@@ -27,18 +26,17 @@ import torch
 from medmoe_edge import __version__
 from medmoe_edge.bundle import GraphIO, GraphSpec, Manifest, TensorGroup, checkpoint_sha256, file_entries, write_manifest
 from medmoe_edge.checkpoint import LoadedModel, load_model
-from medmoe_edge.ckpt_writer import TOWER_DIRNAME, atomic_dir
+from medmoe_edge.ckpt_writer import atomic_dir
 from medmoe_edge.errors import InputError, RuntimeUnavailable
 from medmoe_edge.imaging import PreprocessMode
 from medmoe_edge.model.medmoe import MedMoE
 from medmoe_edge.prompt import SYSTEM, build_prompt
 from medmoe_edge.runtimes.base import ArtifactKind
-from medmoe_edge.weights import weight_files
 
 from .onnx_graphs import DecoderGraph, EmbedGraph, VisionGraph, decoder_io_names, use_buffer_attention, use_static_dispatch
+from .support_files import copy_support_files, source_files
 
 OPSET = 17
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
 GRAPH_FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
 
 
@@ -174,23 +172,7 @@ def export_onnx(model: str | Path, out: Path, precision: OnnxPrecision = OnnxPre
         _export(DecoderGraph(m), tuple(args), tmp / GRAPH_FILES["decoder"], ins, outs, dyn)
 
         roles = {f: "graph" for f in GRAPH_FILES.values()} | {f + ".data": "weights" for f in GRAPH_FILES.values()}
-        cfg = dict(loaded.config, mm_image_tower=TOWER_DIRNAME)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        roles["config.json"] = "config"
-        (tmp / TOWER_DIRNAME).mkdir()
-        for name in ("config.json", "preprocessor_config.json"):
-            src = loaded.tower_dir / name
-            if src.is_file():
-                shutil.copyfile(src, tmp / TOWER_DIRNAME / name)
-                roles[f"{TOWER_DIRNAME}/{name}"] = "vision-config"
-        if not (tmp / TOWER_DIRNAME / "preprocessor_config.json").is_file():
-            (tmp / TOWER_DIRNAME / "preprocessor_config.json").write_text(json.dumps(loaded.processor.to_preprocessor_config(), indent=2) + "\n")
-            roles[f"{TOWER_DIRNAME}/preprocessor_config.json"] = "vision-config"
-        for name in TOKENIZER_FILES:
-            src = loaded.checkpoint_dir / name
-            if src.is_file():
-                shutil.copyfile(src, tmp / name)
-                roles[name] = "tokenizer"
+        roles |= copy_support_files(loaded, tmp)
 
         graphs = {
             "vision": GraphSpec(GRAPH_FILES["vision"], _io(["pixel_values"], ["float32"], [("images", 3, size, size)]), _io(["image_embeds"], [dname], [("images", spec.image_tokens, h)])),
@@ -205,14 +187,13 @@ def export_onnx(model: str | Path, out: Path, precision: OnnxPrecision = OnnxPre
                 ),
             ),
         }
-        src_files = [loaded.checkpoint_dir / "config.json", *weight_files(loaded.checkpoint_dir), *weight_files(loaded.tower_dir)]
         ctx = t.max_position_embeddings
         manifest = Manifest(
             format=ArtifactKind.ONNX,
             precision=precision.value,
             files=file_entries(tmp, roles),
             tensor_groups=tensor_groups(m, precision.value),
-            source={"path": str(loaded.checkpoint_dir.resolve()), "sha256": checkpoint_sha256(src_files), "label": loaded.checkpoint_dir.name},
+            source={"path": str(loaded.checkpoint_dir.resolve()), "sha256": checkpoint_sha256(source_files(loaded)), "label": loaded.checkpoint_dir.name},
             toolchain=_toolchain(onnx),
             graphs=graphs,
             model={

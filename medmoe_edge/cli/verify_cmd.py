@@ -16,7 +16,7 @@ from ..errors import CheckpointError, InputError
 from ..imaging import PreprocessMode
 from ..runtimes.base import RuntimeOptions
 from ..runtimes.registry import runtime_for
-from ..verify import TOLERANCES, VerifyReport, verify
+from ..verify import VerifyReport, tolerances_for, verify
 from .common import err, out, print_json, user_errors
 from ..weights import weight_files
 from .eval_cmd import dataset_samples
@@ -42,7 +42,10 @@ def print_report(report: VerifyReport, title: str) -> None:
     for col in ("metric", "value", "tolerance", "result"):
         t.add_column(col, justify="right" if col != "metric" else "left")
     for name, (value, bound, ok) in report.checks.items():
-        shown = f"{value:.3e}" if name == "logits_max_abs" else (f"{value:.6f}" if name == "logits_cosine_min" else f"{value:.2%}")
+        if value is None:
+            shown = "n/a"
+        else:
+            shown = f"{value:.3e}" if name == "logits_max_abs" else (f"{value:.6f}" if name == "logits_cosine_min" else f"{value:.2%}")
         t.add_row(name, shown, bound, "[green]pass[/]" if ok else "[bold red]FAIL[/]")
     out.print(t)
 
@@ -50,9 +53,9 @@ def print_report(report: VerifyReport, title: str) -> None:
 def run_verify(bundle: Path, *, reference: str | None, set_name: str, data: Path | None, limit: int | None, provider: str | None, threads: int | None, max_new_tokens: int, preprocess: PreprocessMode) -> VerifyReport:
     """Load both runtimes and compare them (shared by `verify` and `export`)."""
     manifest = read_manifest(bundle)  # the runtime verifies every file's SHA-256 when it loads the bundle
-    tolerances = TOLERANCES.get(manifest.precision)
+    tolerances = tolerances_for(manifest.format.value, manifest.precision)
     if tolerances is None:
-        raise InputError(f"no fidelity tolerances are defined for {manifest.precision} bundles")
+        raise InputError(f"no fidelity tolerances are defined for {manifest.format.value} {manifest.precision} bundles")
     samples, root = dataset_samples(set_name, data)
     if limit is not None:
         if limit < 1:
