@@ -1,0 +1,351 @@
+"""The Med-MoE language model as a GGUF file for the patched llama.cpp (`medmoe-phi2` / `medmoe-stablelm`).
+
+The two architectures exist only in llama.cpp built with `patches/llamacpp-0.3.36-medmoe.patch`
+(`scripts/build_llamacpp.sh`); docs/design/llamacpp-medmoe.md §5 and §8 are the design this
+file follows. Only the text decoder is written here; the image tower and projector go into a
+separate mmproj file.
+
+Layout (numpy shape = torch shape; gguf-py stores it reversed as the ggml `ne`):
+
+    token_embd.weight [V, H]      output_norm.{weight,bias} [H]      output.weight [V, H]
+    blk.i.attn_norm.{weight,bias}, blk.i.attn_{q,k,v}.{weight,bias}, blk.i.attn_output.weight
+    (+ .bias for Phi), blk.i.ffn_norm.{weight,bias} (StableLM only), and then
+      dense layer i:  ffn_up, ffn_down (+ ffn_gate for StableLM; + biases for Phi)
+      MoE layer i:    ffn_gate_inp.{weight,bias}   the frozen domain router, [E, H] / [E]
+                      ffn_{up,down}_exps (+ ffn_gate_exps)   experts stacked to [E, out, in]
+                      ffn_{up,down}_exps.bias      Phi only, [E, out]
+                      ffn_{up,down}_shexp (+ ffn_gate_shexp, + biases for Phi)   the meta expert
+
+Which layers are MoE is the per-layer `<arch>.expert_used_count` array (k on MoE layers, 0 on
+dense ones, spec §2.1), so the file needs no new metadata key.
+
+Precision: with dtype="f16" the matrices are stored as F16, but the router, every norm and
+every bias stay F32. The router must see unrounded activations to pick the same expert as the
+reference (spec §2.3.1 computes it in fp32), and llama.cpp's CPU `add_id`, which applies the
+expert biases, accepts only F32 operands.
+
+Section numbers (§) refer to ../shared/reference/medmoe-spec.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medmoe_edge.checkpoint import checkpoint_infos, load_model, resolve_model_dir
+from medmoe_edge.errors import InputError, RuntimeUnavailable, UnsupportedCheckpoint
+from medmoe_edge.model.medmoe import MedMoE
+from medmoe_edge.spec import ModelSpec, Variant
+
+ARCH = {Variant.PHI: "medmoe-phi2", Variant.STABLELM: "medmoe-stablelm"}
+DTYPES = ("f32", "f16")
+
+# gguf-py constants, spelled out so that this module imports without gguf installed.
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
+_GATING_SOFTMAX = 1  # LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
+_FTYPE = {"f32": 0, "f16": 1}  # LLAMA_FTYPE_ALL_F32, LLAMA_FTYPE_MOSTLY_F16
+
+
+def _require_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise RuntimeUnavailable("GGUF export needs the gguf package: pip install 'gguf==0.19.0'") from None
+    return gguf
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One GGUF tensor: its name, final numpy dtype and shape, and how to produce the data.
+
+    The data is produced only when it is written, so besides the loaded model at most one
+    converted tensor (one expert stack) is in memory.
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    data: Callable[[], np.ndarray]
+
+
+def _np(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to(device="cpu", dtype=torch.float32).numpy().astype(dtype, copy=False))
+
+
+def _tensor(name: str, make: Callable[[], torch.Tensor], shape: tuple[int, ...], dtype: np.dtype) -> _Tensor:
+    return _Tensor(name, np.dtype(dtype), tuple(shape), lambda: _np(make(), dtype))
+
+
+class _Plan:
+    """Collects the tensors of one file with the dtype policy applied."""
+
+    def __init__(self, matrix_dtype: np.dtype) -> None:
+        self.matrix_dtype = matrix_dtype
+        self.tensors: list[_Tensor] = []
+
+    def matrix(self, name: str, t: torch.Tensor) -> None:
+        """A weight matrix (or a stack of them): F16 in f16 files."""
+        self.tensors.append(_tensor(name, lambda: t, tuple(t.shape), self.matrix_dtype))
+
+    def f32(self, name: str, t: torch.Tensor) -> None:
+        """Norms, biases and the router: always F32."""
+        self.tensors.append(_tensor(name, lambda: t, tuple(t.shape), np.float32))
+
+    def stacked(self, name: str, parts: list[torch.Tensor], *, f32: bool = False) -> None:
+        """Per-expert tensors stacked on a new leading axis: weights [E, out, in], biases [E, out]."""
+        shape = (len(parts), *parts[0].shape)
+        self.tensors.append(_tensor(name, lambda: torch.stack(parts), shape, np.float32 if f32 else self.matrix_dtype))
+
+    def linear(self, prefix: str, layer: torch.nn.Linear) -> None:
+        self.matrix(f"{prefix}.weight", layer.weight)
+        if layer.bias is not None:
+            self.f32(f"{prefix}.bias", layer.bias)
+
+    def norm(self, prefix: str, layer: torch.nn.LayerNorm) -> None:
+        self.f32(f"{prefix}.weight", layer.weight)
+        self.f32(f"{prefix}.bias", layer.bias)
+
+
+def _ffn(plan: _Plan, variant: Variant, ffn: torch.nn.Module, suffix: str, i: int) -> None:
+    """A dense FFN (`suffix` "") or the meta expert (`suffix` "_shexp") of layer i."""
+    if variant is Variant.PHI:
+        plan.linear(f"blk.{i}.ffn_up{suffix}", ffn.fc1)
+        plan.linear(f"blk.{i}.ffn_down{suffix}", ffn.fc2)
+    else:
+        plan.linear(f"blk.{i}.ffn_gate{suffix}", ffn.gate_proj)
+        plan.linear(f"blk.{i}.ffn_up{suffix}", ffn.up_proj)
+        plan.linear(f"blk.{i}.ffn_down{suffix}", ffn.down_proj)
+
+
+def _experts(plan: _Plan, variant: Variant, experts: torch.nn.ModuleList, i: int) -> None:
+    """Routed experts stacked for llama.cpp's `mul_mat_id` (one 3-D tensor per projection)."""
+    if variant is Variant.PHI:
+        # §2.3.5: expert_e(x) = fc2(gelu_tanh(fc1 x + b1)) + b2; llama.cpp adds the stacked biases with add_id.
+        for gguf_name, attr in (("ffn_up_exps", "fc1"), ("ffn_down_exps", "fc2")):
+            plan.stacked(f"blk.{i}.{gguf_name}.weight", [getattr(e, attr).weight for e in experts])
+            plan.stacked(f"blk.{i}.{gguf_name}.bias", [getattr(e, attr).bias for e in experts], f32=True)
+    else:
+        for gguf_name, attr in (("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj"), ("ffn_down_exps", "down_proj")):
+            plan.stacked(f"blk.{i}.{gguf_name}.weight", [getattr(e, attr).weight for e in experts])
+
+
+def plan_tensors(model: MedMoE, matrix_dtype: np.dtype) -> list[_Tensor]:
+    """Every tensor of the text GGUF, in file order, with its final dtype."""
+    spec, lm = model.spec, model.lm
+    variant = spec.variant
+    moe_layers = set(spec.moe.layers)
+    plan = _Plan(matrix_dtype)
+
+    # Embedding and lm_head rows: model.n_vocab, already truncated to len(tokenizer) by load_model (§4.2.6).
+    n_vocab = model.n_vocab
+    plan.matrix("token_embd.weight", lm.model.embed_tokens.weight[:n_vocab])
+    plan.norm("output_norm", lm.model.final_norm)
+    plan.matrix("output.weight", lm.lm_head.weight[:n_vocab])  # §1.3: no lm_head bias in either variant
+
+    for i, layer in enumerate(lm.model.layers):
+        plan.norm(f"blk.{i}.attn_norm", layer.input_layernorm)
+        attn = layer.self_attn
+        # NEOX rope (rotate-half on the first rotary_dim dims) needs no q/k row permutation.
+        plan.linear(f"blk.{i}.attn_q", attn.q_proj)
+        plan.linear(f"blk.{i}.attn_k", attn.k_proj)
+        plan.linear(f"blk.{i}.attn_v", attn.v_proj)
+        plan.linear(f"blk.{i}.attn_output", attn.out_proj)  # Phi `dense` has a bias, StableLM `o_proj` none
+        if variant is Variant.STABLELM:
+            plan.norm(f"blk.{i}.ffn_norm", layer.post_attention_layernorm)
+
+        if i not in moe_layers:
+            _ffn(plan, variant, layer.mlp, "", i)
+            continue
+        moe = layer.mlp
+        # §2.3.1-2: z = W_g x + b_g in fp32, softmax over all experts. llama.cpp adds the bias before the softmax.
+        plan.f32(f"blk.{i}.ffn_gate_inp.weight", moe.deepspeed_moe.gate.wg.weight)
+        plan.f32(f"blk.{i}.ffn_gate_inp.bias", moe.deepspeed_moe.gate.wg.bias)
+        _experts(plan, variant, moe.experts, i)
+        # §2.3.6: the meta expert is always on with weight exactly 1 (llama.cpp: ffn_*_shexp, added after the MoE sum).
+        _ffn(plan, variant, moe.meta_moe, "_shexp", i)
+    return plan.tensors
+
+
+@dataclass(frozen=True)
+class _Vocab:
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str
+
+
+def _tokenizer_pre(variant: Variant, pre_tokenizer: dict | None) -> str:
+    """`tokenizer.ggml.pre`: the pre-tokenizer regex llama.cpp applies before BPE.
+
+    The released tokenizers are phi-2's GPT-2 BPE ("phi-2") and stablelm-2's Arcade100k ("stablelm2",
+    a Split regex in its tokenizer.json). The tokenizers of random and demo checkpoints are GPT-2
+    byte-level BPE (`medmoe_edge.tokenizer.train_bpe`) for both variants, so a StableLM-shaped
+    model with such a tokenizer gets the GPT-2 regex, which is what HF applies to it.
+    """
+    gpt2_regex = bool(pre_tokenizer) and pre_tokenizer.get("type") == "ByteLevel" and pre_tokenizer.get("use_regex", True)
+    if variant is Variant.PHI:
+        if pre_tokenizer is not None and not gpt2_regex:
+            raise UnsupportedCheckpoint(f"the Phi tokenizer's pre-tokenizer {pre_tokenizer.get('type')!r} is not GPT-2 byte-level BPE: llama.cpp's 'phi-2' pre-tokenizer would split text differently")
+        return "phi-2"
+    return "gpt-2" if gpt2_regex else "stablelm2"
+
+
+def _vocab(hf, variant: Variant, n_vocab: int) -> _Vocab:
+    """Tokens, types and merges for llama.cpp's `gpt2` (byte-level BPE) tokenizer model."""
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        raise UnsupportedCheckpoint("GGUF export needs a fast (tokenizer.json) tokenizer; this checkpoint has a slow one")
+    tj = json.loads(backend.to_str())
+    if tj["model"]["type"] != "BPE":
+        raise UnsupportedCheckpoint(f"GGUF export supports byte-level BPE tokenizers only, not {tj['model']['type']}")
+    # tokenizers writes merges as "a b" (older) or ["a", "b"] (newer); GGUF stores "a b".
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    if not merges:
+        raise UnsupportedCheckpoint("the tokenizer has no BPE merges; llama.cpp's gpt2 tokenizer needs at least one")
+
+    by_id = {i: tok for tok, i in hf.get_vocab().items()}
+    if max(by_id) >= n_vocab:
+        raise UnsupportedCheckpoint(f"the tokenizer has token id {max(by_id)} but the model only {n_vocab} embedding rows")
+    added = hf.added_tokens_decoder  # {id: AddedToken}
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(_TOKEN_UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(_TOKEN_CONTROL if added[i].special else _TOKEN_USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(_TOKEN_NORMAL)
+    return _Vocab(tokens, types, merges, _tokenizer_pre(variant, tj.get("pre_tokenizer")))
+
+
+def _check_supported(spec: ModelSpec) -> None:
+    if spec.moe.use_residual:
+        # §2.3.6 residual MoE mixes routed and meta outputs with a learned coefficient: no llama.cpp graph for it.
+        raise UnsupportedCheckpoint("GGUF export does not support use_residual=True (coefficient-mixed residual MoE); use the torch or ONNX runtimes")
+
+
+def _write_metadata(w, spec: ModelSpec, vocab: _Vocab, tokenizer, dtype: str) -> None:
+    gguf = _require_gguf()
+    t, moe = spec.text, spec.moe
+    arch = ARCH[spec.variant]
+    key = lambda k: k.format(arch=arch)  # noqa: E731
+    LLM, Attn, Rope = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
+
+    w.add_name(f"Med-MoE {spec.variant.value}")
+    w.add_file_type(_FTYPE[dtype])
+    w.add_uint32(key(LLM.CONTEXT_LENGTH), t.max_position_embeddings)
+    w.add_uint32(key(LLM.EMBEDDING_LENGTH), t.hidden_size)
+    w.add_uint32(key(LLM.BLOCK_COUNT), t.num_layers)
+    w.add_uint32(key(LLM.FEED_FORWARD_LENGTH), t.intermediate_size)
+    w.add_uint32(key(Attn.HEAD_COUNT), t.num_heads)
+    w.add_uint32(key(Attn.HEAD_COUNT_KV), t.num_kv_heads)
+    w.add_float32(key(Attn.LAYERNORM_EPS), t.norm_eps)
+    # §1.3 partial rotary: Phi rotates 32 of 80 head dims, StableLM 16 of 64 (NEOX pairs i, i+rot/2).
+    w.add_uint32(key(Rope.DIMENSION_COUNT), t.rotary_dim)
+    w.add_float32(key(Rope.FREQ_BASE), t.rope_theta)
+
+    # §2.1 / §2.3: E experts, top-k on the MoE layers and 0 (dense FFN) elsewhere.
+    moe_layers = set(moe.layers)
+    w.add_uint32(key(LLM.EXPERT_COUNT), moe.num_experts)
+    w.add_key_value(
+        key(LLM.EXPERT_USED_COUNT),
+        [moe.top_k if i in moe_layers else 0 for i in range(t.num_layers)],
+        gguf.GGUFValueType.ARRAY,
+        sub_type=gguf.GGUFValueType.UINT32,
+    )
+    w.add_uint32(key(LLM.EXPERT_FEED_FORWARD_LENGTH), t.intermediate_size)  # experts are FFN copies (§2.5)
+    w.add_uint32(key(LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH), t.intermediate_size)  # and so is the meta expert
+    w.add_uint32(key(LLM.EXPERT_SHARED_COUNT), 1)
+    w.add_uint32(key(LLM.EXPERT_GATING_FUNC), _GATING_SOFTMAX)  # softmax over all E experts (§2.3.2)
+    # §2.3.3: top-1 weights the expert by its raw probability p[e1] (no renormalisation). Top-2 is
+    # renormalised over the pair (§2.3.4); we pick the plain second argmax, as the reference model does.
+    w.add_bool(key(LLM.EXPERT_WEIGHTS_NORM), moe.top_k == 2)
+
+    hf = tokenizer.hf
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    w.add_token_merges(vocab.merges)
+    bos = hf.bos_token_id if hf.bos_token_id is not None else tokenizer.eos_id
+    w.add_bos_token_id(int(bos))
+    w.add_eos_token_id(int(tokenizer.eos_id))
+    w.add_pad_token_id(int(tokenizer.pad_id))
+    if hf.unk_token_id is not None:
+        w.add_unk_token_id(int(hf.unk_token_id))
+    # Neither Med-MoE tokenizer adds BOS/EOS to prompts (§5.3).
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+
+
+def _load_dtype(model_dir: str | Path) -> torch.dtype:
+    """The dtype to load the checkpoint in: its own when every tensor is bf16 (or fp16), else fp32.
+
+    Loading a bf16 release in bf16 is exact (each tensor is widened to fp32 only when written)
+    and halves the memory an export needs (Phi: 12 GB instead of 24 GB).
+    """
+    # safetensors spells dtypes "BF16"/"F16", pickled checkpoints "bfloat16"/"float16"
+    names = {"BF16": "bf16", "BFLOAT16": "bf16", "F16": "f16", "FLOAT16": "f16"}
+    stored = {names.get(i.dtype.upper(), i.dtype) for i in checkpoint_infos(resolve_model_dir(model_dir))}
+    if stored == {"bf16"}:
+        return torch.bfloat16
+    if stored == {"f16"}:
+        return torch.float16
+    return torch.float32
+
+
+def write_text_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f32") -> None:
+    """Write the Med-MoE language model of a checkpoint as a llama.cpp GGUF file.
+
+    Args:
+        model_dir: checkpoint directory, hub id or "demo" (anything `medmoe_edge.checkpoint.load_model` takes).
+        out_path: the .gguf file to write (replaced atomically).
+        dtype: "f32" (exact; for parity checks) or "f16" (matrices F16; router, norms and biases F32).
+    Raises:
+        InputError: unknown dtype.
+        UnsupportedCheckpoint: a model llama.cpp's medmoe archs cannot express (use_residual, non-BPE tokenizer).
+        RuntimeUnavailable: gguf is not installed.
+        CheckpointError: the checkpoint cannot be loaded.
+    """
+    if dtype not in DTYPES:
+        raise InputError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    gguf = _require_gguf()
+    loaded = load_model(model_dir, dtype=_load_dtype(model_dir), device="cpu")
+    spec = loaded.spec
+    _check_supported(spec)
+    model = loaded.model
+    vocab = _vocab(loaded.tokenizer.hf, spec.variant, model.n_vocab)
+    tensors = plan_tensors(model, np.dtype(np.float16 if dtype == "f16" else np.float32))
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    w = gguf.GGUFWriter(str(tmp), ARCH[spec.variant])
+    try:
+        _write_metadata(w, spec, vocab, loaded.tokenizer, dtype)
+        for t in tensors:
+            w.add_tensor_info(t.name, t.shape, t.dtype, int(np.prod(t.shape)) * t.dtype.itemsize)
+        # Header, metadata and tensor infos first; then the data one tensor at a time, so that only
+        # one tensor (at most one expert stack) is materialised in the output dtype at once.
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in tensors:
+            data = t.data()
+            assert data.shape == t.shape and data.dtype == t.dtype, f"{t.name}: {data.dtype}{list(data.shape)} != planned {t.dtype}{list(t.shape)}"
+            w.write_tensor_data(data)
+        w.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
