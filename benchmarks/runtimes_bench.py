@@ -1,4 +1,4 @@
-"""ONNX Runtime vs the PyTorch reference, side by side in one run: TTFT, decode tok/s, peak RSS, size.
+"""ONNX Runtime and llama.cpp vs the PyTorch reference, side by side in one run: TTFT, decode tok/s, peak RSS, size.
 
 Models:
 * the built-in demo model;
@@ -12,7 +12,10 @@ same count). Runtimes alternate within each repetition and the median of `--reps
 reported, because absolute speed on these machines drifts by 10-15 % between runs
 (toolchain-facts §5): compare the ratios.
 
-    python benchmarks/runtimes_bench.py [--reps 3] [--decode 64] [--threads 2] [--skip-proxy]
+    python benchmarks/runtimes_bench.py [--reps 3] [--decode 64] [--threads 2] [--skip-proxy] [--skip-gguf]
+
+llama.cpp rows need the patched llama-cpp-python (bash scripts/build_llamacpp.sh); its
+llama.cpp is built portable (-DGGML_NATIVE=OFF) as CI builds it.
 
 Writes docs/BENCHMARKS.md (the section between the markers) and prints the table.
 """
@@ -100,6 +103,7 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-proxy", action="store_true", help="only the demo model")
+    ap.add_argument("--skip-gguf", action="store_true", help="leave out the llama.cpp runtime")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory [default: a temporary one]")
     a = ap.parse_args()
     if a.child:
@@ -109,6 +113,13 @@ def main() -> None:
     from medmoe_edge.checkpoint import resolve_model_dir
     from medmoe_edge.export.onnx_export import OnnxPrecision, export_onnx
     from medmoe_edge.info import checkpoint_info
+    from medmoe_edge.runtimes.llamacpp_runtime import LlamaCppRuntime
+
+    gguf_ok = LlamaCppRuntime.availability().available and not a.skip_gguf
+    if gguf_ok:
+        from medmoe_edge.export.gguf_export import GgufQuant, export_gguf
+
+        GGUF_QUANTS = (GgufQuant.F32, GgufQuant.F16, GgufQuant.Q8_0, GgufQuant.Q4_K_M)
 
     work = a.work or Path(tempfile.mkdtemp(prefix="medmoe-bench-"))
     models: list[tuple[str, Path]] = [("demo", resolve_model_dir("demo"))]
@@ -119,13 +130,18 @@ def main() -> None:
     rows = []
     for label, ckpt in models:
         info = checkpoint_info(str(ckpt))
-        bundles = {}
+        cands = [("torch fp32", "torch", ckpt)]
         for prec in (OnnxPrecision.FP32, OnnxPrecision.FP16):
             b = work / f"{ckpt.name}-onnx-{prec.value}"
             if not (b / "manifest.json").is_file():
                 export_onnx(ckpt, b, prec)
-            bundles[prec.value] = b
-        cands = [("torch fp32", "torch", ckpt), ("onnxruntime fp32", "onnxruntime", bundles["fp32"]), ("onnxruntime fp16", "onnxruntime", bundles["fp16"])]
+            cands.append((f"onnxruntime {prec.value}", "onnxruntime", b))
+        if gguf_ok:
+            for q in GGUF_QUANTS:
+                b = work / f"{ckpt.name}-gguf-{q.value}"
+                if not (b / "manifest.json").is_file():
+                    export_gguf(ckpt, b, q)
+                cands.append((f"llamacpp {q.value}", "llamacpp", b))
         runs: dict[str, list[dict]] = {c[0]: [] for c in cands}
         for _ in range(a.reps):
             for name, kind, path in cands:
@@ -168,8 +184,9 @@ def write_doc(a, rows: list[dict]) -> None:
     p4, p8 = "StableLM-size proxy, 4 experts", "StableLM-size proxy, 8 experts"
     if (p4, "onnxruntime fp32") in by and (p8, "onnxruntime fp32") in by:
         lines += ["", "Decode with 8 experts relative to 4 (same activated parameters, more total):", ""]
-        for rt in ("torch fp32", "onnxruntime fp32", "onnxruntime fp16"):
-            lines.append(f"* {rt}: {by[(p8, rt)] / by[(p4, rt)]:.2f}×")
+        for rt in sorted({r["runtime"] for r in rows}):
+            if (p8, rt) in by and (p4, rt) in by:
+                lines.append(f"* {rt}: {by[(p8, rt)] / by[(p4, rt)]:.2f}×")
     lines.append(END)
     block = "\n".join(lines)
     text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n\n" + BEGIN + "\n" + END + "\n"

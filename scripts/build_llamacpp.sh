@@ -19,7 +19,8 @@
 # The patch (patches/llamacpp-0.3.36-medmoe.patch) is made against the llama.cpp that this exact
 # sdist vendors (commit 0c1e570); docs/design/llamacpp-medmoe.md explains it. The built wheel is kept
 # in ~/.cache/medmoe-edge/wheels/<target>/ for re-installs. Building needs a C++17 compiler, and
-# pip fetches the build backend (scikit-build-core, cmake, ninja) unless the interpreter already has it.
+# the script installs the build backend (scikit-build-core) into the interpreter; cmake >= 3.21 and
+# ninja come from the system or, when missing, from PyPI wheels that scikit-build-core pulls.
 set -euo pipefail
 
 VERSION=0.3.36
@@ -61,11 +62,17 @@ mkdir -p "$CACHE"
 if [ -n "${SDIST:-}" ]; then
   cp "$SDIST" "$CACHE/$SDIST_NAME.part" && mv "$CACHE/$SDIST_NAME.part" "$CACHE/$SDIST_NAME"
 fi
+# The build backend, from wheels, into the interpreter: pip then needs no isolated build
+# environment (which would resolve and build the backend's own dependencies every time).
+if ! "$PY" -c "import scikit_build_core" >/dev/null 2>&1; then
+  say "installing the build backend (scikit-build-core)"
+  "$PY" -m pip install --quiet --disable-pip-version-check --only-binary :all: "scikit-build-core>=0.9.2"
+fi
 if [ ! -f "$CACHE/$SDIST_NAME" ] || ! sha_ok "$CACHE/$SDIST_NAME"; then
   say "downloading llama-cpp-python==$VERSION (sdist) into $CACHE"
   rm -f "$CACHE/$SDIST_NAME"
-  "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
-    -d "$CACHE" "llama-cpp-python==$VERSION"
+  "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+    --no-binary llama-cpp-python -d "$CACHE" "llama-cpp-python==$VERSION"
 fi
 sha_ok "$CACHE/$SDIST_NAME" || die "$CACHE/$SDIST_NAME does not have the pinned sha256 $SHA256; delete it and retry"
 say "sdist $CACHE/$SDIST_NAME (sha256 ok)"
@@ -86,15 +93,11 @@ say "applied $(basename "$PATCH")"
 # 3. Build a wheel (kept in the cache) and install it.
 export CMAKE_ARGS="$TARGET_ARGS -DLLAMA_BUILD_TESTS=OFF${CMAKE_ARGS:+ $CMAKE_ARGS}"
 export CMAKE_BUILD_PARALLEL_LEVEL=${JOBS:-2}
-ISOLATION=()
-if "$PY" -c "import scikit_build_core" >/dev/null 2>&1; then
-  ISOLATION=(--no-build-isolation)  # use the interpreter's backend (offline-friendly)
-fi
 WHEELS="$CACHE/wheels/$TARGET"
 rm -rf "$WHEELS" && mkdir -p "$WHEELS"
 say "building ($TARGET): CMAKE_ARGS=\"$CMAKE_ARGS\", $CMAKE_BUILD_PARALLEL_LEVEL jobs; this takes minutes"
 start=$(date +%s)
-"$PY" -m pip wheel --quiet --disable-pip-version-check --no-deps "${ISOLATION[@]}" -w "$WHEELS" "$SRC"
+"$PY" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w "$WHEELS" "$SRC"
 WHEEL=$(ls "$WHEELS"/llama_cpp_python-*.whl)
 "$PY" -m pip uninstall --quiet --disable-pip-version-check -y llama-cpp-python >/dev/null 2>&1 || true
 "$PY" -m pip install --quiet --disable-pip-version-check "$WHEEL"

@@ -20,6 +20,7 @@ class ExportFormat(str, Enum):
     """Bundle formats `export` writes."""
 
     ONNX = "onnx"
+    GGUF = "gguf"
 
 
 @user_errors
@@ -27,7 +28,9 @@ def export(
     fmt: Annotated[ExportFormat, typer.Option("--format", help="Bundle format.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Bundle directory to create (must not exist or be empty).")],
     model: Annotated[str, typer.Option("--model", help="'demo' (built-in), a checkpoint directory, or a hub id.")] = "demo",
-    precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (ONNX).")] = "fp32",
+    precision: Annotated[str | None, typer.Option("--precision", help="ONNX: fp32 (default) or fp16.")] = None,
+    quant: Annotated[str | None, typer.Option("--quant", help="GGUF: f32 (default), f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0.")] = None,
+    mmproj_dtype: Annotated[str, typer.Option("--mmproj-dtype", help="GGUF: f32 or f16 for the vision tower + projector file.")] = "f32",
     vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch in the TensorRT optimisation profiles.")] = 4,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {EXPORT_VERIFY_LIMIT} eval questions.")] = True,
@@ -38,12 +41,27 @@ def export(
     if fmt is ExportFormat.ONNX:
         from medmoe_edge.export.onnx_export import OnnxPrecision, export_onnx
 
+        if quant is not None:
+            raise InputError("--quant applies to --format gguf; ONNX bundles take --precision fp32|fp16")
         try:
-            prec = OnnxPrecision(precision)
+            prec = OnnxPrecision(precision or "fp32")
         except ValueError:
             raise InputError(f"--precision {precision!r} is not an ONNX precision: use fp32 or fp16") from None
         with err.status(f"exporting {model} to ONNX ({prec.value})"):
             manifest = export_onnx(model, out_dir, prec, vision_tower=vision_tower, max_batch=max_batch)
+    else:
+        from medmoe_edge.export.gguf_export import GgufQuant, export_gguf
+
+        if precision is not None:
+            raise InputError("--precision applies to --format onnx; GGUF bundles take --quant f32|f16|q8_0|q4_k_m|...")
+        try:
+            q = GgufQuant((quant or "f32").lower())
+        except ValueError:
+            raise InputError(f"--quant {quant!r} is not supported: use one of {', '.join(x.value for x in GgufQuant)}") from None
+        with err.status(f"exporting {model} to GGUF ({q.value})"):
+            manifest = export_gguf(model, out_dir, q, mmproj_dtype=mmproj_dtype, vision_tower=vision_tower)
+        for name, ttype in manifest.extra.get("fallbacks", {}).items():
+            err.print(f"[yellow]{name}: stored as {ttype}, not {q.value} (its rows do not fit the {q.value} block size)[/]")
     t = Table(title=f"{out_dir} ({manifest.format.value}, {manifest.precision})")
     t.add_column("file")
     t.add_column("role")

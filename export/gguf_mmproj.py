@@ -1,0 +1,239 @@
+"""The Med-MoE image tower and projector as an mmproj GGUF for llama.cpp's mtmd (`clip` arch, `mlp` projector).
+
+Together with the text GGUF (`gguf_text.write_text_gguf`) this is what the llamacpp runtime loads:
+mtmd (`libmtmd`, `tools/mtmd`) encodes an image with this file into `image_tokens` rows of the
+text model's width, and those rows are decoded as embeddings in place of the `<image>` token.
+docs/design/llamacpp-medmoe.md §6 is the design this file follows; in short:
+
+* `clip.projector_type = "mlp"` runs `clip_graph_llava` (`tools/mtmd/models/llava.cpp`), which
+  is CLIP ViT + `mm.2(gelu(mm.0(x)))`, Med-MoE's `mlp2x_gelu` projector (spec §1.2).
+* Only the ViT layers Med-MoE uses are stored: `mm_vision_select_layer = -2` means the output of
+  layer 23 of 24 (`VisionSpec.layers_used`), and our `VisionTower` holds exactly those layers.
+  The file says `block_count = layers_used` **and** `clip.vision.feature_layer = [layers_used]`:
+  without the explicit feature layer mtmd skips the last stored layer a second time (design §6.1,
+  the "skip last layer twice" pitfall).
+* No `v.post_ln.*`: mtmd would apply it to the selected features, and Med-MoE takes the hidden
+  state before `post_layernorm` (design §6.1).
+* CLS is dropped by mtmd (`patches = 1..P`). That is only right with the CLS-order fix to
+  `llava.cpp` that `patches/llamacpp-0.3.36-medmoe.patch` carries (design §6.3); an unpatched
+  llama.cpp feeds the projected CLS as an image row and shifts every patch's position.
+* mtmd normalises pixels itself with `clip.vision.image_mean/std` written here, after its
+  fixed-size preprocessor, which copies an image that already has `image_size` pixels per side
+  unchanged (design §6.4). The runtime therefore hands mtmd our own preprocessed 8-bit image.
+
+Numerical differences from the PyTorch reference that remain even in F32 (design §3.4, §6.1):
+
+* the ViT's `quick_gelu` is ggml's `gelu_quick`, evaluated through an fp16 lookup table on CPU;
+* the projector's activation is ggml's `gelu`, the **tanh approximation** (again through an fp16
+  table on CPU), whereas Med-MoE's projector uses exact erf `nn.GELU()` (spec §1.2). The two differ
+  by up to ~4.7e-4 per element. On the demo model the image rows still match `encode_images`
+  to ~2e-3 max-abs (cosine 0.9999997).
+
+Precision: dtype="f16" stores the weight matrices (patch embedding, attention, FFN, projector) as
+F16, like the legacy llava converter; position and class embeddings, norms and biases stay F32.
+
+Tensor layout (numpy shape = torch shape; gguf-py stores it reversed as the ggml `ne`):
+
+    v.class_embd [C]   v.patch_embd.weight [C, 3, p, p]   v.position_embd.weight [P+1, C]
+    v.pre_ln.{weight,bias} [C]
+    v.blk.i.{attn_q,attn_k,attn_v,attn_out}.{weight [C, C], bias [C]}
+    v.blk.i.{ln1,ln2}.{weight,bias} [C]
+    v.blk.i.ffn_up.{weight [F, C], bias [F]}   (CLIP fc1)
+    v.blk.i.ffn_down.{weight [C, F], bias [C]} (CLIP fc2)
+    mm.0.{weight [H, C], bias [H]}   mm.2.{weight [H, H], bias [H]}
+
+Section numbers (§) without "design" refer to ../shared/reference/medmoe-spec.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medmoe_edge.checkpoint import LoadedModel
+from medmoe_edge.errors import InputError, RuntimeUnavailable, UnsupportedCheckpoint
+
+DTYPES = ("f32", "f16")
+PROJECTOR_TYPE = "mlp"  # PROJECTOR_TYPE_MLP in tools/mtmd/clip-impl.h
+_FTYPE = {"f32": 0, "f16": 1}  # general.file_type: ALL_F32, MOSTLY_F16
+
+# CLIP activations (`VisionSpec.hidden_act`) and the mtmd key that selects the matching ggml op.
+# No key means FFN_GELU_QUICK (clip.cpp load_hparams); "clip.use_gelu" means ggml_gelu (tanh).
+_ACT_KEYS: dict[str, dict[str, bool]] = {
+    "quick_gelu": {},  # OpenAI CLIP, and so Med-MoE's CLIP-L/14-336
+    "gelu_new": {"clip.use_gelu": True},
+    "gelu_pytorch_tanh": {"clip.use_gelu": True},
+    # exact erf GELU: mtmd has no key for ggml_gelu_erf in the ViT, the tanh form is the closest
+    # (|difference| <= ~4.7e-4 per element)
+    "gelu": {"clip.use_gelu": True},
+}
+
+
+def _require_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise RuntimeUnavailable("GGUF export needs the gguf package: pip install 'gguf==0.19.0'") from None
+    return gguf
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor of the file: name, final numpy dtype and shape, and a thunk that makes the data.
+
+    Data is converted only when written, so besides the loaded model at most one converted
+    tensor is in memory (the F32 CLIP-L tower alone is ~1.2 GB).
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    data: Callable[[], np.ndarray]
+
+
+def _tensor(name: str, t: torch.Tensor, dtype: np.dtype) -> _Tensor:
+    def data() -> np.ndarray:
+        a = t.detach().to(device="cpu", dtype=torch.float32).numpy()
+        return np.ascontiguousarray(a.astype(dtype, copy=False))
+
+    return _Tensor(name, np.dtype(dtype), tuple(t.shape), data)
+
+
+def plan_tensors(loaded: LoadedModel, matrix_dtype: np.dtype) -> list[_Tensor]:
+    """Every tensor of the mmproj file, in file order, with its final dtype (design §6.2)."""
+    f32 = np.dtype(np.float32)
+    vm = loaded.model.vision.vision_model
+    proj = loaded.model.lm.model.mm_projector.image_spatial_proj  # Sequential(Linear, GELU, Linear)
+    out: list[_Tensor] = []
+
+    def matrix(name: str, t: torch.Tensor) -> None:
+        out.append(_tensor(name, t, matrix_dtype))
+
+    def vec(name: str, t: torch.Tensor) -> None:
+        out.append(_tensor(name, t, f32))
+
+    def linear(prefix: str, layer: torch.nn.Linear) -> None:
+        matrix(f"{prefix}.weight", layer.weight)
+        vec(f"{prefix}.bias", layer.bias)
+
+    def norm(prefix: str, layer: torch.nn.LayerNorm) -> None:
+        vec(f"{prefix}.weight", layer.weight)
+        vec(f"{prefix}.bias", layer.bias)
+
+    e = vm.embeddings
+    vec("v.class_embd", e.class_embedding)
+    # Conv2d kernel [C, 3, p, p], no bias. ggml_conv_2d runs im2col in the kernel's type: F16 in
+    # f16 files (what every legacy llava mmproj does), F32 in f32 files (supported on CPU).
+    matrix("v.patch_embd.weight", e.patch_embedding.weight)
+    # Added to F32 activations (get_rows + add): kept F32 in both precisions.
+    vec("v.position_embd.weight", e.position_embedding.weight)
+    norm("v.pre_ln", vm.pre_layrnorm)  # sic: HF's spelling
+    for i, layer in enumerate(vm.encoder.layers):  # exactly layers_used layers (model/vision.py)
+        a = layer.self_attn
+        linear(f"v.blk.{i}.attn_q", a.q_proj)
+        linear(f"v.blk.{i}.attn_k", a.k_proj)
+        linear(f"v.blk.{i}.attn_v", a.v_proj)
+        linear(f"v.blk.{i}.attn_out", a.out_proj)  # `attn_out`, not the text model's `attn_output`
+        norm(f"v.blk.{i}.ln1", layer.layer_norm1)
+        norm(f"v.blk.{i}.ln2", layer.layer_norm2)
+        # Named by meaning (fc1 = up, fc2 = down). Legacy converters swap the two names and the
+        # loader swaps them back when ffn_down's ne[0] == n_embd; correct names never trigger that.
+        linear(f"v.blk.{i}.ffn_up", layer.mlp.fc1)
+        linear(f"v.blk.{i}.ffn_down", layer.mlp.fc2)
+    # Post-layernorm and any unused last layer are not part of the model (§1.1): nothing else.
+    linear("mm.0", proj[0])
+    linear("mm.2", proj[2])  # clip_n_mmproj_embd = mm.2 rows, must equal the text n_embd
+    return out
+
+
+def _check_supported(loaded: LoadedModel) -> None:
+    spec, v, proc = loaded.spec, loaded.spec.vision, loaded.processor
+    if v.hidden_act not in _ACT_KEYS:
+        raise UnsupportedCheckpoint(f"vision hidden_act {v.hidden_act!r} has no mtmd equivalent")
+    if proc.crop_size != (v.image_size, v.image_size):
+        # mtmd's fixed-size preprocessor makes image_size x image_size inputs; our processor must too.
+        raise UnsupportedCheckpoint(f"image processor crop {proc.crop_size} differs from the tower's {v.image_size}x{v.image_size} input")
+    layers = len(loaded.model.vision.vision_model.encoder.layers)
+    if layers != v.layers_used or layers < 1:
+        raise UnsupportedCheckpoint(f"the vision tower holds {layers} layers but mm_vision_select_layer needs {v.layers_used} (mtmd needs at least one)")
+    proj = loaded.model.lm.model.mm_projector.image_spatial_proj
+    if len(proj) != 3 or proj[2].out_features != spec.text.hidden_size:
+        raise UnsupportedCheckpoint("the projector is not mlp2x_gelu (Linear, GELU, Linear) onto the text hidden size")
+
+
+def _write_metadata(w, loaded: LoadedModel, dtype: str) -> None:
+    spec, v, proc = loaded.spec, loaded.spec.vision, loaded.processor
+    w.add_name(f"Med-MoE {spec.variant.value} vision tower + projector")
+    w.add_description("CLIP ViT (layers up to mm_vision_select_layer, no post-layernorm) and the mlp2x_gelu projector")
+    w.add_file_type(_FTYPE[dtype])
+    w.add_bool("clip.has_vision_encoder", True)  # GGML_ASSERT(has_vision) in clip.cpp
+    w.add_bool("clip.has_llava_projector", True)  # informational; the loader ignores it
+    w.add_string("clip.projector_type", PROJECTOR_TYPE)
+    w.add_uint32("clip.vision.embedding_length", v.hidden_size)
+    w.add_uint32("clip.vision.attention.head_count", v.num_heads)
+    w.add_uint32("clip.vision.feed_forward_length", v.intermediate_size)
+    w.add_uint32("clip.vision.block_count", v.layers_used)
+    # Explicit feature layer = number of stored layers: run them all and take the last output
+    # (index 0 would be the encoder input, as HF hidden_states). Design §6.1.
+    w.add_array("clip.vision.feature_layer", [int(v.layers_used)])
+    w.add_uint32("clip.vision.projection_dim", spec.text.hidden_size)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", float(v.layer_norm_eps))
+    w.add_uint32("clip.vision.image_size", v.image_size)
+    w.add_uint32("clip.vision.patch_size", v.patch_size)
+    # mtmd: pixel = (u8 / 255 - mean) / std in fp32, as our preprocessing (imaging.preprocess).
+    w.add_array("clip.vision.image_mean", [float(x) for x in proc.mean])
+    w.add_array("clip.vision.image_std", [float(x) for x in proc.std])
+    for key, value in _ACT_KEYS[v.hidden_act].items():
+        w.add_bool(key, value)
+    # The projector GELU is fixed by the `mlp` graph: ggml_gelu, the tanh approximation (fp16 table
+    # on CPU), while Med-MoE computes exact erf nn.GELU (spec §1.2). No key changes it.
+
+
+def write_mmproj_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str = "f32") -> None:
+    """Write the image tower and projector of a loaded Med-MoE model as an mmproj GGUF.
+
+    Args:
+        loaded: `medmoe_edge.checkpoint.load_model(...)` of the checkpoint (any dtype; tensors are
+            widened to fp32 before conversion).
+        out_path: the .gguf file to write (replaced atomically: temp file + os.replace).
+        dtype: "f32" (for parity checks) or "f16" (weight matrices F16; embeddings, norms, biases F32).
+    Raises:
+        InputError: unknown dtype.
+        UnsupportedCheckpoint: a tower or processor mtmd's llava graph cannot express.
+        RuntimeUnavailable: gguf is not installed.
+    """
+    if dtype not in DTYPES:
+        raise InputError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    gguf = _require_gguf()
+    _check_supported(loaded)
+    tensors = plan_tensors(loaded, np.dtype(np.float16 if dtype == "f16" else np.float32))
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    w = gguf.GGUFWriter(str(tmp), "clip")
+    try:
+        _write_metadata(w, loaded, dtype)
+        for t in tensors:
+            w.add_tensor_info(t.name, t.shape, t.dtype, int(np.prod(t.shape)) * t.dtype.itemsize)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in tensors:
+            data = t.data()
+            assert data.shape == t.shape and data.dtype == t.dtype, f"{t.name}: {data.dtype}{list(data.shape)} != planned {t.dtype}{list(t.shape)}"
+            w.write_tensor_data(data)
+        w.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["DTYPES", "PROJECTOR_TYPE", "plan_tensors", "write_mmproj_gguf"]

@@ -1,0 +1,481 @@
+"""The llama.cpp runtime (`--runtime llamacpp`): runs a GGUF bundle with the patched llama-cpp-python.
+
+The bundle directory holds the text model (`model.gguf`, archs `medmoe-phi2`/`medmoe-stablelm`,
+see `medmoe_edge.export.gguf_text`) and the image tower + projector (`mmproj.gguf`, run by
+llama.cpp's mtmd, see `medmoe_edge.export.gguf_mmproj`), plus config, tokenizer and
+`clip-vision/` configs and a `manifest.json`, which is verified (SHA-256 of every file) first.
+Both archs and the mtmd CLS-order fix exist only in llama.cpp built with
+`patches/llamacpp-0.3.36-medmoe.patch` (`bash scripts/build_llamacpp.sh`); docs/design/llamacpp-medmoe.md.
+
+How a prompt runs (the same positions as the reference splice, spec §5.3):
+
+* The prompt's token ids come from the shared front end (`PreparedRequest`), with
+  IMAGE_TOKEN_INDEX (-200) where image rows go. Text runs are decoded as token batches
+  (`llama_decode`); each image is encoded by mtmd (`mtmd_encode_chunk`) and its rows decoded as
+  an embedding batch at the next `image_tokens` positions. Positions are contiguous from 0.
+* mtmd takes 8-bit RGB images and does its own resize and normalisation. The front end has
+  already resized/padded/cropped the image with PIL exactly as Med-MoE does and normalised it;
+  `pixels_to_rgb8` undoes the normalisation (exact for pixels that came from 8-bit images:
+  round((x * std + mean) * 255)). An image that already has the model's size is copied unchanged
+  by mtmd's fixed-size preprocessor, which then normalises with the mean/std in mmproj.gguf, so
+  mtmd sees the same pixels as the reference (design §6.4). Pixel tensors that do not come from
+  8-bit images (e.g. random tensors) are quantised to the nearest 8-bit value.
+* The KV cache is F32 (`type_k = type_v = GGML_TYPE_F32`) and flash attention is off, so that
+  the only rounding left is the GGUF's own weight type; an F32 bundle then follows the PyTorch
+  reference closely (F16 KV would round every cached key and value).
+* One request at a time (llama.cpp sequences are not batched here). `n_ctx` is the manifest's
+  `context_length`. Only the last position's logits are computed.
+* llama.cpp does not report routing: `StepOutput.experts` is empty and `prompt_routing` None.
+
+Precision is fixed by the bundle's GGUF types (F32, F16, Q8_0, ...), so `--dtype` is refused.
+`--device cuda[:N]` offloads every layer to GPU N (and runs mtmd there) when llama-cpp-python was
+built with CUDA (`bash scripts/build_llamacpp.sh cuda`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medmoe_edge.bundle import Manifest, open_bundle
+from medmoe_edge.checkpoint import read_spec
+from medmoe_edge.errors import CheckpointError, InputError, RuntimeUnavailable
+from medmoe_edge.generation import StepOutput
+from medmoe_edge.imaging import ImageProcessorSpec
+from medmoe_edge.model.medmoe import IMAGE_TOKEN_INDEX
+from medmoe_edge.tokenizer import Tokenizer
+
+from .base import ArtifactKind, Availability, ModelInfo, PreparedRequest, Runtime, RuntimeOptions
+
+TEXT_FILE = "model.gguf"  # the text decoder (medmoe-phi2 / medmoe-stablelm)
+MMPROJ_FILE = "mmproj.gguf"  # CLIP tower + projector for mtmd
+TEXT_GRAPH, MMPROJ_GRAPH = "text", "mmproj"  # their keys in manifest.graphs, when present
+ARCH_NAMES = ("medmoe-phi2", "medmoe-stablelm")
+BUILD_COMMAND = "bash scripts/build_llamacpp.sh"
+
+_GGML_TYPE_F32 = 0
+_FLASH_ATTN_DISABLED = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
+_SPLIT_MODE_NONE = 0  # LLAMA_SPLIT_MODE_NONE: the whole model on main_gpu
+_MAX_BATCH = 2048  # tokens per llama_decode call (llama.cpp splits it into n_ubatch micro-batches)
+
+
+def _import_llama():
+    """(llama_cpp.llama_cpp, llama_cpp.mtmd_cpp), or RuntimeUnavailable saying how to get them."""
+    try:
+        import llama_cpp
+        import llama_cpp.llama_cpp as lib
+        import llama_cpp.mtmd_cpp as mtmd
+    except Exception as e:  # ImportError, or OSError/RuntimeError when a shared library fails to load
+        raise RuntimeUnavailable(
+            f"the llamacpp runtime needs llama-cpp-python with the Med-MoE patch ({type(e).__name__}: {e}); build it with `{BUILD_COMMAND}`"
+        ) from None
+    return llama_cpp, lib, mtmd
+
+
+@functools.lru_cache(maxsize=None)
+def _library_knows(path: str, needle: bytes) -> bool:
+    """Whether the shared library at `path` contains the NUL-terminated string `needle` (cheap: mmap + find)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        return m.find(needle + b"\0") >= 0
+
+
+def library_has_archs(path: str) -> tuple[bool, list[str]]:
+    """(all medmoe archs present?, the missing ones) for the llama.cpp shared library at `path`.
+
+    llama.cpp has no API that lists architecture names, so the name table compiled into the
+    library (`LLM_ARCH_NAMES`) is searched for them.
+    """
+    missing = [a for a in ARCH_NAMES if not _library_knows(path, a.encode())]
+    return not missing, missing
+
+
+def loaded_library_path() -> str | None:
+    """The path of the libllama that llama_cpp has loaded, when it can be told."""
+    _llama_cpp, lib, _mtmd = _import_llama()
+    path = getattr(getattr(lib, "_lib", None), "_name", None)
+    return path if path and os.path.isfile(path) else None
+
+
+def unpatched_message(version: str) -> str:
+    """The one-line error for a llama-cpp-python without the Med-MoE patch."""
+    return f"llama-cpp-python {version} lacks the Med-MoE architectures ({', '.join(ARCH_NAMES)}): build the patched one with `{BUILD_COMMAND}`"
+
+
+def _patched(llama_cpp, lib) -> tuple[bool, str]:
+    """(whether the loaded libllama has the medmoe archs, llama-cpp-python's version).
+
+    When the library path is unknown, the version suffix that `scripts/build_llamacpp.sh` gives
+    the patched build ("+medmoe") decides.
+    """
+    version = str(getattr(llama_cpp, "__version__", "?"))
+    path = loaded_library_path()
+    if path:
+        try:
+            return library_has_archs(path)[0], version
+        except OSError:
+            pass
+    return "+medmoe" in version, version
+
+
+def require_patched_llama_cpp():
+    """The low-level `llama_cpp.llama_cpp` bindings of a Med-MoE-patched build (e.g. for `llama_model_quantize`).
+
+    Raises:
+        RuntimeUnavailable: llama-cpp-python is missing, fails to load, or lacks the medmoe archs.
+    """
+    llama_cpp, lib, _mtmd = _import_llama()
+    ok, version = _patched(llama_cpp, lib)
+    if not ok:
+        raise RuntimeUnavailable(unpatched_message(version))
+    return lib
+
+
+_backend_ready = False
+
+
+def _init_backend(lib, mtmd) -> None:
+    """llama_backend_init once per process; route llama.cpp and mtmd logs through llama-cpp-python's logger.
+
+    That logger prints only errors unless the application configured it (as `Llama(verbose=False)`).
+    """
+    global _backend_ready
+    if _backend_ready:
+        return
+    import llama_cpp._logger as lg
+
+    if lg.logger.level == logging.NOTSET:
+        lg.set_verbose(False)
+    for setter in ("mtmd_log_set", "mtmd_helper_log_set"):
+        if hasattr(mtmd, setter):
+            getattr(mtmd, setter)(lg.llama_log_callback, ctypes.c_void_p(0))
+    lib.llama_backend_init()
+    _backend_ready = True
+
+
+def _parse_device(device: str, lib) -> tuple[bool, int]:
+    """(offload to GPU?, GPU index) from --device cpu|cuda|cuda:N."""
+    dev = device.strip().lower()
+    kind, _, idx = dev.partition(":")
+    if kind == "cpu" and not idx:
+        return False, 0
+    if kind == "cuda" and (not idx or idx.isdigit()):
+        if not lib.llama_supports_gpu_offload():
+            raise InputError(f"--device {device}: this llama-cpp-python was built without GPU support; rebuild it with `{BUILD_COMMAND} cuda`, or use --device cpu")
+        return True, int(idx or 0)
+    raise InputError(f"--device {device!r} is not valid for the llamacpp runtime: use cpu, cuda or cuda:N")
+
+
+def pixels_to_rgb8(pixels: torch.Tensor, processor: ImageProcessorSpec) -> np.ndarray:
+    """Undo the CLIP normalisation: [3, S, S] normalised float pixels -> [S, S, 3] uint8 RGB.
+
+    `imaging.preprocess` computes x = (float32(u8 * rescale) - mean) / std in float32; the inverse
+    in float64 lands within ~1e-4 of the original integer, so rounding recovers it exactly.
+    """
+    x = pixels.detach().to(device="cpu", dtype=torch.float64).numpy()
+    mean = np.asarray(processor.mean, dtype=np.float64)[:, None, None]
+    std = np.asarray(processor.std, dtype=np.float64)[:, None, None]
+    values = (x * std + mean) / processor.rescale_factor
+    return np.ascontiguousarray(np.clip(np.rint(values), 0, 255).astype(np.uint8).transpose(1, 2, 0))
+
+
+class LlamaCppRuntime(Runtime):
+    """Runs a GGUF bundle (text GGUF + mmproj) with the Med-MoE-patched llama.cpp, on CPU or CUDA."""
+
+    name = "llamacpp"
+    artifact_kind = ArtifactKind.GGUF
+    description = "llama.cpp (patched llama-cpp-python) on a GGUF bundle: F32/F16/quantised weights, CPU or CUDA"
+
+    @classmethod
+    def availability(cls) -> Availability:
+        try:
+            llama_cpp, lib, _mtmd = _import_llama()
+        except RuntimeUnavailable as e:
+            return Availability(False, str(e))
+        ok, version = _patched(llama_cpp, lib)
+        if not ok:
+            return Availability(False, unpatched_message(version))
+        gpu = "GPU offload" if lib.llama_supports_gpu_offload() else "CPU only"
+        return Availability(True, f"llama-cpp-python {version} (Med-MoE patch), {gpu}")
+
+    def __init__(self, model: str | Path, options: RuntimeOptions | None = None) -> None:
+        options = options or RuntimeOptions()
+        self._lib = self._mtmd = None
+        self._model = self._ctx = self._mctx = None
+        self._tok_batch = self._emb_batch = None
+        self._n_past: int | None = None
+
+        lib = require_patched_llama_cpp()
+        _llama_cpp, _lib, mtmd = _import_llama()
+        if options.dtype is not None:
+            raise InputError(f"--dtype {options.dtype.value} does not apply to the llamacpp runtime: precision is fixed by the bundle's GGUF weight types; export a bundle with another precision instead")
+        if options.vision_tower is not None:
+            raise InputError("--vision-tower does not apply to a bundle: the tower is exported into mmproj.gguf; pass it to `medmoe-edge export`")
+        if options.provider is not None:
+            raise InputError(f"--provider {options.provider} is an option of the onnxruntime runtime; the llamacpp runtime takes --device cpu|cuda[:N]")
+        if options.num_threads is not None and options.num_threads < 1:
+            raise InputError(f"--threads must be at least 1, got {options.num_threads}")
+        gpu, gpu_index = _parse_device(options.device, lib)
+        self._lib, self._mtmd = lib, mtmd
+
+        self.dir = Path(model)
+        self.manifest: Manifest = open_bundle(self.dir, ArtifactKind.GGUF)
+        spec, _cfg, tower = read_spec(self.dir)
+        self.spec = spec
+        self.processor: ImageProcessorSpec = tower.processor
+        if abs(self.processor.rescale_factor - 1 / 255) > 1e-12:
+            raise CheckpointError(f"{self.dir}: rescale_factor {self.processor.rescale_factor} is not 1/255, which mtmd assumes")
+        try:
+            self.context_length = int(self.manifest.model["context_length"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{self.dir / 'manifest.json'} has no model.context_length: export the bundle again") from None
+        text_path = self._bundle_file(TEXT_GRAPH, TEXT_FILE)
+        mmproj_path = self._bundle_file(MMPROJ_GRAPH, MMPROJ_FILE)
+        tokenizer = Tokenizer.from_dir(self.dir)
+
+        _init_backend(lib, mtmd)
+        try:
+            self._load(text_path, mmproj_path, gpu, gpu_index, options.num_threads)
+        except BaseException:
+            self.close()
+            raise
+        device = f"cuda:{gpu_index}" if gpu else "cpu"
+        self._info = ModelInfo(
+            spec=spec,
+            tokenizer=tokenizer,
+            processor=self.processor,
+            label=f"{self.manifest.source.get('label', self.dir.name)} (gguf {self.manifest.precision}, {device})",
+            context_length=self.context_length,
+        )
+
+    def _bundle_file(self, graph: str, default: str) -> Path:
+        g = self.manifest.graphs.get(graph)
+        path = self.dir / (g.file if g is not None else default)
+        if not path.is_file():
+            raise CheckpointError(f"{self.dir} has no {path.name}: it is not a complete GGUF bundle; export it again")
+        return path
+
+    def _load(self, text_path: Path, mmproj_path: Path, gpu: bool, gpu_index: int, threads: int | None) -> None:
+        lib, mtmd = self._lib, self._mtmd
+        mp = lib.llama_model_default_params()
+        mp.n_gpu_layers = -1 if gpu else 0  # -1: every layer
+        if gpu:
+            mp.split_mode = _SPLIT_MODE_NONE
+            mp.main_gpu = gpu_index
+        self._model = lib.llama_model_load_from_file(str(text_path).encode(), mp)
+        if not self._model:
+            raise CheckpointError(f"llama.cpp could not load {text_path} (see the error above): is it a medmoe GGUF from `medmoe-edge export --format gguf`?")
+
+        n_ctx = self.context_length
+        self.n_batch = min(n_ctx, _MAX_BATCH)
+        cp = lib.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = self.n_batch
+        cp.n_ubatch = min(cp.n_ubatch, self.n_batch)
+        cp.n_seq_max = 1
+        if threads is not None:
+            cp.n_threads = cp.n_threads_batch = threads
+        cp.type_k = cp.type_v = _GGML_TYPE_F32  # fidelity: no rounding of cached keys/values
+        cp.flash_attn_type = _FLASH_ATTN_DISABLED  # the F32 KV path; FA would need F16 K/V on some backends
+        cp.offload_kqv = gpu
+        cp.embeddings = False
+        cp.no_perf = True
+        self._ctx = lib.llama_init_from_model(self._model, cp)
+        if not self._ctx:
+            raise RuntimeUnavailable(f"llama.cpp could not create a context of {n_ctx} positions (out of memory?)")
+
+        self.n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
+        self.n_embd = int(lib.llama_model_n_embd(self._model))
+        if self.n_embd != self.spec.text.hidden_size:
+            raise CheckpointError(f"{text_path.name} has n_embd {self.n_embd} but config.json hidden_size {self.spec.text.hidden_size}: the bundle is inconsistent")
+
+        mparams = mtmd.mtmd_context_params_default()
+        mparams.use_gpu = gpu
+        mparams.n_threads = threads if threads is not None else cp.n_threads
+        mparams.print_timings = False
+        mparams.warmup = gpu  # on GPU, allocate the vision graph at load instead of on the first image
+        mparams.flash_attn_type = _FLASH_ATTN_DISABLED
+        self._mctx = mtmd.mtmd_init_from_file(str(mmproj_path).encode(), self._model, mparams)
+        if not self._mctx:
+            raise CheckpointError(f"mtmd could not load {mmproj_path} for {text_path.name} (see the error above)")
+
+        self._tok_batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self._emb_batch = lib.llama_batch_init(self.n_batch, self.n_embd, 1)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    # ---- llama.cpp calls -------------------------------------------------------------------
+
+    def _run_batch(self, batch, n: int, pos0: int, logits_last: bool) -> None:
+        for j in range(n):
+            batch.pos[j] = pos0 + j
+            batch.n_seq_id[j] = 1
+            batch.seq_id[j][0] = 0
+            batch.logits[j] = 0
+        if logits_last:
+            batch.logits[n - 1] = 1
+        batch.n_tokens = n
+        rc = self._lib.llama_decode(self._ctx, batch)
+        if rc == 1:
+            raise InputError(f"llama.cpp has no room for positions {pos0}..{pos0 + n - 1} in its context of {self.context_length}: lower --max-new-tokens")
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with status {rc} at positions {pos0}..{pos0 + n - 1}")
+
+    def _decode_tokens(self, ids: list[int], pos0: int, logits_last: bool) -> None:
+        b = self._tok_batch
+        for start in range(0, len(ids), self.n_batch):
+            part = ids[start : start + self.n_batch]
+            for j, t in enumerate(part):
+                b.token[j] = t
+            self._run_batch(b, len(part), pos0 + start, logits_last and start + len(part) == len(ids))
+
+    def _decode_embeddings(self, rows: np.ndarray, pos0: int, logits_last: bool) -> None:
+        b = self._emb_batch
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        for start in range(0, rows.shape[0], self.n_batch):
+            part = rows[start : start + self.n_batch]
+            ctypes.memmove(b.embd, part.ctypes.data, part.nbytes)
+            self._run_batch(b, part.shape[0], pos0 + start, logits_last and start + part.shape[0] == rows.shape[0])
+
+    def _last_logits(self) -> torch.Tensor:
+        ptr = self._lib.llama_get_logits_ith(self._ctx, -1)
+        if not ptr:
+            raise RuntimeError("llama.cpp returned no logits for the last position")
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())[None]
+
+    def encode_image(self, pixels: torch.Tensor) -> np.ndarray:
+        """One preprocessed image [3, S, S] -> its projected rows [image_tokens, hidden] (float32), via mtmd."""
+        mtmd = self._mtmd
+        size = self.spec.vision.image_size
+        if tuple(pixels.shape) != (3, size, size):
+            raise InputError(f"image tensor has shape {list(pixels.shape)}, expected [3, {size}, {size}]")
+        rgb = pixels_to_rgb8(pixels, self.processor)
+        buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
+        bitmap = mtmd.mtmd_bitmap_init(size, size, buf)
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            marker = mtmd.mtmd_default_marker()
+            marker = marker if isinstance(marker, bytes) else str(marker).encode()
+            text = mtmd.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
+            bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            rc = mtmd.mtmd_tokenize(self._mctx, chunks, ctypes.byref(text), bitmaps, 1)
+            if rc != 0:
+                raise RuntimeError(f"mtmd_tokenize failed with status {rc}")
+            image_chunks = [
+                mtmd.mtmd_input_chunks_get(chunks, i)
+                for i in range(mtmd.mtmd_input_chunks_size(chunks))
+                if mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(chunks, i)) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE
+            ]
+            if len(image_chunks) != 1:
+                raise RuntimeError(f"mtmd made {len(image_chunks)} image chunks from one image")
+            chunk = image_chunks[0]
+            n = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
+            if n != self.spec.image_tokens:
+                raise CheckpointError(f"mtmd encodes an image into {n} rows but the model expects {self.spec.image_tokens}: mmproj.gguf does not match config.json")
+            rc = mtmd.mtmd_encode_chunk(self._mctx, chunk)
+            if rc != 0:
+                raise RuntimeError(f"mtmd_encode_chunk failed with status {rc}")
+            out = mtmd.mtmd_get_output_embd(self._mctx)
+            return np.ctypeslib.as_array(out, shape=(n * self.n_embd,)).reshape(n, self.n_embd).copy()
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+            mtmd.mtmd_bitmap_free(bitmap)
+
+    # ---- Runtime interface ---------------------------------------------------------------
+
+    def prefill(self, requests: list[PreparedRequest], max_new_tokens: int) -> StepOutput:
+        if self._ctx is None:
+            raise RuntimeError("prefill() called after close()")
+        if len(requests) != 1:
+            raise InputError(f"the llamacpp runtime answers one request at a time, got a batch of {len(requests)}")
+        r = requests[0]
+        bad = [i for i in r.token_ids if i != IMAGE_TOKEN_INDEX and not 0 <= i < self.n_vocab]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary of {self.n_vocab}")
+        n_img = sum(1 for i in r.token_ids if i == IMAGE_TOKEN_INDEX)
+        if n_img != r.pixel_values.shape[0]:
+            raise InputError(f"prompt has {n_img} <image> placeholders but {r.pixel_values.shape[0]} images were given")
+        if not r.token_ids:
+            raise InputError("empty prompt")
+        self.check_fits([r], max_new_tokens)
+
+        # Split the prompt into text runs and images: (ids, None) or (None, image index).
+        segments: list[tuple[list[int] | None, int | None]] = []
+        run: list[int] = []
+        image = 0
+        for t in r.token_ids:
+            if t == IMAGE_TOKEN_INDEX:
+                if run:
+                    segments.append((run, None))
+                    run = []
+                segments.append((None, image))
+                image += 1
+            else:
+                run.append(t)
+        if run:
+            segments.append((run, None))
+
+        rows = [self.encode_image(r.pixel_values[k]) for k in range(n_img)]
+        self._n_past = None
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
+        pos = 0
+        for s, (ids, k) in enumerate(segments):
+            last = s == len(segments) - 1
+            if ids is not None:
+                self._decode_tokens(ids, pos, last)
+                pos += len(ids)
+            else:
+                self._decode_embeddings(rows[k], pos, last)
+                pos += rows[k].shape[0]
+        self._n_past = pos
+        return StepOutput(logits=self._last_logits(), experts={}, prompt_routing=None)
+
+    def decode(self, tokens: torch.Tensor) -> StepOutput:
+        if self._n_past is None or self._ctx is None:
+            raise RuntimeError("decode() called before prefill()")
+        if tokens.numel() != 1:
+            raise InputError(f"the llamacpp runtime answers one request at a time, got {tokens.numel()} tokens")
+        tok = int(tokens.reshape(-1)[0])
+        if not 0 <= tok < self.n_vocab:
+            raise InputError(f"token id {tok} is outside the vocabulary of {self.n_vocab}")
+        self._decode_tokens([tok], self._n_past, True)
+        self._n_past += 1
+        return StepOutput(logits=self._last_logits(), experts={})
+
+    def close(self) -> None:
+        lib, mtmd = self._lib, self._mtmd
+        if lib is None:
+            return
+        if self._tok_batch is not None:
+            lib.llama_batch_free(self._tok_batch)
+            self._tok_batch = None
+        if self._emb_batch is not None:
+            lib.llama_batch_free(self._emb_batch)
+            self._emb_batch = None
+        if self._mctx:
+            mtmd.mtmd_free(self._mctx)
+        self._mctx = None
+        if self._ctx:
+            lib.llama_free(self._ctx)
+        self._ctx = None
+        if self._model:
+            lib.llama_model_free(self._model)
+        self._model = None
+        self._n_past = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down ctypes already
+            pass
+
+
+__all__ = ["ARCH_NAMES", "MMPROJ_FILE", "TEXT_FILE", "LlamaCppRuntime", "library_has_archs", "pixels_to_rgb8", "require_patched_llama_cpp", "unpatched_message"]

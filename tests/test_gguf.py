@@ -1,0 +1,244 @@
+"""GGUF export and the patched llama.cpp (medmoe-phi2 / medmoe-stablelm) against the PyTorch reference.
+
+Real GGUF files written with gguf-py, real llama.cpp (llama-cpp-python built with
+patches/llamacpp-0.3.36-medmoe.patch by scripts/build_llamacpp.sh, which scripts/test.sh runs).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medmoe_edge import api
+from medmoe_edge.cli.app import app
+from medmoe_edge.errors import CheckpointError, RuntimeUnavailable
+from medmoe_edge.export.gguf_export import GgufQuant, export_gguf, gguf_tensor_group, read_tensor_types
+from medmoe_edge.export.gguf_text import write_text_gguf
+from medmoe_edge.presets import Preset
+from medmoe_edge.runtimes.torch_runtime import TorchRuntime
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: bash scripts/build_llamacpp.sh")
+if "+medmoe" not in llama_cpp.__version__:
+    pytest.skip("llama-cpp-python is not the patched build: bash scripts/build_llamacpp.sh", allow_module_level=True)
+
+from medmoe_edge.runtimes.llamacpp_runtime import LlamaCppRuntime  # noqa: E402
+
+runner = CliRunner()
+IDS = [11, 42, 7, 300, 5, 99, 123, 64, 201, 17, 3, 250]
+
+
+def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, type_k=0, type_v=0, verbose=False, n_threads=2)
+    llm.eval(ids)
+    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    llm.close()
+    return out
+
+
+def _torch_logits(src, ids: list[int]) -> torch.Tensor:
+    m = TorchRuntime(src).model
+    t = torch.tensor([ids])
+    h = m.embed_tokens(t)
+    logits, _ = m.forward_embeds(h, torch.arange(len(ids))[None], torch.ones(1, len(ids), dtype=torch.int64), None)
+    return logits[0]
+
+
+@pytest.mark.parametrize("preset", [Preset.TINY_PHI, Preset.TINY_STABLELM], ids=lambda p: p.value)
+def test_f32_text_gguf_matches_reference(preset, tiny_ckpts, tmp_path):
+    """Text only, F32 weights and KV cache: ≤ 2e-3 (ggml's GELU goes through an fp16 table) and the same argmax."""
+    src = tiny_ckpts[preset]
+    write_text_gguf(src, tmp_path / "m.gguf", dtype="f32")
+    got = torch.from_numpy(_llama_logits(tmp_path / "m.gguf", IDS))
+    ref = _torch_logits(src, IDS)
+    assert (got - ref).abs().max() <= 2e-3
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_demo_f32_and_f16_text_gguf(tmp_path):
+    ref = _torch_logits("demo", IDS)
+    for dtype, tol in (("f32", 2e-3), ("f16", 1e-2)):
+        write_text_gguf("demo", tmp_path / f"{dtype}.gguf", dtype=dtype)
+        got = torch.from_numpy(_llama_logits(tmp_path / f"{dtype}.gguf", IDS))
+        assert (got - ref).abs().max() <= tol, dtype
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    types = {name: t for name, t, _, _ in read_tensor_types(tmp_path / "f16.gguf")}
+    # router, norms and biases stay F32 in an F16 file; matrices are F16
+    assert types["blk.0.ffn_gate_inp.weight"] == "f32" and types["blk.0.ffn_up_exps.bias"] == "f32"
+    assert types["blk.0.ffn_up_exps.weight"] == "f16" and types["blk.1.attn_q.weight"] == "f16"
+
+
+def test_gguf_tensor_groups():
+    assert gguf_tensor_group("blk.2.ffn_up_exps.weight") == "layers.2.experts"
+    assert gguf_tensor_group("blk.2.ffn_gate_inp.bias") == "layers.2.router"
+    assert gguf_tensor_group("blk.2.ffn_down_shexp.weight") == "layers.2.meta"
+    assert gguf_tensor_group("blk.1.ffn_up.weight") == "layers.1.ffn"
+    assert gguf_tensor_group("output.weight") == "lm_head" and gguf_tensor_group("token_embd.weight") == "embed"
+
+
+def _greedy(rt, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens after a text-only prompt (EOS ignored), through the Runtime interface."""
+    from medmoe_edge.runtimes.base import PreparedRequest
+
+    size = rt.model_info.spec.vision.image_size
+    req = PreparedRequest(token_ids=ids, pixel_values=torch.zeros(0, 3, size, size))
+    out, got = rt.prefill([req], n), []
+    for _ in range(n):
+        tok = int(out.logits[0].argmax())
+        got.append(tok)
+        out = rt.decode(torch.tensor([tok]))
+    return got
+
+
+@pytest.fixture(scope="session")
+def gguf_bundles(tiny_ckpts, tmp_path_factory) -> dict[str, tuple[object, Path]]:
+    """F32 GGUF bundles of both tiny checkpoints and the demo model: name -> (source, bundle)."""
+    root = tmp_path_factory.mktemp("gguf")
+    srcs = {"tiny-phi": tiny_ckpts[Preset.TINY_PHI], "tiny-stablelm": tiny_ckpts[Preset.TINY_STABLELM], "demo": "demo"}
+    return {name: (src, export_gguf(src, root / name, GgufQuant.F32) and root / name) for name, src in srcs.items()}
+
+
+@pytest.mark.parametrize("name", ["tiny-phi", "tiny-stablelm"])
+def test_greedy_tokens_identical_with_kv_cache(name, gguf_bundles):
+    src, bundle = gguf_bundles[name]
+    ref, rt = TorchRuntime(src), LlamaCppRuntime(bundle)
+    try:
+        assert _greedy(rt, IDS, 16) == _greedy(ref, IDS, 16)
+    finally:
+        rt.close()
+
+
+def test_gguf_tokenizer_matches_the_checkpoint_tokenizer(gguf_bundles):
+    """llama.cpp's own tokenizer (for llama-cli and friends) splits prompts exactly as the HF tokenizer."""
+    from medmoe_edge.prompt import build_prompt
+    from medmoe_edge.tokenizer import Tokenizer
+
+    texts = [build_prompt("Is there a lesion in the left lung?").replace("<image>\n", ""), "Hello  world\n\n 123 4567 CT/MRI x-ray's", "héllo wörld — ok"]
+    for name in ("demo", "tiny-stablelm"):
+        _, bundle = gguf_bundles[name]
+        tok = Tokenizer.from_dir(bundle)
+        llm = llama_cpp.Llama(model_path=str(bundle / "model.gguf"), n_ctx=64, vocab_only=True, verbose=False)
+        for text in texts:
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), (name, text)
+        llm.close()
+
+
+def test_mmproj_image_rows_match_the_reference_encoder(gguf_bundles, sample_png):
+    """mtmd's CLIP tower + projector (tanh GELU via an fp16 table) vs encode_images (exact erf GELU)."""
+    src, bundle = gguf_bundles["demo"]
+    ref, rt = TorchRuntime(src), LlamaCppRuntime(bundle)
+    try:
+        req, _ = api.Pipeline(ref).prepare(sample_png, "q?")
+        with torch.no_grad():
+            want = ref.model.encode_images(req.pixel_values)[0]
+        got = torch.from_numpy(rt.encode_image(req.pixel_values[0]))
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-2
+        assert torch.nn.functional.cosine_similarity(got.double(), want.double(), dim=-1).min() >= 0.9999
+    finally:
+        rt.close()
+
+
+def test_cli_export_and_run_answer_like_the_reference(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    out = tmp_path / "demo-gguf"
+    r = runner.invoke(app, ["export", "--format", "gguf", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "answer_agreement" in r.output and "FAIL" not in r.output
+    ct = get_testdata_file("CT_small.dcm", download=False)
+    args = ["run", "--image", ct, "--question", "What modality is this?", "--json", "--max-new-tokens", "8"]
+    a = runner.invoke(app, args)
+    b = runner.invoke(app, args + ["--runtime", "llamacpp", "--model", str(out)])
+    assert a.exit_code == 0 and b.exit_code == 0, b.output
+    ja, jb = json.loads(a.stdout), json.loads(b.stdout)
+    assert ja["answer"] == jb["answer"] and ja["token_ids"] == jb["token_ids"]
+
+
+@pytest.mark.parametrize("rel", ["model.gguf", "mmproj.gguf"])
+def test_one_flipped_byte_is_refused(rel, gguf_bundles, sample_png, tmp_path):
+    src, bundle = gguf_bundles["tiny-phi"]
+    work = tmp_path / "corrupt"
+    shutil.copytree(bundle, work)
+    p = work / rel
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    r = runner.invoke(app, ["run", "--runtime", "llamacpp", "--model", str(work), "--image", str(sample_png), "--question", "q?"])
+    assert r.exit_code == 2 and f"bundle file {rel} does not match its SHA-256" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["verify", str(work), "--reference", str(src)])
+    assert r.exit_code == 2 and f"bundle file {rel} does not match its SHA-256" in r.output
+
+
+def test_quantized_export_reports_types_fallbacks_and_overrides(tiny_ckpts, tmp_path):
+    """q4_k_m on a 64-wide tiny model: k-quants need rows of 256, so llama.cpp falls back, and the manifest says so."""
+    src = tiny_ckpts[Preset.TINY_PHI]
+    m = export_gguf(src, tmp_path / "q4", GgufQuant.Q4_K_M)
+    fb = m.extra["fallbacks"]
+    assert fb and all(t not in ("q4_k", "q5_k", "q6_k") for t in fb.values())
+    types = {n: t for n, t, _, _ in read_tensor_types(tmp_path / "q4" / "model.gguf")}
+    assert types["blk.0.ffn_gate_inp.weight"] == "f32" and types["blk.0.ffn_up_exps.bias"] == "f32"
+    r = runner.invoke(app, ["export", "--format", "gguf", "--quant", "q4_k_m", "--model", str(src), "--out", str(tmp_path / "cli"), "--no-verify"])
+    assert r.exit_code == 0 and "not q4_k_m" in r.output, r.output
+    # per-tensor overrides (the hook for per-expert precision plans)
+    m = export_gguf("demo", tmp_path / "ov", GgufQuant.Q4_K_M, overrides={r"blk\.0\.ffn_(up|down)_exps\.weight": "q8_0"})
+    types = {n: t for n, t, _, _ in read_tensor_types(tmp_path / "ov" / "model.gguf")}
+    assert types["blk.0.ffn_up_exps.weight"] == "q8_0" and types["blk.2.ffn_up_exps.weight"] in ("q4_k", "q6_k")
+    assert {g.name: g.precision for g in m.tensor_groups if g.name == "layers.0.experts" and g.precision != "f32"} == {"layers.0.experts": "q8_0"}
+
+
+def test_bad_options_are_one_line_errors(gguf_bundles, tiny_ckpts, tmp_path):
+    src = tiny_ckpts[Preset.TINY_PHI]
+    r = runner.invoke(app, ["export", "--format", "gguf", "--quant", "q3_xs", "--model", str(src), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "--quant 'q3_xs' is not supported" in r.output and not (tmp_path / "a").exists()
+    r = runner.invoke(app, ["export", "--format", "gguf", "--precision", "fp16", "--model", str(src), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "--precision applies to --format onnx" in r.output
+    _, bundle = gguf_bundles["tiny-phi"]
+    from medmoe_edge.errors import InputError
+    from medmoe_edge.runtimes.base import DType, RuntimeOptions
+
+    with pytest.raises(InputError, match="--dtype float16 does not apply to the llamacpp runtime"):
+        LlamaCppRuntime(bundle, RuntimeOptions(dtype=DType.FLOAT16))
+    with pytest.raises(InputError, match="is an option of the onnxruntime runtime"):
+        LlamaCppRuntime(bundle, RuntimeOptions(provider="cuda"))
+    if not llama_cpp.llama_supports_gpu_offload():
+        with pytest.raises(InputError, match="built without GPU support.*build_llamacpp.sh cuda"):
+            LlamaCppRuntime(bundle, RuntimeOptions(device="cuda"))
+    with pytest.raises(CheckpointError, match="is a gguf bundle, not onnx"):
+        from medmoe_edge.runtimes.onnxruntime_runtime import OnnxRuntimeRuntime
+
+        OnnxRuntimeRuntime(bundle)
+
+
+def test_unpatched_library_is_refused_with_the_build_command():
+    """A llama.cpp library without the medmoe arch names (here: the patched build's own ggml, which has none)."""
+    from medmoe_edge.runtimes import llamacpp_runtime as lr
+
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    ggml = next(p for p in sorted(lib_dir.iterdir()) if p.name.startswith("libggml-base"))
+    ok, _ = lr.library_has_archs(str(ggml))
+    assert not ok
+    msg = lr.unpatched_message("0.3.36")
+    assert "lacks the Med-MoE architectures" in msg and "bash scripts/build_llamacpp.sh" in msg
+    assert lr.library_has_archs(lr.loaded_library_path())[0]
+
+
+@pytest.mark.parametrize("quant,min_answers", [(GgufQuant.F32, 0.95), (GgufQuant.Q8_0, 0.95), (GgufQuant.Q4_K_M, 0.85)])
+def test_demo_gguf_on_the_whole_eval_split(quant, min_answers, gguf_bundles, tmp_path):
+    """Image through mtmd + text through llama.cpp vs the reference on all 1,600 eval questions."""
+    from medmoe_edge.cli.verify_cmd import run_verify
+    from medmoe_edge.imaging import PreprocessMode
+
+    bundle = gguf_bundles["demo"][1] if quant is GgufQuant.F32 else tmp_path / quant.value
+    if quant is not GgufQuant.F32:
+        export_gguf("demo", bundle, quant)
+    rep = run_verify(bundle, reference=None, set_name="eval", data=None, limit=None, provider=None, threads=None, max_new_tokens=32, preprocess=PreprocessMode.PAD)
+    m = rep.metrics
+    assert len(rep.samples) == 1600
+    assert m["answer_agreement"] >= min_answers and m["routing_agreement"] is None
+    assert rep.passed
