@@ -18,7 +18,7 @@
 #
 # The patch (patches/llamacpp-0.3.36-medmoe.patch) is made against the llama.cpp that this exact
 # sdist vendors (commit 0c1e570); docs/design/llamacpp-medmoe.md explains it. The built wheel is kept
-# in ~/.cache/medmoe-edge/wheels/<target>/ for re-installs. Building needs a C++17 compiler, and
+# in ~/.cache/medmoe-edge/wheels/<target>-<key>/ for re-installs (REBUILD=1 forces a build). Building needs a C++17 compiler, and
 # the script installs the build backend (scikit-build-core) into the interpreter; cmake >= 3.21 and
 # ninja come from the system or, when missing, from PyPI wheels that scikit-build-core pulls.
 set -euo pipefail
@@ -57,8 +57,29 @@ command -v patch >/dev/null || die "the 'patch' tool is required"
 
 sha_ok() { echo "$SHA256  $1" | sha256sum --check --status; }
 
-# 1. The pinned sdist, cached and checksummed.
+# 1. The wheel cache, keyed by the sdist, the patch, the CMake options and the Python version:
+# a re-install with the same inputs takes seconds and needs no download. REBUILD=1 builds anyway.
+export CMAKE_ARGS="$TARGET_ARGS -DLLAMA_BUILD_TESTS=OFF${CMAKE_ARGS:+ $CMAKE_ARGS}"
+export CMAKE_BUILD_PARALLEL_LEVEL=${JOBS:-2}
+KEY=$( (echo "$SHA256"; sha256sum < "$PATCH"; echo "$CMAKE_ARGS"; "$PY" -c 'import sys; print(sys.version_info[:2])') | sha256sum | cut -c1-16)
+WHEELS="$CACHE/wheels/$TARGET-$KEY"
 mkdir -p "$CACHE"
+
+install_wheel() {
+  local wheel
+  wheel=$(ls "$WHEELS"/llama_cpp_python-*.whl)
+  "$PY" -m pip uninstall --quiet --disable-pip-version-check -y llama-cpp-python >/dev/null 2>&1 || true
+  "$PY" -m pip install --quiet --disable-pip-version-check "$wheel"
+  say "installed llama-cpp-python $("$PY" -c "import llama_cpp; print(llama_cpp.__version__)") ($wheel) into $("$PY" -c 'import sys; print(sys.prefix)') (target $TARGET)"
+}
+
+if [ -z "${REBUILD:-}" ] && ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+  say "reusing the wheel built earlier from the same sdist, patch and options"
+  install_wheel
+  exit 0
+fi
+
+# 2. The pinned sdist, cached and checksummed.
 if [ -n "${SDIST:-}" ]; then
   cp "$SDIST" "$CACHE/$SDIST_NAME.part" && mv "$CACHE/$SDIST_NAME.part" "$CACHE/$SDIST_NAME"
 fi
@@ -77,7 +98,7 @@ fi
 sha_ok "$CACHE/$SDIST_NAME" || die "$CACHE/$SDIST_NAME does not have the pinned sha256 $SHA256; delete it and retry"
 say "sdist $CACHE/$SDIST_NAME (sha256 ok)"
 
-# 2. Unpack and patch in a scratch directory.
+# 3. Unpack and patch in a scratch directory.
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/medmoe-llamacpp.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 tar -xzf "$CACHE/$SDIST_NAME" -C "$WORK"
@@ -90,18 +111,14 @@ patch -p1 --silent -d "$SRC/vendor/llama.cpp" < "$PATCH"
 sed -i "s/^__version__ = \"$VERSION\"/__version__ = \"$VERSION+medmoe1\"/" "$SRC/llama_cpp/__init__.py"
 say "applied $(basename "$PATCH")"
 
-# 3. Build a wheel (kept in the cache) and install it.
-export CMAKE_ARGS="$TARGET_ARGS -DLLAMA_BUILD_TESTS=OFF${CMAKE_ARGS:+ $CMAKE_ARGS}"
-export CMAKE_BUILD_PARALLEL_LEVEL=${JOBS:-2}
-WHEELS="$CACHE/wheels/$TARGET"
-rm -rf "$WHEELS" && mkdir -p "$WHEELS"
+# 4. Build the wheel into the cache, then install it.
+rm -rf "$WHEELS" "$WHEELS.part"
 say "building ($TARGET): CMAKE_ARGS=\"$CMAKE_ARGS\", $CMAKE_BUILD_PARALLEL_LEVEL jobs; this takes minutes"
 start=$(date +%s)
-"$PY" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w "$WHEELS" "$SRC"
-WHEEL=$(ls "$WHEELS"/llama_cpp_python-*.whl)
-"$PY" -m pip uninstall --quiet --disable-pip-version-check -y llama-cpp-python >/dev/null 2>&1 || true
-"$PY" -m pip install --quiet --disable-pip-version-check "$WHEEL"
-
-INSTALLED=$("$PY" -c "import llama_cpp; print(llama_cpp.__version__)")
-say "built in $(( $(date +%s) - start )) s: $WHEEL"
-say "installed llama-cpp-python $INSTALLED into $("$PY" -c 'import sys; print(sys.prefix)') (target $TARGET)"
+if ! "$PY" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w "$WHEELS.part" "$SRC"; then
+  rm -rf "$WHEELS.part"
+  die "the build failed (see the compiler output above); it needs a C++17 compiler and cmake >= 3.21"
+fi
+mv "$WHEELS.part" "$WHEELS"
+say "built in $(( $(date +%s) - start )) s"
+install_wheel

@@ -242,3 +242,33 @@ def test_demo_gguf_on_the_whole_eval_split(quant, min_answers, gguf_bundles, tmp
     assert len(rep.samples) == 1600
     assert m["answer_agreement"] >= min_answers and m["routing_agreement"] is None
     assert rep.passed
+
+
+def _build_script_copy(tmp_path: Path, patch_text: str) -> Path:
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    (root / "patches").mkdir()
+    shutil.copy(Path(__file__).parents[1] / "scripts" / "build_llamacpp.sh", root / "scripts")
+    (root / "patches" / "llamacpp-0.3.36-medmoe.patch").write_text(patch_text)
+    return root / "scripts" / "build_llamacpp.sh"
+
+
+def test_build_script_refuses_a_patch_that_does_not_apply(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medmoe-edge" / "llama_cpp_python-0.3.36.tar.gz"
+    if not cache.is_file():
+        pytest.skip("the pinned sdist is not cached (scripts/build_llamacpp.sh downloads it)")
+    patch = (Path(__file__).parents[1] / "patches" / "llamacpp-0.3.36-medmoe.patch").read_text()
+    # change a context line, as an upstream edit of llama-arch.cpp would
+    broken = patch.replace('     { LLM_ARCH_POCKETTTS,        "pockettts"        },', '     { LLM_ARCH_POCKETTTS,        "pocket-tts"       },', 1)
+    assert broken != patch
+    script = _build_script_copy(tmp_path, broken)
+    env = dict(os.environ, PYTHON=sys.executable, REBUILD="1")
+    r = subprocess.run(["bash", str(script), "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1
+    assert "llamacpp-0.3.36-medmoe.patch does not apply to llama-cpp-python 0.3.36" in r.stderr
+    r = subprocess.run(["bash", str(script), "rocm"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and "unknown target 'rocm': use cpu, native, cuda or jetson" in r.stderr
