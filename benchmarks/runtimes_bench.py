@@ -166,14 +166,22 @@ def main() -> None:
     write_doc(a, rows)
 
 
+def _llama_version() -> str:
+    try:
+        import llama_cpp
+    except ImportError:
+        return ""
+    return f", llama-cpp-python {llama_cpp.__version__} (portable CPU build)"
+
+
 def write_doc(a, rows: list[dict]) -> None:
     import onnxruntime
     import torch
 
     lines = [
         BEGIN,
-        f"Command: `python benchmarks/runtimes_bench.py --reps {a.reps} --decode {a.decode} --threads {a.threads}{' --skip-proxy' if a.skip_proxy else ''}` "
-        f"(torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {a.threads} threads, one image + question, prefill then {a.decode} greedy decode steps, median of {a.reps} alternating runs, each in its own process).",
+        f"Command: `python benchmarks/runtimes_bench.py --reps {a.reps} --decode {a.decode} --threads {a.threads}{' --skip-proxy' if a.skip_proxy else ''}{' --skip-gguf' if a.skip_gguf else ''}` "
+        f"(torch {torch.__version__}, onnxruntime {onnxruntime.__version__}{_llama_version()}, {a.threads} threads, one image + question, prefill then {a.decode} greedy decode steps, median of {a.reps} alternating runs, each in its own process).",
         "",
         "| model | parameters | runtime | time to first token (ms) | decode tok/s | decode vs torch | peak RSS (MiB) | size on disk (MiB) |",
         "|---|---|---|---|---|---|---|---|",

@@ -46,12 +46,22 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
+        _umask_permissions(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask_permissions(root: Path) -> None:
+    """Give a finished directory the permissions a plain mkdir/open would have (mkdtemp and
+    mkstemp make them private to the owner), so that a bundle can be shared or deployed."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def full_tower_names(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:

@@ -198,6 +198,10 @@ def test_bad_options_are_one_line_errors(gguf_bundles, tiny_ckpts, tmp_path):
     assert r.exit_code == 2 and "--quant 'q3_xs' is not supported" in r.output and not (tmp_path / "a").exists()
     r = runner.invoke(app, ["export", "--format", "gguf", "--precision", "fp16", "--model", str(src), "--out", str(tmp_path / "b")])
     assert r.exit_code == 2 and "--precision applies to --format onnx" in r.output
+    r = runner.invoke(app, ["export", "--format", "onnx", "--mmproj-dtype", "f16", "--model", str(src), "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "--mmproj-dtype applies to --format gguf" in r.output and not (tmp_path / "c").exists()
+    r = runner.invoke(app, ["export", "--format", "gguf", "--mmproj-dtype", "q8_0", "--model", str(src), "--out", str(tmp_path / "d")])
+    assert r.exit_code == 2 and "--mmproj-dtype 'q8_0' is not f32 or f16" in r.output and not (tmp_path / "d").exists()
     _, bundle = gguf_bundles["tiny-phi"]
     from medmoe_edge.errors import InputError
     from medmoe_edge.runtimes.base import DType, RuntimeOptions
@@ -272,3 +276,34 @@ def test_build_script_refuses_a_patch_that_does_not_apply(tmp_path):
     assert "llamacpp-0.3.36-medmoe.patch does not apply to llama-cpp-python 0.3.36" in r.stderr
     r = subprocess.run(["bash", str(script), "rocm"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 1 and "unknown target 'rocm': use cpu, native, cuda or jetson" in r.stderr
+
+
+@pytest.mark.parametrize("preset", [Preset.TINY_PHI, Preset.TINY_STABLELM], ids=lambda p: p.value)
+def test_top2_checkpoint_matches_reference(preset, tmp_path):
+    """k = 2: llama.cpp's top-2 with weights renormalised over the pair = the reference's deterministic top-2 (§2.3.4)."""
+    from dataclasses import replace
+
+    from medmoe_edge.presets import PRESETS
+    from medmoe_edge.random_init import write_random_checkpoint
+
+    spec = PRESETS[preset]
+    src = write_random_checkpoint(replace(spec, moe=replace(spec.moe, top_k=2)), tmp_path / "ckpt", seed=1)
+    write_text_gguf(src, tmp_path / "m.gguf", dtype="f32")
+    got = torch.from_numpy(_llama_logits(tmp_path / "m.gguf", IDS))
+    ref = _torch_logits(src, IDS)
+    assert (got - ref).abs().max() <= 2e-3
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_residual_moe_is_refused_with_the_alternative(tmp_path):
+    from dataclasses import replace
+
+    from medmoe_edge.errors import UnsupportedCheckpoint
+    from medmoe_edge.presets import PRESETS
+    from medmoe_edge.random_init import write_random_checkpoint
+
+    spec = PRESETS[Preset.TINY_PHI]
+    src = write_random_checkpoint(replace(spec, moe=replace(spec.moe, use_residual=True)), tmp_path / "ckpt", seed=0)
+    with pytest.raises(UnsupportedCheckpoint, match="use_residual=True.*use the torch or ONNX runtimes"):
+        export_gguf(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -30,9 +30,9 @@ def export(
     model: Annotated[str, typer.Option("--model", help="'demo' (built-in), a checkpoint directory, or a hub id.")] = "demo",
     precision: Annotated[str | None, typer.Option("--precision", help="ONNX: fp32 (default) or fp16.")] = None,
     quant: Annotated[str | None, typer.Option("--quant", help="GGUF: f32 (default), f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0.")] = None,
-    mmproj_dtype: Annotated[str, typer.Option("--mmproj-dtype", help="GGUF: f32 or f16 for the vision tower + projector file.")] = "f32",
+    mmproj_dtype: Annotated[str | None, typer.Option("--mmproj-dtype", help="GGUF: f32 (default) or f16 for the vision tower + projector file.")] = None,
     vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")] = None,
-    max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch in the TensorRT optimisation profiles.")] = 4,
+    max_batch: Annotated[int | None, typer.Option("--max-batch", help="ONNX: largest batch in the TensorRT optimisation profiles [default: 4].")] = None,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {EXPORT_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
     """Export a checkpoint to a deployment bundle with a manifest (SHA-256 of every file)."""
@@ -41,25 +41,25 @@ def export(
     if fmt is ExportFormat.ONNX:
         from medmoe_edge.export.onnx_export import OnnxPrecision, export_onnx
 
-        if quant is not None:
-            raise InputError("--quant applies to --format gguf; ONNX bundles take --precision fp32|fp16")
+        if quant is not None or mmproj_dtype is not None:
+            raise InputError(f"{'--quant' if quant is not None else '--mmproj-dtype'} applies to --format gguf; ONNX bundles take --precision fp32|fp16")
         try:
             prec = OnnxPrecision(precision or "fp32")
         except ValueError:
             raise InputError(f"--precision {precision!r} is not an ONNX precision: use fp32 or fp16") from None
         with err.status(f"exporting {model} to ONNX ({prec.value})"):
-            manifest = export_onnx(model, out_dir, prec, vision_tower=vision_tower, max_batch=max_batch)
+            manifest = export_onnx(model, out_dir, prec, vision_tower=vision_tower, max_batch=4 if max_batch is None else max_batch)
     else:
         from medmoe_edge.export.gguf_export import GgufQuant, export_gguf
 
-        if precision is not None:
-            raise InputError("--precision applies to --format onnx; GGUF bundles take --quant f32|f16|q8_0|q4_k_m|...")
+        if precision is not None or max_batch is not None:
+            raise InputError(f"{'--precision' if precision is not None else '--max-batch'} applies to --format onnx; GGUF bundles take --quant f32|f16|q8_0|q4_k_m|...")
         try:
             q = GgufQuant((quant or "f32").lower())
         except ValueError:
             raise InputError(f"--quant {quant!r} is not supported: use one of {', '.join(x.value for x in GgufQuant)}") from None
         with err.status(f"exporting {model} to GGUF ({q.value})"):
-            manifest = export_gguf(model, out_dir, q, mmproj_dtype=mmproj_dtype, vision_tower=vision_tower)
+            manifest = export_gguf(model, out_dir, q, mmproj_dtype=mmproj_dtype or "f32", vision_tower=vision_tower)
         for name, ttype in manifest.extra.get("fallbacks", {}).items():
             err.print(f"[yellow]{name}: stored as {ttype}, not {q.value} (its rows do not fit the {q.value} block size)[/]")
     t = Table(title=f"{out_dir} ({manifest.format.value}, {manifest.precision})")
