@@ -34,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from docblock import replace_block  # noqa: E402
+
 DOC = ROOT / "docs" / "GGUF.md"
 BEGIN, END = "<!-- gguf_expert_layout:begin -->", "<!-- gguf_expert_layout:end -->"
 
@@ -95,7 +97,7 @@ def main() -> None:
     from medmoe_edge.export.gguf_text import write_text_gguf
 
     work = a.work or Path(tempfile.mkdtemp(prefix="medmoe-layout-"))
-    ckpt = work / "proxy-4e"
+    ckpt = work / "proxy-stablelm-4e"
     if not (ckpt / "config.json").is_file():
         make_proxy(ckpt, 4)
     quant = GgufQuant(a.quant)
@@ -138,12 +140,7 @@ def main() -> None:
         lines.append(f"| {k} | {v:.2f} | {v / base:.2f}× |")
     lines.append(END)
     block = "\n".join(lines)
-    text = DOC.read_text()
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-    else:
-        text += "\n" + block + "\n"
-    DOC.write_text(text)
+    replace_block(DOC, BEGIN, END, block, "GGUF bundles and the llama.cpp runtime")
     print(block)
 
 

@@ -34,6 +34,9 @@ from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from docblock import replace_block  # noqa: E402
+
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 BEGIN, END = "<!-- runtimes_bench:begin -->", "<!-- runtimes_bench:end -->"
 
@@ -197,9 +200,7 @@ def write_doc(a, rows: list[dict]) -> None:
                 lines.append(f"* {rt}: {by[(p8, rt)] / by[(p4, rt)]:.2f}×")
     lines.append(END)
     block = "\n".join(lines)
-    text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n\n" + BEGIN + "\n" + END + "\n"
-    start, end = text.index(BEGIN), text.index(END) + len(END)
-    DOC.write_text(text[:start] + block + text[end:])
+    replace_block(DOC, BEGIN, END, block, "Benchmarks")
     print(block)
 
 

@@ -74,21 +74,35 @@ def quantize(src: Path, dst: Path, quant: GgufQuant, overrides: dict[str, str] |
     params.nthread = threads
     keep = None
     if overrides:
-        import gguf
-
         arr = (lc.llama_model_tensor_override * (len(overrides) + 1))()
         keep = [p.encode() for p in overrides]  # keep the bytes alive during the call
-        for i, (pattern, type_name) in enumerate(overrides.items()):
-            try:
-                arr[i].pattern, arr[i].type = keep[i], int(gguf.GGMLQuantizationType[type_name.upper()])
-            except KeyError:
-                raise InputError(f"unknown ggml type {type_name!r} in a tensor override") from None
+        types = _check_override_types(overrides)
+        for i, pattern in enumerate(overrides):
+            arr[i].pattern, arr[i].type = keep[i], types[i]
         arr[len(overrides)].pattern = None
         params.tt_overrides = ctypes.cast(arr, type(params.tt_overrides))
     rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     del keep
     if rc != 0:
         raise RuntimeUnavailable(f"llama.cpp could not quantize {src.name} to {quant.value} (return code {rc}); run with a patched build: bash scripts/build_llamacpp.sh")
+
+
+def _check_override_types(overrides: dict[str, str]) -> list[int]:
+    """The ggml type ids of the override values, in order.
+
+    Raises:
+        InputError: a name that is not a ggml weight type.
+    """
+    import gguf
+
+    ids = []
+    for pattern, type_name in overrides.items():
+        try:
+            ids.append(int(gguf.GGMLQuantizationType[type_name.upper()]))
+        except KeyError:
+            known = ", ".join(t.name.lower() for t in gguf.GGMLQuantizationType if t.name not in ("I8", "I16", "I32", "I64", "F64"))
+            raise InputError(f"tensor type {type_name!r} for {pattern!r} is not a ggml type: use one of {known}") from None
+    return ids
 
 
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -172,13 +186,18 @@ def export_gguf(model: str | Path, out: Path, quant: GgufQuant = GgufQuant.F32, 
     """
     if mmproj_dtype not in ("f32", "f16"):
         raise InputError(f"--mmproj-dtype {mmproj_dtype!r} is not f32 or f16")
-    if quant.needs_llamacpp or overrides:
+    if overrides:
+        if not quant.needs_llamacpp:
+            # llama.cpp applies tensor-type overrides only when the file type is a quantized one
+            raise InputError(f"tensor type overrides need a quantized --quant (q8_0, q4_k_m, ...), not {quant.value}")
+        _check_override_types(overrides)
+    if quant.needs_llamacpp:
         from medmoe_edge.runtimes.llamacpp_runtime import require_patched_llama_cpp
 
         require_patched_llama_cpp()  # fail before spending minutes on the export
     loaded = load_model(model, vision_tower=vision_tower)
     with atomic_dir(out) as tmp:
-        if quant.needs_llamacpp or overrides:
+        if quant.needs_llamacpp:
             f32 = tmp / ".model-f32.gguf"
             write_text_gguf(loaded.checkpoint_dir, f32, dtype="f32")
             quantize(f32, tmp / TEXT_FILE, quant, overrides)

@@ -47,20 +47,17 @@ Section numbers (§) without "design" refer to ../shared/reference/medmoe-spec.m
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from medmoe_edge.checkpoint import LoadedModel
-from medmoe_edge.errors import InputError, RuntimeUnavailable, UnsupportedCheckpoint
+from medmoe_edge.errors import InputError, UnsupportedCheckpoint
 
-DTYPES = ("f32", "f16")
+from .gguf_io import DTYPES, FILE_TYPE, PlannedTensor, planned, require_gguf, write_gguf
+
 PROJECTOR_TYPE = "mlp"  # PROJECTOR_TYPE_MLP in tools/mtmd/clip-impl.h
-_FTYPE = {"f32": 0, "f16": 1}  # general.file_type: ALL_F32, MOSTLY_F16
 
 # CLIP activations (`VisionSpec.hidden_act`) and the mtmd key that selects the matching ggml op.
 # No key means FFN_GELU_QUICK (clip.cpp load_hparams); "clip.use_gelu" means ggml_gelu (tanh).
@@ -74,42 +71,16 @@ _ACT_KEYS: dict[str, dict[str, bool]] = {
 }
 
 
-def _require_gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise RuntimeUnavailable("GGUF export needs the gguf package: pip install 'gguf==0.19.0'") from None
-    return gguf
+def _tensor(name: str, t: torch.Tensor, dtype) -> PlannedTensor:
+    return planned(name, lambda: t, tuple(t.shape), dtype)
 
 
-@dataclass(frozen=True)
-class _Tensor:
-    """One tensor of the file: name, final numpy dtype and shape, and a thunk that makes the data.
-
-    Data is converted only when written, so besides the loaded model at most one converted
-    tensor is in memory (the F32 CLIP-L tower alone is ~1.2 GB).
-    """
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    data: Callable[[], np.ndarray]
-
-
-def _tensor(name: str, t: torch.Tensor, dtype: np.dtype) -> _Tensor:
-    def data() -> np.ndarray:
-        a = t.detach().to(device="cpu", dtype=torch.float32).numpy()
-        return np.ascontiguousarray(a.astype(dtype, copy=False))
-
-    return _Tensor(name, np.dtype(dtype), tuple(t.shape), data)
-
-
-def plan_tensors(loaded: LoadedModel, matrix_dtype: np.dtype) -> list[_Tensor]:
+def plan_tensors(loaded: LoadedModel, matrix_dtype: np.dtype) -> list[PlannedTensor]:
     """Every tensor of the mmproj file, in file order, with its final dtype (design §6.2)."""
     f32 = np.dtype(np.float32)
     vm = loaded.model.vision.vision_model
     proj = loaded.model.lm.model.mm_projector.image_spatial_proj  # Sequential(Linear, GELU, Linear)
-    out: list[_Tensor] = []
+    out: list[PlannedTensor] = []
 
     def matrix(name: str, t: torch.Tensor) -> None:
         out.append(_tensor(name, t, matrix_dtype))
@@ -170,7 +141,7 @@ def _write_metadata(w, loaded: LoadedModel, dtype: str) -> None:
     spec, v, proc = loaded.spec, loaded.spec.vision, loaded.processor
     w.add_name(f"Med-MoE {spec.variant.value} vision tower + projector")
     w.add_description("CLIP ViT (layers up to mm_vision_select_layer, no post-layernorm) and the mlp2x_gelu projector")
-    w.add_file_type(_FTYPE[dtype])
+    w.add_file_type(FILE_TYPE[dtype])
     w.add_bool("clip.has_vision_encoder", True)  # GGML_ASSERT(has_vision) in clip.cpp
     w.add_bool("clip.has_llava_projector", True)  # informational; the loader ignores it
     w.add_string("clip.projector_type", PROJECTOR_TYPE)
@@ -209,31 +180,10 @@ def write_mmproj_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str =
     """
     if dtype not in DTYPES:
         raise InputError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    gguf = _require_gguf()
+    require_gguf()
     _check_supported(loaded)
     tensors = plan_tensors(loaded, np.dtype(np.float16 if dtype == "f16" else np.float32))
-
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
-    w = gguf.GGUFWriter(str(tmp), "clip")
-    try:
-        _write_metadata(w, loaded, dtype)
-        for t in tensors:
-            w.add_tensor_info(t.name, t.shape, t.dtype, int(np.prod(t.shape)) * t.dtype.itemsize)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for t in tensors:
-            data = t.data()
-            assert data.shape == t.shape and data.dtype == t.dtype, f"{t.name}: {data.dtype}{list(data.shape)} != planned {t.dtype}{list(t.shape)}"
-            w.write_tensor_data(data)
-        w.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    write_gguf(out_path, "clip", lambda w: _write_metadata(w, loaded, dtype), tensors)
 
 
 __all__ = ["DTYPES", "PROJECTOR_TYPE", "plan_tensors", "write_mmproj_gguf"]

@@ -30,8 +30,6 @@ Section numbers (§) refer to ../shared/reference/medmoe-spec.md.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,47 +37,17 @@ import numpy as np
 import torch
 
 from medmoe_edge.checkpoint import checkpoint_infos, load_model, resolve_model_dir
-from medmoe_edge.errors import InputError, RuntimeUnavailable, UnsupportedCheckpoint
+from medmoe_edge.errors import InputError, UnsupportedCheckpoint
 from medmoe_edge.model.medmoe import MedMoE
 from medmoe_edge.spec import ModelSpec, Variant
 
+from .gguf_io import DTYPES, FILE_TYPE, PlannedTensor, planned, require_gguf, write_gguf
+
 ARCH = {Variant.PHI: "medmoe-phi2", Variant.STABLELM: "medmoe-stablelm"}
-DTYPES = ("f32", "f16")
 
 # gguf-py constants, spelled out so that this module imports without gguf installed.
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
 _GATING_SOFTMAX = 1  # LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
-_FTYPE = {"f32": 0, "f16": 1}  # LLAMA_FTYPE_ALL_F32, LLAMA_FTYPE_MOSTLY_F16
-
-
-def _require_gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise RuntimeUnavailable("GGUF export needs the gguf package: pip install 'gguf==0.19.0'") from None
-    return gguf
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    """One GGUF tensor: its name, final numpy dtype and shape, and how to produce the data.
-
-    The data is produced only when it is written, so besides the loaded model at most one
-    converted tensor (one expert stack) is in memory.
-    """
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    data: Callable[[], np.ndarray]
-
-
-def _np(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().to(device="cpu", dtype=torch.float32).numpy().astype(dtype, copy=False))
-
-
-def _tensor(name: str, make: Callable[[], torch.Tensor], shape: tuple[int, ...], dtype: np.dtype) -> _Tensor:
-    return _Tensor(name, np.dtype(dtype), tuple(shape), lambda: _np(make(), dtype))
 
 
 class _Plan:
@@ -87,20 +55,20 @@ class _Plan:
 
     def __init__(self, matrix_dtype: np.dtype) -> None:
         self.matrix_dtype = matrix_dtype
-        self.tensors: list[_Tensor] = []
+        self.tensors: list[PlannedTensor] = []
 
     def matrix(self, name: str, t: torch.Tensor) -> None:
         """A weight matrix (or a stack of them): F16 in f16 files."""
-        self.tensors.append(_tensor(name, lambda: t, tuple(t.shape), self.matrix_dtype))
+        self.tensors.append(planned(name, lambda: t, tuple(t.shape), self.matrix_dtype))
 
     def f32(self, name: str, t: torch.Tensor) -> None:
         """Norms, biases and the router: always F32."""
-        self.tensors.append(_tensor(name, lambda: t, tuple(t.shape), np.float32))
+        self.tensors.append(planned(name, lambda: t, tuple(t.shape), np.float32))
 
     def stacked(self, name: str, parts: list[torch.Tensor], *, f32: bool = False) -> None:
         """Per-expert tensors stacked on a new leading axis: weights [E, out, in], biases [E, out]."""
         shape = (len(parts), *parts[0].shape)
-        self.tensors.append(_tensor(name, lambda: torch.stack(parts), shape, np.float32 if f32 else self.matrix_dtype))
+        self.tensors.append(planned(name, lambda: torch.stack(parts), shape, np.float32 if f32 else self.matrix_dtype))
 
     def linear(self, prefix: str, layer: torch.nn.Linear) -> None:
         self.matrix(f"{prefix}.weight", layer.weight)
@@ -135,7 +103,7 @@ def _experts(plan: _Plan, variant: Variant, experts: torch.nn.ModuleList, i: int
             plan.stacked(f"blk.{i}.{gguf_name}.weight", [getattr(e, attr).weight for e in experts])
 
 
-def plan_tensors(model: MedMoE, matrix_dtype: np.dtype) -> list[_Tensor]:
+def plan_tensors(model: MedMoE, matrix_dtype: np.dtype) -> list[PlannedTensor]:
     """Every tensor of the text GGUF, in file order, with its final dtype."""
     spec, lm = model.spec, model.lm
     variant = spec.variant
@@ -234,14 +202,14 @@ def _check_supported(spec: ModelSpec) -> None:
 
 
 def _write_metadata(w, spec: ModelSpec, vocab: _Vocab, tokenizer, dtype: str) -> None:
-    gguf = _require_gguf()
+    gguf = require_gguf()
     t, moe = spec.text, spec.moe
     arch = ARCH[spec.variant]
     key = lambda k: k.format(arch=arch)  # noqa: E731
     LLM, Attn, Rope = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
 
     w.add_name(f"Med-MoE {spec.variant.value}")
-    w.add_file_type(_FTYPE[dtype])
+    w.add_file_type(FILE_TYPE[dtype])
     w.add_uint32(key(LLM.CONTEXT_LENGTH), t.max_position_embeddings)
     w.add_uint32(key(LLM.EMBEDDING_LENGTH), t.hidden_size)
     w.add_uint32(key(LLM.BLOCK_COUNT), t.num_layers)
@@ -318,7 +286,7 @@ def write_text_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str =
     """
     if dtype not in DTYPES:
         raise InputError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    gguf = _require_gguf()
+    require_gguf()  # before minutes of loading
     loaded = load_model(model_dir, dtype=_load_dtype(model_dir), device="cpu")
     spec = loaded.spec
     _check_supported(spec)
@@ -326,26 +294,4 @@ def write_text_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str =
     vocab = _vocab(loaded.tokenizer.hf, spec.variant, model.n_vocab)
     tensors = plan_tensors(model, np.dtype(np.float16 if dtype == "f16" else np.float32))
 
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
-    w = gguf.GGUFWriter(str(tmp), ARCH[spec.variant])
-    try:
-        _write_metadata(w, spec, vocab, loaded.tokenizer, dtype)
-        for t in tensors:
-            w.add_tensor_info(t.name, t.shape, t.dtype, int(np.prod(t.shape)) * t.dtype.itemsize)
-        # Header, metadata and tensor infos first; then the data one tensor at a time, so that only
-        # one tensor (at most one expert stack) is materialised in the output dtype at once.
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for t in tensors:
-            data = t.data()
-            assert data.shape == t.shape and data.dtype == t.dtype, f"{t.name}: {data.dtype}{list(data.shape)} != planned {t.dtype}{list(t.shape)}"
-            w.write_tensor_data(data)
-        w.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    write_gguf(out_path, ARCH[spec.variant], lambda w: _write_metadata(w, spec, vocab, loaded.tokenizer, dtype), tensors)

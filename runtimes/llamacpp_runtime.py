@@ -172,6 +172,14 @@ def _parse_device(device: str, lib) -> tuple[bool, int]:
     raise InputError(f"--device {device!r} is not valid for the llamacpp runtime: use cpu, cuda or cuda:N")
 
 
+def _usable_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, e.g. under taskset or a container quota)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def pixels_to_rgb8(pixels: torch.Tensor, processor: ImageProcessorSpec) -> np.ndarray:
     """Undo the CLIP normalisation: [3, S, S] normalised float pixels -> [S, S, 3] uint8 RGB.
 
@@ -279,8 +287,10 @@ class LlamaCppRuntime(Runtime):
         cp.n_batch = self.n_batch
         cp.n_ubatch = min(cp.n_ubatch, self.n_batch)
         cp.n_seq_max = 1
-        if threads is not None:
-            cp.n_threads = cp.n_threads_batch = threads
+        # llama.cpp's default is 4 threads whatever the machine; more threads than cores makes its
+        # spinning workers fight (a 2-core machine decodes far slower with 4), so default to the cores we may use.
+        threads = threads if threads is not None else _usable_cores()
+        cp.n_threads = cp.n_threads_batch = threads
         cp.type_k = cp.type_v = _GGML_TYPE_F32  # fidelity: no rounding of cached keys/values
         cp.flash_attn_type = _FLASH_ATTN_DISABLED  # the F32 KV path; FA would need F16 K/V on some backends
         cp.offload_kqv = gpu
@@ -297,7 +307,7 @@ class LlamaCppRuntime(Runtime):
 
         mparams = mtmd.mtmd_context_params_default()
         mparams.use_gpu = gpu
-        mparams.n_threads = threads if threads is not None else cp.n_threads
+        mparams.n_threads = threads
         mparams.print_timings = False
         mparams.warmup = gpu  # on GPU, allocate the vision graph at load instead of on the first image
         mparams.flash_attn_type = _FLASH_ATTN_DISABLED

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from medmoe_edge import api
 from medmoe_edge.cli.app import app
-from medmoe_edge.errors import CheckpointError, RuntimeUnavailable
+from medmoe_edge.errors import CheckpointError
 from medmoe_edge.export.gguf_export import GgufQuant, export_gguf, gguf_tensor_group, read_tensor_types
 from medmoe_edge.export.gguf_text import write_text_gguf
 from medmoe_edge.presets import Preset
@@ -49,15 +49,19 @@ def _torch_logits(src, ids: list[int]) -> torch.Tensor:
     return logits[0]
 
 
-@pytest.mark.parametrize("preset", [Preset.TINY_PHI, Preset.TINY_STABLELM], ids=lambda p: p.value)
-def test_f32_text_gguf_matches_reference(preset, tiny_ckpts, tmp_path):
-    """Text only, F32 weights and KV cache: ≤ 2e-3 (ggml's GELU goes through an fp16 table) and the same argmax."""
-    src = tiny_ckpts[preset]
+def _assert_f32_text_parity(src, tmp_path: Path) -> None:
+    """F32 text GGUF vs the reference, teacher-forced on IDS: ≤ 2e-3 (ggml's GELU goes through an fp16 table), same argmax."""
     write_text_gguf(src, tmp_path / "m.gguf", dtype="f32")
     got = torch.from_numpy(_llama_logits(tmp_path / "m.gguf", IDS))
     ref = _torch_logits(src, IDS)
     assert (got - ref).abs().max() <= 2e-3
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("preset", [Preset.TINY_PHI, Preset.TINY_STABLELM], ids=lambda p: p.value)
+def test_f32_text_gguf_matches_reference(preset, tiny_ckpts, tmp_path):
+    """Text only, F32 weights and KV cache: ≤ 2e-3 (ggml's GELU goes through an fp16 table) and the same argmax."""
+    _assert_f32_text_parity(tiny_ckpts[preset], tmp_path)
 
 
 def test_demo_f32_and_f16_text_gguf(tmp_path):
@@ -190,6 +194,18 @@ def test_quantized_export_reports_types_fallbacks_and_overrides(tiny_ckpts, tmp_
     types = {n: t for n, t, _, _ in read_tensor_types(tmp_path / "ov" / "model.gguf")}
     assert types["blk.0.ffn_up_exps.weight"] == "q8_0" and types["blk.2.ffn_up_exps.weight"] in ("q4_k", "q6_k")
     assert {g.name: g.precision for g in m.tensor_groups if g.name == "layers.0.experts" and g.precision != "f32"} == {"layers.0.experts": "q8_0"}
+    # the same from the CLI, and the overrides' errors
+    r = runner.invoke(app, ["export", "--format", "gguf", "--quant", "q4_k_m", "--tensor-type", r"blk\.2\.ffn_down_exps\.weight=q6_k", "--out", str(tmp_path / "cli-ov"), "--no-verify"])
+    assert r.exit_code == 0, r.output
+    assert {n: t for n, t, _, _ in read_tensor_types(tmp_path / "cli-ov" / "model.gguf")}["blk.2.ffn_down_exps.weight"] == "q6_k"
+    for args, msg in (
+        (["--quant", "f32", "--tensor-type", "blk=q8_0"], "tensor type overrides need a quantized --quant"),
+        (["--quant", "q8_0", "--tensor-type", "blk=q9_9"], "tensor type 'q9_9' for 'blk' is not a ggml type"),
+        (["--quant", "q8_0", "--tensor-type", "blk"], "--tensor-type 'blk' is not REGEX=TYPE"),
+        (["--quant", "q8_0", "--tensor-type", "blk[=q8_0"], "is not a valid regular expression"),
+    ):
+        r = runner.invoke(app, ["export", "--format", "gguf", "--model", str(src), "--out", str(tmp_path / "bad"), *args])
+        assert r.exit_code == 2 and msg in r.output and not (tmp_path / "bad").exists(), r.output
 
 
 def test_bad_options_are_one_line_errors(gguf_bundles, tiny_ckpts, tmp_path):
@@ -288,11 +304,7 @@ def test_top2_checkpoint_matches_reference(preset, tmp_path):
 
     spec = PRESETS[preset]
     src = write_random_checkpoint(replace(spec, moe=replace(spec.moe, top_k=2)), tmp_path / "ckpt", seed=1)
-    write_text_gguf(src, tmp_path / "m.gguf", dtype="f32")
-    got = torch.from_numpy(_llama_logits(tmp_path / "m.gguf", IDS))
-    ref = _torch_logits(src, IDS)
-    assert (got - ref).abs().max() <= 2e-3
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    _assert_f32_text_parity(src, tmp_path)
 
 
 def test_residual_moe_is_refused_with_the_alternative(tmp_path):

@@ -23,6 +23,25 @@ class ExportFormat(str, Enum):
     GGUF = "gguf"
 
 
+def _parse_tensor_types(items: list[str]) -> dict[str, str]:
+    """`--tensor-type REGEX=TYPE` values → {regex: type}, in the order given (llama.cpp takes the first match)."""
+    import re
+
+    from ..errors import InputError
+
+    out: dict[str, str] = {}
+    for item in items:
+        pattern, sep, ttype = item.rpartition("=")
+        if not sep or not pattern or not ttype:
+            raise InputError(f"--tensor-type {item!r} is not REGEX=TYPE (e.g. 'blk\\.0\\.ffn_.*_exps=q8_0')")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise InputError(f"--tensor-type {item!r}: {pattern!r} is not a valid regular expression ({e})") from None
+        out[pattern] = ttype.lower()
+    return out
+
+
 @user_errors
 def export(
     fmt: Annotated[ExportFormat, typer.Option("--format", help="Bundle format.")],
@@ -31,6 +50,7 @@ def export(
     precision: Annotated[str | None, typer.Option("--precision", help="ONNX: fp32 (default) or fp16.")] = None,
     quant: Annotated[str | None, typer.Option("--quant", help="GGUF: f32 (default), f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0.")] = None,
     mmproj_dtype: Annotated[str | None, typer.Option("--mmproj-dtype", help="GGUF: f32 (default) or f16 for the vision tower + projector file.")] = None,
+    tensor_types: Annotated[list[str] | None, typer.Option("--tensor-type", help="GGUF: REGEX=TYPE, a ggml type for the tensors whose names match (repeatable; first match wins), e.g. 'blk\\.0\\.ffn_.*_exps=q8_0'.")] = None,
     vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")] = None,
     max_batch: Annotated[int | None, typer.Option("--max-batch", help="ONNX: largest batch in the TensorRT optimisation profiles [default: 4].")] = None,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {EXPORT_VERIFY_LIMIT} eval questions.")] = True,
@@ -41,8 +61,9 @@ def export(
     if fmt is ExportFormat.ONNX:
         from medmoe_edge.export.onnx_export import OnnxPrecision, export_onnx
 
-        if quant is not None or mmproj_dtype is not None:
-            raise InputError(f"{'--quant' if quant is not None else '--mmproj-dtype'} applies to --format gguf; ONNX bundles take --precision fp32|fp16")
+        gguf_only = [name for name, v in (("--quant", quant), ("--mmproj-dtype", mmproj_dtype), ("--tensor-type", tensor_types)) if v]
+        if gguf_only:
+            raise InputError(f"{gguf_only[0]} applies to --format gguf; ONNX bundles take --precision fp32|fp16")
         try:
             prec = OnnxPrecision(precision or "fp32")
         except ValueError:
@@ -58,8 +79,9 @@ def export(
             q = GgufQuant((quant or "f32").lower())
         except ValueError:
             raise InputError(f"--quant {quant!r} is not supported: use one of {', '.join(x.value for x in GgufQuant)}") from None
+        overrides = _parse_tensor_types(tensor_types or [])
         with err.status(f"exporting {model} to GGUF ({q.value})"):
-            manifest = export_gguf(model, out_dir, q, mmproj_dtype=mmproj_dtype or "f32", vision_tower=vision_tower)
+            manifest = export_gguf(model, out_dir, q, mmproj_dtype=mmproj_dtype or "f32", vision_tower=vision_tower, overrides=overrides or None)
         for name, ttype in manifest.extra.get("fallbacks", {}).items():
             err.print(f"[yellow]{name}: stored as {ttype}, not {q.value} (its rows do not fit the {q.value} block size)[/]")
     t = Table(title=f"{out_dir} ({manifest.format.value}, {manifest.precision})")
