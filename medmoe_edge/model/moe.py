@@ -101,13 +101,19 @@ class MoEFFN(nn.Module):
         return self.deepspeed_moe.experts.deepspeed_experts
 
     def _dispatch_eager(self, xf: torch.Tensor, r: Routing) -> torch.Tensor:
-        """Σ_k w_k·Expert_{e_k}(x): each expert that was chosen runs only on the tokens that chose it."""
+        """Σ_k w_k·Expert_{e_k}(x): each expert that was chosen runs only on the tokens that chose it.
+
+        Slot by slot (k = 0, then 1 for top-2), like `_dispatch_static`: an expert then sees the
+        same rows in both, and a matmul's result for a row can depend on how many rows it is
+        computed with (BLAS blocking), so this keeps the two bit-identical.
+        """
         routed = torch.zeros_like(xf)
-        for e in r.experts.unique().tolist():
-            tok, slot = (r.experts == e).nonzero(as_tuple=True)
-            # The official combine casts the fp32 weight to the activation dtype before scaling.
-            w = r.weights[tok, slot].to(xf.dtype).unsqueeze(-1)
-            routed.index_add_(0, tok, self.experts[e](xf[tok]) * w)
+        for k in range(r.experts.shape[1]):
+            for e in r.experts[:, k].unique().tolist():
+                tok = (r.experts[:, k] == e).nonzero().squeeze(-1)
+                # The official combine casts the fp32 weight to the activation dtype before scaling.
+                w = r.weights[tok, k].to(xf.dtype).unsqueeze(-1)
+                routed.index_add_(0, tok, self.experts[e](xf[tok]) * w)
         return routed
 
     def _dispatch_static(self, xf: torch.Tensor, r: Routing) -> torch.Tensor:
