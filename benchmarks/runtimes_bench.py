@@ -38,7 +38,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from docblock import replace_block  # noqa: E402
 
 DOC = ROOT / "docs" / "BENCHMARKS.md"
-BEGIN, END = "<!-- runtimes_bench:begin -->", "<!-- runtimes_bench:end -->"
+PROXY_EXPERTS = (4, 8)
+
+
+def markers(experts: tuple[int, ...], skip_gguf: bool) -> tuple[str, str]:
+    """The doc block a run writes: one per set of runtimes and proxies, so a shorter run
+    (e.g. `--experts 4`) does not replace the table of a full one."""
+    tag = "" if experts == PROXY_EXPERTS else f":{'-'.join(map(str, experts))}e"
+    tag += ":no-gguf" if skip_gguf else ""
+    return f"<!-- runtimes_bench{tag}:begin -->", f"<!-- runtimes_bench{tag}:end -->"
 
 
 def child(kind: str, model: str, decode: int, threads: int) -> None:
@@ -107,6 +115,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-proxy", action="store_true", help="only the demo model")
     ap.add_argument("--skip-gguf", action="store_true", help="leave out the llama.cpp runtime")
+    ap.add_argument("--experts", type=int, nargs="+", default=list(PROXY_EXPERTS), help="expert counts of the real-dimension proxies [default: 4 8]")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory [default: a temporary one]")
     a = ap.parse_args()
     if a.child:
@@ -127,7 +136,7 @@ def main() -> None:
     work = a.work or Path(tempfile.mkdtemp(prefix="medmoe-bench-"))
     models: list[tuple[str, Path]] = [("demo", resolve_model_dir("demo"))]
     if not a.skip_proxy:
-        for n in (4, 8):
+        for n in a.experts:
             d = work / f"proxy-stablelm-{n}e"
             models.append((f"StableLM-size proxy, {n} experts", d if (d / "config.json").is_file() else make_proxy(d, n)))
     rows = []
@@ -181,9 +190,12 @@ def write_doc(a, rows: list[dict]) -> None:
     import onnxruntime
     import torch
 
+    experts = tuple(a.experts)
+    begin, end = markers(experts, a.skip_gguf)
+    experts_arg = "" if experts == PROXY_EXPERTS else " --experts " + " ".join(map(str, experts))
     lines = [
-        BEGIN,
-        f"Command: `python benchmarks/runtimes_bench.py --reps {a.reps} --decode {a.decode} --threads {a.threads}{' --skip-proxy' if a.skip_proxy else ''}{' --skip-gguf' if a.skip_gguf else ''}` "
+        begin,
+        f"Command: `python benchmarks/runtimes_bench.py --reps {a.reps} --decode {a.decode} --threads {a.threads}{' --skip-proxy' if a.skip_proxy else ''}{' --skip-gguf' if a.skip_gguf else ''}{experts_arg}` "
         f"(torch {torch.__version__}, onnxruntime {onnxruntime.__version__}{_llama_version()}, {a.threads} threads, one image + question, prefill then {a.decode} greedy decode steps, median of {a.reps} alternating runs, each in its own process).",
         "",
         "| model | parameters | runtime | time to first token (ms) | decode tok/s | decode vs torch | peak RSS (MiB) | size on disk (MiB) |",
@@ -198,9 +210,9 @@ def write_doc(a, rows: list[dict]) -> None:
         for rt in sorted({r["runtime"] for r in rows}):
             if (p8, rt) in by and (p4, rt) in by:
                 lines.append(f"* {rt}: {by[(p8, rt)] / by[(p4, rt)]:.2f}×")
-    lines.append(END)
+    lines.append(end)
     block = "\n".join(lines)
-    replace_block(DOC, BEGIN, END, block, "Benchmarks")
+    replace_block(DOC, begin, end, block, "Benchmarks")
     print(block)
 
 
