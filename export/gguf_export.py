@@ -158,14 +158,20 @@ def _groups(tensors: list[tuple[str, str, int, tuple[int, ...]]], group_of) -> t
     return tuple(TensorGroup(g, t, n) for (g, t), n in acc.items())
 
 
-def _fallbacks(tensors: list[tuple[str, str, int, tuple[int, ...]]], quant: GgufQuant) -> dict[str, str]:
-    """Weight matrices that did not get the requested type (excluding the deliberately F32 router/norms/biases)."""
+def _fallbacks(tensors: list[tuple[str, str, int, tuple[int, ...]]], quant: GgufQuant, overrides: dict[str, str] | None) -> dict[str, str]:
+    """Weight matrices that did not get the type asked for: the override whose pattern matches
+    first (as llama.cpp applies them), else one of `quant`'s types. The router and all biases
+    (2-D for stacked experts) are F32 on purpose and never counted."""
     if not quant.needs_llamacpp:
         return {}
     wanted = {"q4_k_m": ("q4_k", "q6_k", "q5_k"), "q5_k_m": ("q5_k", "q6_k"), "q6_k": ("q6_k",), "q8_0": ("q8_0",), "q4_0": ("q4_0", "q4_1", "q6_k")}[quant.value]
+    patterns = [(re.compile(p), t.lower()) for p, t in (overrides or {}).items()]
     out = {}
     for name, ttype, _, shape in tensors:
-        if len(shape) >= 2 and "ffn_gate_inp" not in name and ttype not in wanted:
+        if len(shape) < 2 or not name.endswith(".weight") or "ffn_gate_inp" in name:
+            continue
+        asked = next(((t,) for p, t in patterns if p.search(name)), wanted)
+        if ttype not in asked:
             out[name] = ttype
     return out
 
@@ -231,7 +237,7 @@ def export_gguf(model: str | Path, out: Path, quant: GgufQuant = GgufQuant.F32, 
             },
             preprocessing={"default_mode": PreprocessMode.PAD.value},
             prompt={"system": SYSTEM, "template": build_prompt("{question}"), "image_placeholder_id": -200},
-            extra={"fallbacks": _fallbacks(text_tensors, quant), "tensor_overrides": overrides or {}, "mmproj_dtype": mmproj_dtype},
+            extra={"fallbacks": _fallbacks(text_tensors, quant, overrides), "tensor_overrides": overrides or {}, "mmproj_dtype": mmproj_dtype},
         )
         write_manifest(tmp, manifest)
     return manifest

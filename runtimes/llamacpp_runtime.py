@@ -54,9 +54,7 @@ from medmoe_edge.tokenizer import Tokenizer
 
 from .base import ArtifactKind, Availability, ModelInfo, PreparedRequest, Runtime, RuntimeOptions
 
-TEXT_FILE = "model.gguf"  # the text decoder (medmoe-phi2 / medmoe-stablelm)
-MMPROJ_FILE = "mmproj.gguf"  # CLIP tower + projector for mtmd
-TEXT_GRAPH, MMPROJ_GRAPH = "text", "mmproj"  # their keys in manifest.graphs, when present
+TEXT_GRAPH, MMPROJ_GRAPH = "text", "mmproj"  # manifest.graphs keys of the text GGUF and the mmproj GGUF
 ARCH_NAMES = ("medmoe-phi2", "medmoe-stablelm")
 BUILD_COMMAND = "bash scripts/build_llamacpp.sh"
 
@@ -125,15 +123,17 @@ def _patched(llama_cpp, lib) -> tuple[bool, str]:
 
 
 def require_patched_llama_cpp():
-    """The low-level `llama_cpp.llama_cpp` bindings of a Med-MoE-patched build (e.g. for `llama_model_quantize`).
+    """The low-level `llama_cpp.llama_cpp` bindings of a Med-MoE-patched build (e.g. for `llama_model_quantize`),
+    with the backend initialised and llama.cpp's logs reduced to errors.
 
     Raises:
         RuntimeUnavailable: llama-cpp-python is missing, fails to load, or lacks the medmoe archs.
     """
-    llama_cpp, lib, _mtmd = _import_llama()
+    llama_cpp, lib, mtmd = _import_llama()
     ok, version = _patched(llama_cpp, lib)
     if not ok:
         raise RuntimeUnavailable(unpatched_message(version))
+    _init_backend(lib, mtmd)  # before any llama.cpp call, so that its logs go through the quiet logger
     return lib
 
 
@@ -243,11 +243,10 @@ class LlamaCppRuntime(Runtime):
             self.context_length = int(self.manifest.model["context_length"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{self.dir / 'manifest.json'} has no model.context_length: export the bundle again") from None
-        text_path = self._bundle_file(TEXT_GRAPH, TEXT_FILE)
-        mmproj_path = self._bundle_file(MMPROJ_GRAPH, MMPROJ_FILE)
+        text_path = self._bundle_file(TEXT_GRAPH)
+        mmproj_path = self._bundle_file(MMPROJ_GRAPH)
         tokenizer = Tokenizer.from_dir(self.dir)
 
-        _init_backend(lib, mtmd)
         try:
             self._load(text_path, mmproj_path, gpu, gpu_index, options.num_threads)
         except BaseException:
@@ -262,12 +261,13 @@ class LlamaCppRuntime(Runtime):
             context_length=self.context_length,
         )
 
-    def _bundle_file(self, graph: str, default: str) -> Path:
+    def _bundle_file(self, graph: str) -> Path:
         g = self.manifest.graphs.get(graph)
-        path = self.dir / (g.file if g is not None else default)
-        if not path.is_file():
-            raise CheckpointError(f"{self.dir} has no {path.name}: it is not a complete GGUF bundle; export it again")
-        return path
+        if g is None:
+            raise CheckpointError(f"{self.dir / 'manifest.json'} lists no {graph} file: it is not a complete GGUF bundle; export it again")
+        if g.file not in {f.path for f in self.manifest.files}:
+            raise CheckpointError(f"{self.dir / 'manifest.json'} names {g.file} as its {graph} file but does not list it with a SHA-256: export the bundle again")
+        return self.dir / g.file  # open_bundle has checked every listed file's SHA-256
 
     def _load(self, text_path: Path, mmproj_path: Path, gpu: bool, gpu_index: int, threads: int | None) -> None:
         lib, mtmd = self._lib, self._mtmd
@@ -488,4 +488,4 @@ class LlamaCppRuntime(Runtime):
             pass
 
 
-__all__ = ["ARCH_NAMES", "MMPROJ_FILE", "TEXT_FILE", "LlamaCppRuntime", "library_has_archs", "pixels_to_rgb8", "require_patched_llama_cpp", "unpatched_message"]
+__all__ = ["ARCH_NAMES", "LlamaCppRuntime", "library_has_archs", "pixels_to_rgb8", "require_patched_llama_cpp", "unpatched_message"]

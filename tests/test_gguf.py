@@ -193,6 +193,7 @@ def test_quantized_export_reports_types_fallbacks_and_overrides(tiny_ckpts, tmp_
     m = export_gguf("demo", tmp_path / "ov", GgufQuant.Q4_K_M, overrides={r"blk\.0\.ffn_(up|down)_exps\.weight": "q8_0"})
     types = {n: t for n, t, _, _ in read_tensor_types(tmp_path / "ov" / "model.gguf")}
     assert types["blk.0.ffn_up_exps.weight"] == "q8_0" and types["blk.2.ffn_up_exps.weight"] in ("q4_k", "q6_k")
+    assert m.extra["fallbacks"] == {}  # the demo's 256/512 rows fit every k-quant; overridden tensors got their type
     assert {g.name: g.precision for g in m.tensor_groups if g.name == "layers.0.experts" and g.precision != "f32"} == {"layers.0.experts": "q8_0"}
     # the same from the CLI, and the overrides' errors
     r = runner.invoke(app, ["export", "--format", "gguf", "--quant", "q4_k_m", "--tensor-type", r"blk\.2\.ffn_down_exps\.weight=q6_k", "--out", str(tmp_path / "cli-ov"), "--no-verify"])
