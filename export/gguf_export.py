@@ -19,9 +19,11 @@ import re
 from enum import Enum
 from pathlib import Path
 
+import torch
+
 from medmoe_edge import __version__
 from medmoe_edge.bundle import GraphSpec, Manifest, TensorGroup, checkpoint_sha256, file_entries, write_manifest
-from medmoe_edge.checkpoint import load_model
+from medmoe_edge.checkpoint import load_model, reload_vision_tower
 from medmoe_edge.ckpt_writer import atomic_dir
 from medmoe_edge.errors import InputError, RuntimeUnavailable
 from medmoe_edge.imaging import PreprocessMode
@@ -29,7 +31,9 @@ from medmoe_edge.prompt import SYSTEM, build_prompt
 from medmoe_edge.runtimes.base import ArtifactKind
 
 from .gguf_mmproj import write_mmproj_gguf
-from .gguf_text import write_text_gguf
+from .gguf_mmproj import check_supported as check_tower_supported
+from .gguf_text import check_supported as check_text_supported
+from .gguf_text import export_load_dtype, write_loaded_text_gguf
 from .support_files import copy_support_files, source_files
 
 TEXT_FILE, MMPROJ_FILE = "model.gguf", "mmproj.gguf"
@@ -201,15 +205,23 @@ def export_gguf(model: str | Path, out: Path, quant: GgufQuant = GgufQuant.F32, 
         from medmoe_edge.runtimes.llamacpp_runtime import require_patched_llama_cpp
 
         require_patched_llama_cpp()  # fail before spending minutes on the export
-    loaded = load_model(model, vision_tower=vision_tower)
+    # One load for both files, in the checkpoint's own dtype when it is all bf16/fp16: exact for the
+    # language model and half the memory of fp32 (Phi: 12 GB instead of 24 GB). The CLIP tower is
+    # stored apart from the checkpoint, in full precision, so it is read again in fp32.
+    text_dtype = export_load_dtype(model)
+    loaded = load_model(model, dtype=text_dtype, vision_tower=vision_tower)
+    if text_dtype != torch.float32:
+        reload_vision_tower(loaded, torch.float32)
+    check_text_supported(loaded.spec)  # before writing anything
+    check_tower_supported(loaded)
     with atomic_dir(out) as tmp:
         if quant.needs_llamacpp:
             f32 = tmp / ".model-f32.gguf"
-            write_text_gguf(loaded.checkpoint_dir, f32, dtype="f32")
+            write_loaded_text_gguf(loaded, f32, dtype="f32")
             quantize(f32, tmp / TEXT_FILE, quant, overrides)
             f32.unlink()
         else:
-            write_text_gguf(loaded.checkpoint_dir, tmp / TEXT_FILE, dtype=quant.value)
+            write_loaded_text_gguf(loaded, tmp / TEXT_FILE, dtype=quant.value)
         write_mmproj_gguf(loaded, tmp / MMPROJ_FILE, dtype=mmproj_dtype)
         roles = {TEXT_FILE: "text-model", MMPROJ_FILE: "mmproj"} | copy_support_files(loaded, tmp)
         text_tensors = read_tensor_types(tmp / TEXT_FILE)

@@ -122,7 +122,7 @@ def plan_tensors(loaded: LoadedModel, matrix_dtype: np.dtype) -> list[PlannedTen
     return out
 
 
-def _check_supported(loaded: LoadedModel) -> None:
+def check_supported(loaded: LoadedModel) -> None:
     spec, v, proc = loaded.spec, loaded.spec.vision, loaded.processor
     if v.hidden_act not in _ACT_KEYS:
         raise UnsupportedCheckpoint(f"vision hidden_act {v.hidden_act!r} has no mtmd equivalent")
@@ -181,7 +181,7 @@ def write_mmproj_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str =
     if dtype not in DTYPES:
         raise InputError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     require_gguf()
-    _check_supported(loaded)
+    check_supported(loaded)
     tensors = plan_tensors(loaded, np.dtype(np.float16 if dtype == "f16" else np.float32))
     write_gguf(out_path, "clip", lambda w: _write_metadata(w, loaded, dtype), tensors)
 

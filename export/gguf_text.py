@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medmoe_edge.checkpoint import checkpoint_infos, load_model, resolve_model_dir
+from medmoe_edge.checkpoint import LoadedModel, checkpoint_infos, load_model, resolve_model_dir
 from medmoe_edge.errors import InputError, UnsupportedCheckpoint
 from medmoe_edge.model.medmoe import MedMoE
 from medmoe_edge.spec import ModelSpec, Variant
@@ -195,7 +195,7 @@ def _vocab(hf, variant: Variant, n_vocab: int) -> _Vocab:
     return _Vocab(tokens, types, merges, _tokenizer_pre(variant, tj.get("pre_tokenizer")))
 
 
-def _check_supported(spec: ModelSpec) -> None:
+def check_supported(spec: ModelSpec) -> None:
     if spec.moe.use_residual:
         # §2.3.6 residual MoE mixes routed and meta outputs with a learned coefficient: no llama.cpp graph for it.
         raise UnsupportedCheckpoint("GGUF export does not support use_residual=True (coefficient-mixed residual MoE); use the torch or ONNX runtimes")
@@ -255,7 +255,7 @@ def _write_metadata(w, spec: ModelSpec, vocab: _Vocab, tokenizer, dtype: str) ->
     w.add_add_eos_token(False)
 
 
-def _load_dtype(model_dir: str | Path) -> torch.dtype:
+def export_load_dtype(model_dir: str | Path) -> torch.dtype:
     """The dtype to load the checkpoint in: its own when every tensor is bf16 (or fp16), else fp32.
 
     Loading a bf16 release in bf16 is exact (each tensor is widened to fp32 only when written)
@@ -287,11 +287,17 @@ def write_text_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str =
     if dtype not in DTYPES:
         raise InputError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     require_gguf()  # before minutes of loading
-    loaded = load_model(model_dir, dtype=_load_dtype(model_dir), device="cpu")
+    write_loaded_text_gguf(load_model(model_dir, dtype=export_load_dtype(model_dir), device="cpu"), out_path, dtype=dtype)
+
+
+def write_loaded_text_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str = "f32") -> None:
+    """`write_text_gguf` for a model already loaded (any dtype; each tensor is widened to fp32 when written)."""
+    if dtype not in DTYPES:
+        raise InputError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    require_gguf()
     spec = loaded.spec
-    _check_supported(spec)
+    check_supported(spec)
     model = loaded.model
     vocab = _vocab(loaded.tokenizer.hf, spec.variant, model.n_vocab)
     tensors = plan_tensors(model, np.dtype(np.float16 if dtype == "f16" else np.float32))
-
     write_gguf(out_path, ARCH[spec.variant], lambda w: _write_metadata(w, spec, vocab, loaded.tokenizer, dtype), tensors)

@@ -208,6 +208,14 @@ class LoadedModel:
     config: dict
 
 
+def reload_vision_tower(loaded: LoadedModel, dtype: torch.dtype = torch.float32) -> None:
+    """Load `loaded`'s CLIP tower again from its files in `dtype` (e.g. fp32 after a bf16 load of
+    the whole model: the tower is stored in full precision, separately from the checkpoint)."""
+    device = next(loaded.model.vision.parameters()).device
+    state = _tower_state(loaded.tower_dir, loaded.model)
+    loaded.model.vision.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
+
+
 def read_spec(checkpoint_dir: Path, vision_tower: str | Path | None = None) -> tuple[ModelSpec, dict, TowerFiles]:
     """Parse config.json and the tower config into a ModelSpec (no weights loaded)."""
     cfg = read_json(checkpoint_dir / "config.json", "a Med-MoE checkpoint directory needs config.json")

@@ -320,3 +320,21 @@ def test_residual_moe_is_refused_with_the_alternative(tmp_path):
     with pytest.raises(UnsupportedCheckpoint, match="use_residual=True.*use the torch or ONNX runtimes"):
         export_gguf(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_bf16_checkpoint_exports_exact_weights_with_one_load(tmp_path):
+    """A bf16 release is loaded once in bf16 (exact for the LM); the tower is read again in fp32 from its own files."""
+    import gguf
+
+    from medmoe_edge.checkpoint import load_model
+    from medmoe_edge.presets import PRESETS
+    from medmoe_edge.random_init import write_random_checkpoint
+
+    src = write_random_checkpoint(PRESETS[Preset.TINY_STABLELM], tmp_path / "ckpt", seed=3, dtype="bfloat16")
+    export_gguf(src, tmp_path / "out")
+    ref = load_model(src)  # fp32 everywhere
+    mm = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(tmp_path / "out" / "mmproj.gguf")).tensors}
+    tower_q = ref.model.vision.vision_model.encoder.layers[0].self_attn.q_proj.weight.detach().numpy()
+    assert np.array_equal(mm["v.blk.0.attn_q.weight"], tower_q)
+    txt = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(tmp_path / "out" / "model.gguf")).tensors}
+    assert np.array_equal(txt["blk.1.attn_q.weight"], ref.model.lm.model.layers[1].self_attn.q_proj.weight.detach().numpy())
