@@ -5,14 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def replace_block(doc: Path, begin: str, end: str, block: str, title: str) -> None:
-    """Put `block` (which starts with `begin` and ends with `end`) in place of the old one in `doc`.
+def publish_block(doc: Path, begin: str, end: str, lines: list[str], title: str) -> None:
+    """Put `lines` between the markers `begin` and `end` in `doc` (replacing what was there), and print them.
 
     The rest of the page is kept; a page or a pair of markers that does not exist yet is added.
     """
+    block = "\n".join([begin, *lines, end])
     text = doc.read_text() if doc.is_file() else f"# {title}\n"
     if begin in text and end in text:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     doc.write_text(text)
+    print(block)

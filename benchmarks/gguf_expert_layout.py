@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from docblock import replace_block  # noqa: E402
+from docblock import publish_block  # noqa: E402
 
 DOC = ROOT / "docs" / "GGUF.md"
 BEGIN, END = "<!-- gguf_expert_layout:begin -->", "<!-- gguf_expert_layout:end -->"
@@ -128,7 +128,6 @@ def main() -> None:
     import llama_cpp
 
     lines = [
-        BEGIN,
         f"Command: `python benchmarks/gguf_expert_layout.py --reps {a.reps} --quant {quant.value} --threads {a.threads}` "
         f"(llama-cpp-python {llama_cpp.__version__}, {a.threads} threads; StableLM-size proxy, 4 layers, MoE on 0 and 2, 4 experts; "
         f"32-token prompt, median decode step of 64, median of {a.reps} alternating runs).",
@@ -138,10 +137,7 @@ def main() -> None:
     ]
     for k, v in med.items():
         lines.append(f"| {k} | {v:.2f} | {v / base:.2f}× |")
-    lines.append(END)
-    block = "\n".join(lines)
-    replace_block(DOC, BEGIN, END, block, "GGUF bundles and the llama.cpp runtime")
-    print(block)
+    publish_block(DOC, BEGIN, END, lines, "GGUF bundles and the llama.cpp runtime")
 
 
 if __name__ == "__main__":

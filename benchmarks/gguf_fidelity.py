@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from docblock import replace_block  # noqa: E402
+from docblock import publish_block  # noqa: E402
 
 DOC = ROOT / "docs" / "GGUF.md"
 BEGIN, END = "<!-- gguf_fidelity:begin -->", "<!-- gguf_fidelity:end -->"
@@ -86,7 +86,6 @@ def write_doc(a, rows: list[dict]) -> None:
 
     cmd = "python benchmarks/gguf_fidelity.py" + (f" --demo-limit {a.demo_limit}" if a.demo_limit else "") + (" --skip-proxy" if a.skip_proxy else f" --proxy-limit {a.proxy_limit}")
     lines = [
-        BEGIN,
         f"Command: `{cmd}` (llama-cpp-python {llama_cpp.__version__}, portable CPU build; F32 KV cache; mmproj F32; "
         "`medmoe-edge verify` teacher-forces the bundle on the reference's greedy tokens, 32 new tokens at most).",
         "",
@@ -95,10 +94,7 @@ def write_doc(a, rows: list[dict]) -> None:
     ]
     for r in rows:
         lines.append(f"| {r['model']} | {r['quant']} | {r['text_mib']:.1f} | {r['bundle_mib']:.1f} | {r['max_abs']:.2g} | {r['cos']:.6f} | {r['tokens']:.2%} | {r['answers']} | {r['verdict']} |")
-    lines.append(END)
-    block = "\n".join(lines)
-    replace_block(DOC, BEGIN, END, block, "GGUF bundles and the llama.cpp runtime")
-    print(block)
+    publish_block(DOC, BEGIN, END, lines, "GGUF bundles and the llama.cpp runtime")
 
 
 if __name__ == "__main__":

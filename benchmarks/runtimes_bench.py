@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from docblock import replace_block  # noqa: E402
+from docblock import publish_block  # noqa: E402
 
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 PROXY_EXPERTS = (4, 8)
@@ -194,7 +194,6 @@ def write_doc(a, rows: list[dict]) -> None:
     begin, end = markers(experts, a.skip_gguf)
     experts_arg = "" if experts == PROXY_EXPERTS else " --experts " + " ".join(map(str, experts))
     lines = [
-        begin,
         f"Command: `python benchmarks/runtimes_bench.py --reps {a.reps} --decode {a.decode} --threads {a.threads}{' --skip-proxy' if a.skip_proxy else ''}{' --skip-gguf' if a.skip_gguf else ''}{experts_arg}` "
         f"(torch {torch.__version__}, onnxruntime {onnxruntime.__version__}{_llama_version()}, {a.threads} threads, one image + question, prefill then {a.decode} greedy decode steps, median of {a.reps} alternating runs, each in its own process).",
         "",
@@ -210,10 +209,7 @@ def write_doc(a, rows: list[dict]) -> None:
         for rt in sorted({r["runtime"] for r in rows}):
             if (p8, rt) in by and (p4, rt) in by:
                 lines.append(f"* {rt}: {by[(p8, rt)] / by[(p4, rt)]:.2f}×")
-    lines.append(end)
-    block = "\n".join(lines)
-    replace_block(DOC, begin, end, block, "Benchmarks")
-    print(block)
+    publish_block(DOC, begin, end, lines, "Benchmarks")
 
 
 if __name__ == "__main__":
