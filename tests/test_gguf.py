@@ -104,7 +104,9 @@ def gguf_bundles(tiny_ckpts, tmp_path_factory) -> dict[str, tuple[object, Path]]
     """F32 GGUF bundles of both tiny checkpoints and the demo model: name -> (source, bundle)."""
     root = tmp_path_factory.mktemp("gguf")
     srcs = {"tiny-phi": tiny_ckpts[Preset.TINY_PHI], "tiny-stablelm": tiny_ckpts[Preset.TINY_STABLELM], "demo": "demo"}
-    return {name: (src, export_gguf(src, root / name, GgufQuant.F32) and root / name) for name, src in srcs.items()}
+    for name, src in srcs.items():
+        export_gguf(src, root / name, GgufQuant.F32)
+    return {name: (src, root / name) for name, src in srcs.items()}
 
 
 @pytest.mark.parametrize("name", ["tiny-phi", "tiny-stablelm"])
