@@ -30,6 +30,7 @@ from medmoe_edge.imaging import PreprocessMode
 from medmoe_edge.prompt import SYSTEM, build_prompt
 from medmoe_edge.runtimes.base import ArtifactKind
 
+from .gguf_io import DTYPES
 from .gguf_mmproj import write_mmproj_gguf
 from .gguf_mmproj import check_supported as check_tower_supported
 from .gguf_text import check_supported as check_text_supported
@@ -194,7 +195,7 @@ def export_gguf(model: str | Path, out: Path, quant: GgufQuant = GgufQuant.F32, 
         RuntimeUnavailable: gguf missing; llama_cpp missing/unpatched for quantized types.
         CheckpointError / UnsupportedCheckpoint: the checkpoint cannot be exported.
     """
-    if mmproj_dtype not in ("f32", "f16"):
+    if mmproj_dtype not in DTYPES:
         raise InputError(f"--mmproj-dtype {mmproj_dtype!r} is not f32 or f16")
     if overrides:
         if not quant.needs_llamacpp:

@@ -294,7 +294,6 @@ def write_loaded_text_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: 
     """`write_text_gguf` for a model already loaded (any dtype; each tensor is widened to fp32 when written)."""
     if dtype not in DTYPES:
         raise InputError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    require_gguf()
     spec = loaded.spec
     check_supported(spec)
     model = loaded.model
