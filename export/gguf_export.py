@@ -35,7 +35,7 @@ from .gguf_mmproj import write_mmproj_gguf
 from .gguf_mmproj import check_supported as check_tower_supported
 from .gguf_text import check_supported as check_text_supported
 from .gguf_text import export_load_dtype, write_loaded_text_gguf
-from .support_files import copy_support_files, source_files
+from medmoe_edge.support_files import copy_support_files, source_files
 
 TEXT_FILE, MMPROJ_FILE = "model.gguf", "mmproj.gguf"
 

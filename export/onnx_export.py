@@ -34,7 +34,7 @@ from medmoe_edge.prompt import SYSTEM, build_prompt
 from medmoe_edge.runtimes.base import ArtifactKind
 
 from .onnx_graphs import DecoderGraph, EmbedGraph, VisionGraph, decoder_io_names, use_buffer_attention, use_static_dispatch
-from .support_files import copy_support_files, source_files
+from medmoe_edge.support_files import copy_support_files, source_files
 
 OPSET = 17
 GRAPH_FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}

@@ -19,7 +19,7 @@ from pathlib import Path
 from .generation import FinishReason, GenerationConfig, LoopTimings, RowResult, TokenEvent
 from .imaging import LoadedImage, PreprocessMode, load_image, preprocess
 from .prompt import build_prompt, tokenize_prompt
-from .runtimes.base import PreparedRequest, Runtime, RuntimeOptions
+from .runtime_contract import PreparedRequest, Runtime, RuntimeOptions
 from .runtimes.registry import get_runtime
 
 

@@ -14,11 +14,10 @@ format or version, or whose files are missing or do not hash to the manifest. Ex
 write the whole directory under a temporary name and rename it at the end
 (`ckpt_writer.atomic_dir`), so an interrupted export leaves nothing that looks complete.
 
-Precision is recorded per *tensor group* (`TensorGroup`): the vision tower, the projector,
-the embedding, each layer's attention, each dense FFN, each router, each routed expert,
-each meta expert, the final norm and lm_head. A uniform export gives every group the
-same precision; per-expert mixed-precision plans later fill in different values
-without changing the format.
+Precision is recorded per *tensor group* (`TensorGroup`), named by its TensorId
+(`medmoe_edge.tensor_ids`): the vision tower, the projector, the embedding, each layer's
+attention, each dense FFN, each router, each routed expert, each meta expert, the final norm
+and lm_head. The `QuantPlan` the export was asked for is recorded beside what was stored.
 """
 
 from __future__ import annotations
@@ -32,10 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
-from .runtimes.base import ArtifactKind
+from .quant_plan import QuantPlan
+from .vocab import ArtifactKind, Precision
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+# 2: precisions in the one vocabulary (vocab.Precision), tensor groups named by TensorId,
+#    typed model facts, the QuantPlan, an optional embedded reference trace.
+MANIFEST_VERSION = 2
 _HASH_CHUNK = 8 << 20
 
 
@@ -63,15 +65,36 @@ class TensorGroup:
     """A group of tensors that share one precision.
 
     Attributes:
-        name: "vision", "projector", "embed", "layers.{i}.attn", "layers.{i}.ffn",
-            "layers.{i}.router", "layers.{i}.expert.{e}", "layers.{i}.meta", "final_norm", "lm_head".
-        precision: the storage/compute type of the group's weights ("fp32", "fp16"; later "int8", "q4_k", ...).
+        name: the canonical TensorId string ("vision", "layers.3.expert.1", ...; see `tensor_ids`).
+        precision: the storage type of the group's weights as written.
         params: number of parameters in the group.
     """
 
     name: str
-    precision: str
+    precision: Precision
     params: int
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Facts about the exported model that runtimes need without parsing configs.
+
+    Attributes:
+        layout: format-specific facts (e.g. the ONNX MoE dispatch, the GGUF expert layout).
+    """
+
+    variant: str
+    num_layers: int
+    hidden_size: int
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_rows: int
+    image_tokens: int
+    context_length: int
+    layout: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,7 +140,7 @@ class Manifest:
 
     Attributes:
         format: the artifact kind (onnx, gguf, tensorrt).
-        precision: the bundle's overall precision label (e.g. "fp32"); per group in `tensor_groups`.
+        precision: the bundle's overall precision (the plan's default); per group in `tensor_groups`.
         files: every file of the bundle except the manifest itself.
         source: {"path", "sha256", "label"}: the checkpoint it was exported from.
         toolchain: versions of the exporter and libraries (and the ONNX opset).
@@ -125,25 +148,31 @@ class Manifest:
         model: facts runtimes need without parsing configs (layers, MoE layout, KV shape, vocab rows).
         preprocessing: image processor settings and the default mode.
         prompt: conversation template and system prompt.
+        plan: the QuantPlan the export was asked for.
         extra: format-specific settings (e.g. TensorRT optimisation profiles).
     """
 
     format: ArtifactKind
-    precision: str
+    precision: Precision
     files: tuple[FileEntry, ...]
     tensor_groups: tuple[TensorGroup, ...]
     source: dict[str, Any]
     toolchain: dict[str, Any]
     graphs: dict[str, GraphSpec]
-    model: dict[str, Any]
+    model: ModelFacts
     preprocessing: dict[str, Any]
     prompt: dict[str, Any]
+    plan: QuantPlan
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["format"] = self.format.value
+        d["precision"] = self.precision.value
+        d["tensor_groups"] = [{"name": g.name, "precision": g.precision.value, "params": g.params} for g in self.tensor_groups]
+        d["model"]["moe_layers"] = list(self.model.moe_layers)
+        d["plan"] = self.plan.to_json()
         return d
 
     @classmethod
@@ -151,17 +180,20 @@ class Manifest:
         def io(items: list) -> tuple[GraphIO, ...]:
             return tuple(GraphIO(i["name"], i["dtype"], tuple(i["shape"])) for i in items)
 
+        model = dict(d["model"])
+        model["moe_layers"] = tuple(int(i) for i in model["moe_layers"])
         return cls(
             format=ArtifactKind(d["format"]),
-            precision=str(d["precision"]),
+            precision=Precision(d["precision"]),
             files=tuple(FileEntry(**f) for f in d["files"]),
-            tensor_groups=tuple(TensorGroup(**g) for g in d["tensor_groups"]),
+            tensor_groups=tuple(TensorGroup(str(g["name"]), Precision(g["precision"]), int(g["params"])) for g in d["tensor_groups"]),
             source=dict(d["source"]),
             toolchain=dict(d["toolchain"]),
             graphs={k: GraphSpec(g["file"], io(g["inputs"]), io(g["outputs"])) for k, g in d["graphs"].items()},
-            model=dict(d["model"]),
+            model=ModelFacts(**model),
             preprocessing=dict(d["preprocessing"]),
             prompt=dict(d["prompt"]),
+            plan=QuantPlan.from_json(d["plan"]),
             extra=dict(d.get("extra", {})),
             version=int(d["version"]),
         )
@@ -172,9 +204,9 @@ class Manifest:
         h = hashlib.sha256("".join(f"{f.path}:{f.sha256}\n" for f in self.files).encode())
         return h.hexdigest()[:16]
 
-    def group_precisions(self) -> dict[str, int]:
-        """Parameters per precision, e.g. {"fp16": 1_234_567}."""
-        out: dict[str, int] = {}
+    def group_precisions(self) -> dict[Precision, int]:
+        """Parameters per precision, e.g. {Precision.FP16: 1_234_567}."""
+        out: dict[Precision, int] = {}
         for g in self.tensor_groups:
             out[g.precision] = out.get(g.precision, 0) + g.params
         return out

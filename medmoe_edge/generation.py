@@ -1,23 +1,17 @@
 """Runtime-agnostic generation: sampling functions and the prefill/decode loop.
 
-Sampling is a small pure function of the logits (gpt-fast style); the loop drives any
-runtime that implements `prefill` and `decode` (see `medmoe_edge.runtimes.base`).
+Sampling is a small pure function of the logits (gpt-fast style). The one loop that drives
+a runtime's prefill and decode with them is `Runtime.generate` (`medmoe_edge.runtime_contract`).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import InputError
-
-if TYPE_CHECKING:
-    from medmoe_edge.runtimes.base import PreparedRequest, Runtime
 
 
 @dataclass(frozen=True)
@@ -122,45 +116,3 @@ class LoopTimings:
     prefill_s: float = 0.0  # time to first token (prefill + first sample)
     decode_s: float = 0.0
     decode_steps: int = 0
-
-
-def generate(runtime: Runtime, requests: list[PreparedRequest], cfg: GenerationConfig, timings: LoopTimings | None = None) -> Iterator[TokenEvent | list[RowResult]]:
-    """Drive prefill and decode; yield each token as it is produced, then the per-row results.
-
-    Rows that reach EOS stop producing events; the batch continues while any row is
-    unfinished (finished rows are fed EOS, which cannot change other rows: every row
-    attends only to its own slots).
-    """
-    timings = timings if timings is not None else LoopTimings()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    eos = runtime.model_info.eos_id
-    b = len(requests)
-    t0 = time.perf_counter()
-    out = runtime.prefill(requests, cfg.max_new_tokens)
-    results = [RowResult([], FinishReason.LENGTH, [], (out.prompt_routing or [{}] * b)[i]) for i in range(b)]
-    done = [False] * b
-    for step in range(cfg.max_new_tokens):
-        tok = sample(out.logits, cfg, gen)
-        if step == 0:
-            timings.prefill_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
-        for i in range(b):
-            if done[i]:
-                tok[i] = eos
-                continue
-            experts = {layer: e[i].tolist() for layer, e in out.experts.items()}
-            tid = int(tok[i])
-            if tid == eos:
-                done[i] = True
-                results[i].finish_reason = FinishReason.EOS
-                continue
-            results[i].token_ids.append(tid)
-            results[i].routing.append(experts)
-            yield TokenEvent(i, step, tid, experts)
-        if all(done) or step == cfg.max_new_tokens - 1:
-            break
-        out = runtime.decode(tok)
-        timings.decode_steps += 1
-    if cfg.max_new_tokens > 0 and timings.prefill_s:
-        timings.decode_s = time.perf_counter() - t1
-    yield results

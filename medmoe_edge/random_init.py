@@ -17,7 +17,7 @@ from .ckpt_writer import atomic_dir, full_tower_names, write_checkpoint
 from .errors import InputError
 from .model.medmoe import MedMoELM
 from .spec import ModelSpec, Variant
-from .runtimes.base import DType
+from .vocab import FLOAT_PRECISIONS, Precision
 from .tokenizer import PHI_SPECIALS, STABLELM_SPECIALS, Tokenizer, default_corpus, train_bpe
 from .weights import DEFAULT_SHARD_BYTES
 
@@ -54,10 +54,8 @@ def write_random_checkpoint(spec: ModelSpec, out: str | Path, *, seed: int = 0, 
     Raises:
         InputError: `out` exists and is not empty, or an unknown dtype.
     """
-    try:
-        tdt = DType(dtype).torch
-    except ValueError:
-        raise InputError(f"--dtype {dtype} is not one of {', '.join(d.value for d in DType)}") from None
+    precision = Precision.parse(dtype, allowed=FLOAT_PRECISIONS, option="--dtype")
+    tdt, dtype = precision.torch, precision.torch_name
     out = Path(out)
     with atomic_dir(out) as tmp:
         specials = PHI_SPECIALS if spec.variant is Variant.PHI else STABLELM_SPECIALS

@@ -1,7 +1,7 @@
 """Runtime discovery through the `medmoe_edge.runtimes` entry-point group.
 
-The built-in PyTorch runtime is registered in this project's pyproject.toml exactly as
-a third-party package registers its own:
+The built-in runtimes are registered in this project's pyproject.toml exactly as a
+third-party package registers its own:
 
     [project.entry-points."medmoe_edge.runtimes"]
     myruntime = "my_package.module:MyRuntime"
@@ -10,16 +10,15 @@ a third-party package registers its own:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 
 from medmoe_edge.errors import RuntimeUnavailable
-
-from .base import ArtifactKind, Availability, Runtime
+from medmoe_edge.plugins import PluginGroup
+from medmoe_edge.runtime_contract import Availability, Runtime
+from medmoe_edge.vocab import ArtifactKind
 
 ENTRY_POINT_GROUP = "medmoe_edge.runtimes"
 
-# Runtimes registered by code (tests, notebooks) in addition to entry points.
-_extra: dict[str, type[Runtime]] = {}
+_group: PluginGroup[Runtime] = PluginGroup(ENTRY_POINT_GROUP, Runtime)
 
 
 @dataclass(frozen=True)
@@ -42,27 +41,16 @@ class RuntimeEntry:
 
 def register(cls: type[Runtime]) -> None:
     """Register a runtime class programmatically (e.g. in tests); entry points are the normal path."""
-    _extra[cls.name] = cls
+    _group.register(cls.name, cls)
 
 
 def unregister(name: str) -> None:
-    _extra.pop(name, None)
+    _group.unregister(name)
 
 
 def discover() -> dict[str, RuntimeEntry]:
     """All runtimes: entry points of the group, then programmatic registrations, by name."""
-    found: dict[str, RuntimeEntry] = {}
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        try:
-            cls = ep.load()
-            if not (isinstance(cls, type) and issubclass(cls, Runtime)):
-                raise TypeError(f"{ep.value} is not a medmoe_edge Runtime subclass")
-            found[ep.name] = RuntimeEntry(ep.name, ep.value, cls, None)
-        except Exception as e:  # noqa: BLE001 - report, don't crash, on a broken plugin
-            found[ep.name] = RuntimeEntry(ep.name, ep.value, None, f"{type(e).__name__}: {e}")
-    for name, cls in _extra.items():
-        found[name] = RuntimeEntry(name, f"{cls.__module__}:{cls.__qualname__}", cls, None)
-    return found
+    return {name: RuntimeEntry(e.name, e.target, e.cls, e.error) for name, e in _group.discover().items()}
 
 
 def get_runtime(name: str) -> type[Runtime]:

@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 
 from ..errors import MedmoeError
+from ..runtime_contract import RuntimeOptions
+from ..vocab import FLOAT_PRECISIONS, Precision
 
 out = Console()  # results
 err = Console(stderr=True)  # progress, status and errors
@@ -34,6 +36,12 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def runtime_options(*, device: str = "cpu", dtype: str | None = None, threads: int | None = None, vision_tower=None, provider: str | None = None) -> RuntimeOptions:
+    """The runtime options of a command's flags, parsed in one place for every command that runs a model."""
+    precision = Precision.parse(dtype, allowed=FLOAT_PRECISIONS, option="--dtype") if dtype is not None else None
+    return RuntimeOptions(device=device, dtype=precision, num_threads=threads, vision_tower=vision_tower, provider=provider)
 
 
 def print_json(obj: Any) -> None:

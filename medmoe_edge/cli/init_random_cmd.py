@@ -9,7 +9,6 @@ import typer
 
 from ..presets import DEFAULT_DTYPE, PRESETS, Preset
 from ..random_init import write_random_checkpoint
-from ..runtimes.base import DType
 from .common import err, out, user_errors
 
 
@@ -18,11 +17,11 @@ def init_random(
     preset: Annotated[Preset, typer.Option("--preset", help="Model preset: real dimensions (phi, stablelm) or tiny test sizes.")],
     out_dir: Annotated[Path, typer.Option("--out", help="New directory to write (must not exist or be empty).")],
     seed: Annotated[int, typer.Option("--seed", help="Seed of every tensor.")] = 0,
-    dtype: Annotated[DType | None, typer.Option("--dtype", help="Storage dtype [default: bfloat16 for real presets, float32 for tiny].")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Storage dtype: float32, float16 or bfloat16 [default: bfloat16 for real presets, float32 for tiny].")] = None,
 ) -> None:
     """Write a random Med-MoE checkpoint (config, sharded safetensors, tokenizer, CLIP tower) in the released layout."""
     spec = PRESETS[preset]
-    dt = dtype.value if dtype else DEFAULT_DTYPE[preset]
+    dt = dtype or DEFAULT_DTYPE[preset]
     with err.status(f"writing random {preset.value} checkpoint ({dt}) to {out_dir}"):
         path = write_random_checkpoint(spec, out_dir, seed=seed, dtype=dt)
     out.print(f"wrote random [bold]{preset.value}[/] checkpoint (seed {seed}, {dt}) to {path}")

@@ -12,8 +12,7 @@ from ..api import load
 from ..demo import DEMO_LABEL, is_demo
 from ..generation import GenerationConfig
 from ..imaging import PreprocessMode
-from ..runtimes.base import DType, RuntimeOptions
-from .common import err, print_json, user_errors
+from .common import err, print_json, runtime_options, user_errors
 
 
 @user_errors
@@ -30,14 +29,14 @@ def run(
     frame: Annotated[int | None, typer.Option("--frame", help="DICOM frame index [default: middle frame].")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")] = "cpu",
     provider: Annotated[str | None, typer.Option("--provider", help="onnxruntime execution provider: cpu, cuda or tensorrt (never a silent fallback).")] = None,
-    dtype: Annotated[DType | None, typer.Option("--dtype", help="Compute precision [default: float32].")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Compute precision: float32 (default), float16 or bfloat16.")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads [default: library default].")] = None,
     vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (answer, token ids, timings, experts per MoE layer).")] = False,
 ) -> None:
     """Answer a question about a medical image with Med-MoE."""
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    options = RuntimeOptions(device=device, dtype=dtype, num_threads=threads, vision_tower=vision_tower, provider=provider)
+    options = runtime_options(device=device, dtype=dtype, threads=threads, vision_tower=vision_tower, provider=provider)
     with err.status(f"loading {model} with the {runtime} runtime"):
         pipe = load(model, runtime=runtime, options=options)
     if is_demo(model) and not as_json:
