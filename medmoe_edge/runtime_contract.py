@@ -251,12 +251,12 @@ class Runtime(ABC):
         given = {DTYPE: options.dtype, PROVIDER: options.provider, VISION_TOWER: options.vision_tower, THREADS: options.num_threads}
         for key, value in given.items():
             if value is not None and key not in caps.options:
-                raise InputError(f"{_OPTION_FLAGS[key]} does not apply to the {cls.name} runtime: {_option_hint(cls, key)}")
+                raise InputError(f"{_OPTION_FLAGS[key]} {_option_text(value)} does not apply to the {cls.name} runtime: {_option_hint(cls, key)}")
         device = Device.parse(options.device)
         if device.kind not in caps.devices:
             raise InputError(f"--device {device} is not supported by the {cls.name} runtime: use {' or '.join(d.value for d in caps.devices)}")
         if options.dtype is not None and caps.precisions and options.dtype not in caps.precisions:
-            raise InputError(f"--dtype {options.dtype.torch_name if options.dtype.is_float else options.dtype.value} is not supported by the {cls.name} runtime: use one of {', '.join(p.torch_name for p in caps.precisions)}")
+            raise InputError(f"--dtype {_option_text(options.dtype)} is not supported by the {cls.name} runtime: use one of {', '.join(p.torch_name for p in caps.precisions)}")
         if options.num_threads is not None and options.num_threads < 1:
             raise InputError(f"--threads must be at least 1, got {options.num_threads}")
         threads = options.num_threads if options.num_threads is not None else default_threads()
@@ -311,6 +311,7 @@ class Runtime(ABC):
     def prefill(self, requests: list[PreparedRequest], max_new_tokens: int) -> StepOutput:
         """Validate the batch (`check_requests`), then process the prompts; returns next-token logits per row."""
         self.check_requests(requests, max_new_tokens)
+        self._rows = self._positions_left = 0  # a prefill that fails leaves no sequence to decode
         t0 = time.perf_counter()
         out = self._prefill(requests, max_new_tokens)
         self.timings.prefill_s.append(time.perf_counter() - t0)
@@ -404,6 +405,13 @@ class Runtime(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _option_text(value: object) -> str:
+    """An option's value as the user spelled it on the command line."""
+    if isinstance(value, Precision):
+        return value.torch_name if value.is_float else value.value
+    return str(value)
 
 
 def _option_hint(cls: type[Runtime], key: str) -> str:

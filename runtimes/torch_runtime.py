@@ -10,8 +10,25 @@ from medmoe_edge.bundle import is_bundle, read_manifest
 from medmoe_edge.checkpoint import LoadedModel, load_model
 from medmoe_edge.errors import CheckpointError, InputError
 from medmoe_edge.generation import StepOutput
+from medmoe_edge.vocab import FLOAT_PRECISIONS
 
-from .base import ArtifactKind, Availability, DType, ModelInfo, PreparedRequest, Runtime, RuntimeOptions, prompt_routing_counts, token_kinds
+from .base import (
+    DTYPE,
+    THREADS,
+    VISION_TOWER,
+    ArtifactKind,
+    Availability,
+    Capabilities,
+    Device,
+    DeviceKind,
+    ModelInfo,
+    Precision,
+    PreparedRequest,
+    ResolvedOptions,
+    Runtime,
+    prompt_routing_counts,
+    token_kinds,
+)
 
 
 def _bundle_runtime_hint(bundle: str | Path) -> str:
@@ -22,16 +39,16 @@ def _bundle_runtime_hint(bundle: str | Path) -> str:
     return {ArtifactKind.ONNX: "onnxruntime", ArtifactKind.GGUF: "llamacpp", ArtifactKind.TENSORRT: "tensorrt"}.get(fmt, fmt.value)
 
 
-def _check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+def _torch_device(device: Device) -> torch.device:
+    """The torch device of a parsed --device, refusing a CUDA device this torch cannot use."""
+    if device.kind is DeviceKind.CPU:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise InputError(f"--device {device} was requested but this torch has no usable CUDA device: use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {device} is not supported by the torch runtime: use cpu or cuda")
-    return dev
+    n = torch.cuda.device_count()
+    if device.index is not None and device.index >= n:
+        raise InputError(f"--device {device} was requested but this machine has {n} CUDA device(s): use --device cuda:0 .. cuda:{n - 1}")
+    return torch.device("cuda", device.index)
 
 
 class TorchRuntime(Runtime):
@@ -40,33 +57,35 @@ class TorchRuntime(Runtime):
     name = "torch"
     artifact_kind = ArtifactKind.CHECKPOINT
     description = "PyTorch reference implementation (CPU or CUDA), the fidelity baseline"
+    capabilities = Capabilities(
+        reports_routing=True,
+        max_batch=None,
+        devices=(DeviceKind.CPU, DeviceKind.CUDA),
+        precisions=FLOAT_PRECISIONS,
+        options=frozenset({DTYPE, THREADS, VISION_TOWER}),
+    )
 
     @classmethod
     def availability(cls) -> Availability:
         gpu = "CUDA available" if torch.cuda.is_available() else "CPU only"
         return Availability(True, f"torch {torch.__version__}, {gpu}")
 
-    def __init__(self, model: str | Path, options: RuntimeOptions | None = None) -> None:
-        options = options or RuntimeOptions()
+    def _load(self, model: str | Path, options: ResolvedOptions) -> None:
         if is_bundle(model):
             raise InputError(f"{model} is an exported bundle, not a checkpoint: run it with --runtime {_bundle_runtime_hint(model)}")
-        if options.provider is not None:
-            raise InputError(f"--provider {options.provider} is an option of the onnxruntime runtime; the torch runtime takes --device cpu|cuda")
-        device = _check_device(options.device)
-        if options.num_threads is not None:
-            if options.num_threads < 1:
-                raise InputError(f"--threads must be at least 1, got {options.num_threads}")
+        device = _torch_device(options.device)
+        if options.threads_given:  # otherwise torch keeps its own default
             torch.set_num_threads(options.num_threads)
-        dtype = options.dtype or DType.FLOAT32
+        dtype = options.dtype or Precision.FP32
         self.loaded: LoadedModel = load_model(model, dtype=dtype.torch, device=device, vision_tower=options.vision_tower)
         self.model = self.loaded.model
-        t = self.loaded.spec.text
         self._info = ModelInfo(
             spec=self.loaded.spec,
             tokenizer=self.loaded.tokenizer,
             processor=self.loaded.processor,
             label=self.loaded.checkpoint_dir.name,
-            context_length=t.max_position_embeddings,
+            context_length=self.loaded.spec.text.max_position_embeddings,
+            vocab_rows=self.model.n_vocab,
         )
         self._cache = None
         self._mask: torch.Tensor | None = None
@@ -76,10 +95,10 @@ class TorchRuntime(Runtime):
     def model_info(self) -> ModelInfo:
         return self._info
 
-    def prefill(self, requests: list[PreparedRequest], max_new_tokens: int) -> StepOutput:
+    def _prefill(self, requests: list[PreparedRequest], max_new_tokens: int) -> StepOutput:
         m = self.model
-        pixels = torch.cat([r.pixel_values for r in requests]) if requests else None
-        image_rows = m.encode_images(pixels) if pixels is not None and pixels.shape[0] else None
+        pixels = torch.cat([r.pixel_values for r in requests])
+        image_rows = m.encode_images(pixels) if pixels.shape[0] else None
         rows, offset = [], 0
         for r in requests:
             n = r.pixel_values.shape[0]
@@ -101,16 +120,15 @@ class TorchRuntime(Runtime):
             prompt_experts={layer: r.experts.view(B, L, -1).cpu() for layer, r in routing.items()},
         )
 
-    def decode(self, tokens: torch.Tensor) -> StepOutput:
-        if self._cache is None or self._mask is None or self._next_pos is None:
-            raise RuntimeError("decode() called before prefill()")
+    def _decode(self, tokens: torch.Tensor) -> StepOutput:
+        if self._cache is None:
+            raise RuntimeError("decode() called after close()")
         m = self.model
-        tokens = tokens.to(m.device)
-        embeds = m.embed_tokens(tokens)[:, None]
+        embeds = m.embed_tokens(tokens.to(m.device))[:, None]
         self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
         logits, routing = m.forward_embeds(embeds, self._next_pos[:, None], self._mask, self._cache)
         self._next_pos = self._next_pos + 1
         return StepOutput(logits=logits[:, 0], experts={layer: r.experts.cpu() for layer, r in routing.items()})
 
     def close(self) -> None:
-        self._cache = None
+        self._cache = self._mask = self._next_pos = None
