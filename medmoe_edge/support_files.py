@@ -42,3 +42,12 @@ def copy_support_files(loaded: LoadedModel, out: Path) -> dict[str, str]:
 def source_files(loaded: LoadedModel) -> list[Path]:
     """The files that identify the source checkpoint (config and weights, tower weights)."""
     return [loaded.checkpoint_dir / "config.json", *weight_files(loaded.checkpoint_dir), *weight_files(loaded.tower_dir)]
+
+
+def checkpoint_source_sha256(checkpoint_dir: Path, vision_tower: str | Path | None = None) -> str:
+    """The source hash a bundle exported from `checkpoint_dir` records (no weights loaded)."""
+    from medmoe_edge.bundle import checkpoint_sha256
+    from medmoe_edge.checkpoint import read_spec
+
+    _spec, _cfg, tower = read_spec(checkpoint_dir, vision_tower)
+    return checkpoint_sha256([checkpoint_dir / "config.json", *weight_files(checkpoint_dir), *weight_files(tower.directory)])

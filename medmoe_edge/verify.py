@@ -1,36 +1,40 @@
-"""Fidelity of an exported bundle against the PyTorch reference (`medmoe-edge verify`).
+"""Fidelity of a runtime against a recorded reference trace (`medmoe-edge verify`).
 
-For each question both runtimes get the same prepared request (same pixels, same ids):
+`replay` feeds each traced question to the runtime with the trace's own prepared inputs
+(the same pixels and ids the reference saw) and compares, step by step:
 
-1. The reference decodes greedily; its logits at every step are kept (prefill, then one
-   decode step per generated token, including the step that predicts EOS).
-2. The bundle is *teacher-forced* on the reference's tokens, so every step compares
-   logits for the same context: divergence at one step cannot cascade into the next.
-3. Metrics (named tolerances in `TOLERANCES`, chosen per bundle precision):
-   * logits max-abs and minimum cosine similarity over all steps;
-   * token agreement: share of steps where the bundle's argmax is the reference's token;
+1. The runtime is *teacher-forced* on the reference's tokens, so every step compares logits
+   for the same context: divergence at one step cannot cascade into the next.
+2. Metrics (named tolerances in `TOLERANCES`, chosen per artifact kind and precision):
+   * logits max-abs and minimum cosine similarity over all steps (over the whole row when the
+     trace keeps full logits, else over the reference's top-k entries of each step);
+   * token agreement: share of steps where the runtime's argmax is the reference's;
    * routing agreement: share of (position, MoE layer, slot) expert choices that are equal,
-     over the real prompt positions and every generated step;
+     over the real prompt positions and every decode step; not judged for a runtime that
+     does not report routing;
    * answer agreement: share of questions whose greedy answer is identical. When every
-     teacher-forced argmax agrees, the bundle's own greedy run provably produces the same
-     tokens; otherwise it is run free to get its actual answer.
+     teacher-forced argmax agrees, the runtime's own greedy run provably produces the same
+     tokens; otherwise it is run free (`Runtime.generate`) to get its actual answer.
+
+Verifying against the live reference checkpoint is the same code: record a trace with it
+first (`medmoe_edge.trace.record`), then replay.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .api import Pipeline
-from .imaging import PreprocessMode
-from .runtimes.base import Runtime
+from .runtime_contract import Runtime, greedy_tokens
+from .trace import Trace, TraceItem
+from .vocab import ArtifactKind, Precision
 
 
 @dataclass(frozen=True)
 class Tolerances:
-    """Pass/fail bounds of `verify`, per bundle precision."""
+    """Pass/fail bounds of `verify`, per artifact kind and precision."""
 
     logits_max_abs: float
     logits_cosine_min: float
@@ -39,29 +43,29 @@ class Tolerances:
     answer_agreement_min: float
 
 
-# Keys are "<format>:<precision>" of the bundle's manifest.
+_K, _P = ArtifactKind, Precision
 # ONNX fp32: the same fp32 math in another order: 1e-4 absolute (the issue's bound).
 # ONNX fp16: weights and activations in half precision (router and softmax in fp32): answers may
 #   flip where two tokens are nearly tied, so agreement is judged on answers (≥ 98 %).
 # GGUF: llama.cpp computes GELU through an fp16 table (also in mtmd's projector), so even F32
 #   files differ by ~1e-3 in logits; quantized files are judged on answer agreement, and their
 #   logit bounds are sanity limits only. llama.cpp does not report routing.
-TOLERANCES: dict[str, Tolerances] = {
-    "onnx:fp32": Tolerances(logits_max_abs=1e-4, logits_cosine_min=0.99999, token_agreement_min=1.0, routing_agreement_min=1.0, answer_agreement_min=1.0),
-    "onnx:fp16": Tolerances(logits_max_abs=0.5, logits_cosine_min=0.999, token_agreement_min=0.98, routing_agreement_min=0.98, answer_agreement_min=0.98),
-    "gguf:f32": Tolerances(logits_max_abs=0.25, logits_cosine_min=0.999, token_agreement_min=0.95, routing_agreement_min=1.0, answer_agreement_min=0.95),
-    "gguf:f16": Tolerances(logits_max_abs=0.5, logits_cosine_min=0.999, token_agreement_min=0.95, routing_agreement_min=1.0, answer_agreement_min=0.95),
-    "gguf:q8_0": Tolerances(logits_max_abs=2.0, logits_cosine_min=0.99, token_agreement_min=0.95, routing_agreement_min=1.0, answer_agreement_min=0.95),
-    "gguf:q6_k": Tolerances(logits_max_abs=3.0, logits_cosine_min=0.98, token_agreement_min=0.90, routing_agreement_min=1.0, answer_agreement_min=0.90),
-    "gguf:q5_k_m": Tolerances(logits_max_abs=3.0, logits_cosine_min=0.98, token_agreement_min=0.90, routing_agreement_min=1.0, answer_agreement_min=0.90),
-    "gguf:q4_k_m": Tolerances(logits_max_abs=5.0, logits_cosine_min=0.95, token_agreement_min=0.85, routing_agreement_min=1.0, answer_agreement_min=0.85),
-    "gguf:q4_0": Tolerances(logits_max_abs=5.0, logits_cosine_min=0.95, token_agreement_min=0.85, routing_agreement_min=1.0, answer_agreement_min=0.85),
+TOLERANCES: dict[tuple[ArtifactKind, Precision], Tolerances] = {
+    (_K.ONNX, _P.FP32): Tolerances(logits_max_abs=1e-4, logits_cosine_min=0.99999, token_agreement_min=1.0, routing_agreement_min=1.0, answer_agreement_min=1.0),
+    (_K.ONNX, _P.FP16): Tolerances(logits_max_abs=0.5, logits_cosine_min=0.999, token_agreement_min=0.98, routing_agreement_min=0.98, answer_agreement_min=0.98),
+    (_K.GGUF, _P.FP32): Tolerances(logits_max_abs=0.25, logits_cosine_min=0.999, token_agreement_min=0.95, routing_agreement_min=1.0, answer_agreement_min=0.95),
+    (_K.GGUF, _P.FP16): Tolerances(logits_max_abs=0.5, logits_cosine_min=0.999, token_agreement_min=0.95, routing_agreement_min=1.0, answer_agreement_min=0.95),
+    (_K.GGUF, _P.Q8_0): Tolerances(logits_max_abs=2.0, logits_cosine_min=0.99, token_agreement_min=0.95, routing_agreement_min=1.0, answer_agreement_min=0.95),
+    (_K.GGUF, _P.Q6_K): Tolerances(logits_max_abs=3.0, logits_cosine_min=0.98, token_agreement_min=0.90, routing_agreement_min=1.0, answer_agreement_min=0.90),
+    (_K.GGUF, _P.Q5_K_M): Tolerances(logits_max_abs=3.0, logits_cosine_min=0.98, token_agreement_min=0.90, routing_agreement_min=1.0, answer_agreement_min=0.90),
+    (_K.GGUF, _P.Q4_K_M): Tolerances(logits_max_abs=5.0, logits_cosine_min=0.95, token_agreement_min=0.85, routing_agreement_min=1.0, answer_agreement_min=0.85),
+    (_K.GGUF, _P.Q4_0): Tolerances(logits_max_abs=5.0, logits_cosine_min=0.95, token_agreement_min=0.85, routing_agreement_min=1.0, answer_agreement_min=0.85),
 }
 
 
-def tolerances_for(fmt: str, precision: str) -> Tolerances | None:
-    """The named tolerances of a bundle's format and precision, or None when none are defined."""
-    return TOLERANCES.get(f"{fmt}:{precision}")
+def tolerances_for(kind: ArtifactKind, precision: Precision) -> Tolerances | None:
+    """The named tolerances of an artifact kind and precision, or None when none are defined."""
+    return TOLERANCES.get((kind, precision))
 
 
 @dataclass
@@ -79,13 +83,20 @@ class SampleResult:
 
 @dataclass
 class VerifyReport:
-    """Aggregated fidelity figures and the verdict."""
+    """Aggregated fidelity figures and the verdict.
+
+    Attributes:
+        logits_scope: "full" (whole logits rows) or "top-K" (the reference's top K of each step).
+        reports_routing: whether the runtime reports routing (else routing is "not reported").
+    """
 
     tolerances: Tolerances
     samples: list[SampleResult] = field(default_factory=list)
+    logits_scope: str = "full"
+    reports_routing: bool = True
 
     @property
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float | None]:
         s = self.samples
         steps = sum(r.steps for r in s)
         routed = sum(r.routing_total for r in s)
@@ -94,16 +105,16 @@ class VerifyReport:
             "logits_cosine_min": min((r.logits_cosine_min for r in s), default=1.0),
             "token_agreement": sum(r.tokens_agreed for r in s) / steps if steps else 1.0,
             # None when the runtime does not report routing (llama.cpp)
-            "routing_agreement": sum(r.routing_agreed for r in s) / routed if routed else None,
+            "routing_agreement": sum(r.routing_agreed for r in s) / routed if routed and self.reports_routing else None,
             "answer_agreement": sum(r.reference_answer == r.bundle_answer for r in s) / len(s) if s else 1.0,
         }
 
     @property
-    def checks(self) -> dict[str, tuple[float | None, str, bool]]:
-        """metric → (value, bound as text, passed); a value of None is not measured by this runtime and not judged."""
+    def checks(self) -> dict[str, tuple[float | None, str, bool | None]]:
+        """metric → (value, bound as text, passed); passed is None for a check that did not run."""
         m, t = self.metrics, self.tolerances
         if m["routing_agreement"] is None:
-            routing = (None, "not reported by this runtime", True)
+            routing: tuple[float | None, str, bool | None] = (None, "not reported by this runtime", None)
         else:
             routing = (m["routing_agreement"], f"≥ {t.routing_agreement_min:.0%}", m["routing_agreement"] >= t.routing_agreement_min)
         return {
@@ -116,91 +127,70 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        return all(ok for _, _, ok in self.checks.values())
+        return all(ok is not False for _, _, ok in self.checks.values())
 
     def to_json(self) -> dict:
         return {
             "passed": self.passed,
             "n": len(self.samples),
             "metrics": self.metrics,
+            "logits_scope": self.logits_scope,
             "tolerances": asdict(self.tolerances),
             "disagreements": [asdict(r) for r in self.samples if r.reference_answer != r.bundle_answer],
         }
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).min())
+def _compare_logits(item: TraceItem, step: int, logits: torch.Tensor) -> tuple[float, float]:
+    """(max-abs, cosine) of one step's [V] logits against the trace (full row or the reference's top-k)."""
+    if "logits" in item.tensors:
+        ref, got = item.tensors["logits"][step].double(), logits.double()
+    else:
+        ref = item.tensors["topk_values"][step].double()
+        got = logits[item.tensors["topk_indices"][step]].double()
+    cos = float(torch.nn.functional.cosine_similarity(ref[None], got[None], dim=-1)[0])
+    return float((ref - got).abs().max()), cos
 
 
-def _greedy_answer(rt: Runtime, req, max_new_tokens: int) -> list[int]:
-    """The bundle's own greedy tokens (used only when teacher forcing found a disagreement)."""
-    eos = rt.model_info.eos_id
-    out = rt.prefill([req], max_new_tokens)
-    ids: list[int] = []
-    for step in range(max_new_tokens):
-        tok = int(out.logits[0].argmax())
-        if tok == eos:
-            break
-        ids.append(tok)
-        if step < max_new_tokens - 1:
-            out = rt.decode(torch.tensor([tok]))
-    return ids
-
-
-def compare_one(reference: Pipeline, bundle: Pipeline, sample_id: str, image, question: str, *, max_new_tokens: int, preprocess_mode: PreprocessMode) -> SampleResult:
-    """Teacher-forced comparison of one question (see the module docstring)."""
-    ref, bun = reference.runtime, bundle.runtime
-    req, _ = reference.prepare(image, question, preprocess_mode=preprocess_mode)
-    L = req.spliced_length(ref.model_info.spec.image_tokens)
-    eos = ref.model_info.eos_id
-    ro, bo = ref.prefill([req], max_new_tokens), bun.prefill([req], max_new_tokens)
+def replay_one(runtime: Runtime, item: TraceItem, max_new_tokens: int) -> SampleResult:
+    """Teacher-forced comparison of one traced question (see the module docstring)."""
+    req = item.request
+    out = runtime.prefill([req], max_new_tokens)
     routing_total = routing_agreed = 0
-    for layer, re in (ro.prompt_experts or {}).items():
-        be = (bo.prompt_experts or {}).get(layer)
-        if be is not None:
-            routing_total += re[0, :L].numel()
-            routing_agreed += int((re[0, :L] == be[0, :L]).sum())
-    max_abs, cos_min, agreed, steps, ids = 0.0, 1.0, 0, 0, []
-    for step in range(max_new_tokens):
-        max_abs = max(max_abs, float((ro.logits - bo.logits).abs().max()))
-        cos_min = min(cos_min, _cosine(ro.logits, bo.logits))
-        tok = int(ro.logits[0].argmax())
-        agreed += int(int(bo.logits[0].argmax()) == tok)
-        steps += 1
+    for layer, ref in item.experts("prompt_experts").items():
+        got = (out.prompt_experts or {}).get(layer)
+        if got is not None:
+            got = got[0, : ref.shape[0]].to(torch.int64)
+            routing_total += ref.numel()
+            routing_agreed += int((ref == got).sum())
+    step_experts = item.experts("step_experts")
+    max_abs, cos_min, agreed = 0.0, 1.0, 0
+    for step, ref_tok in enumerate(item.argmax):
+        a, c = _compare_logits(item, step, out.logits[0])
+        max_abs, cos_min = max(max_abs, a), min(cos_min, c)
+        agreed += int(int(out.logits[0].argmax()) == ref_tok)
         if step:  # experts of the pass that produced this step's logits (the prompt's are counted above)
-            for layer, re in ro.experts.items():
-                be = bo.experts.get(layer)
-                if be is not None:
-                    routing_total += re.numel()
-                    routing_agreed += int((re == be).sum())
-        if tok == eos:
+            for layer, ref in step_experts.items():
+                got = out.experts.get(layer)
+                if got is not None:
+                    routing_total += ref[step - 1].numel()
+                    routing_agreed += int((ref[step - 1] == got[0].to(torch.int64)).sum())
+        if step == item.steps - 1:
             break
-        ids.append(tok)
-        if step == max_new_tokens - 1:
-            break
-        t = torch.tensor([tok])
-        ro, bo = ref.decode(t), bun.decode(t)
-    tokenizer = ref.model_info.tokenizer
-    ref_answer = tokenizer.decode(ids).strip()
-    bundle_answer = ref_answer if agreed == steps else tokenizer.decode(_greedy_answer(bun, req, max_new_tokens)).strip()
-    return SampleResult(sample_id, ref_answer, bundle_answer, max_abs, cos_min, steps, agreed, routing_total, routing_agreed)
+        out = runtime.decode(torch.tensor([ref_tok]))
+    own = item.answer if agreed == item.steps else runtime.model_info.tokenizer.decode(greedy_tokens(runtime, req, max_new_tokens)).strip()
+    return SampleResult(item.id, item.answer, own, max_abs, cos_min, item.steps, agreed, routing_total, routing_agreed)
 
 
-def verify(
-    reference: Pipeline,
-    bundle: Pipeline,
-    samples: Sequence,
-    root,
-    tolerances: Tolerances,
-    *,
-    max_new_tokens: int = 32,
-    preprocess_mode: PreprocessMode = PreprocessMode.PAD,
-    progress: Callable[[int, int], None] | None = None,
-) -> VerifyReport:
-    """Compare `bundle` with `reference` on `samples` (`calibration.synth.Sample`s, images relative to `root`)."""
-    report = VerifyReport(tolerances)
-    for i, s in enumerate(samples):
-        report.samples.append(compare_one(reference, bundle, s.id, root / s.image, s.question, max_new_tokens=max_new_tokens, preprocess_mode=preprocess_mode))
+def replay(runtime: Runtime, trace: Trace, tolerances: Tolerances, *, limit: int | None = None, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Compare `runtime` with the reference recorded in `trace` (its first `limit` questions)."""
+    items = trace.items[:limit] if limit is not None else trace.items
+    scope = "full" if trace.header.full_logits else f"top-{trace.header.topk}"
+    report = VerifyReport(tolerances, logits_scope=scope, reports_routing=runtime.capabilities.reports_routing)
+    for i, item in enumerate(items):
+        report.samples.append(replay_one(runtime, item, trace.header.max_new_tokens))
         if progress:
-            progress(i + 1, len(samples))
+            progress(i + 1, len(items))
     return report
+
+
+__all__ = ["TOLERANCES", "SampleResult", "Tolerances", "VerifyReport", "replay", "replay_one", "tolerances_for"]

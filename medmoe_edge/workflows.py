@@ -7,12 +7,83 @@ load-and-answer API. Both sit above the core, `medmoe_edge.export`, `medmoe_edge
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .bundle import Manifest
+from .api import Pipeline, load
+from .bundle import Manifest, read_manifest
+from .calibration.sets import resolve_set
+from .checkpoint import resolve_model_dir
+from .errors import CheckpointError, InputError
 from .exporter import get_exporter
+from .imaging import PreprocessMode
 from .quant_plan import QuantPlan
+from .runtime_contract import RuntimeOptions
+from .runtimes.registry import runtime_for
+from .support_files import checkpoint_source_sha256
+from .trace import TRACE_STEM, Trace, TraceQuestion, record
+from .verify import VerifyReport, replay, tolerances_for
+
+Status = Callable[[str], AbstractContextManager]
+Progress = Callable[[int, int], None]
+
+EMBEDDED_TRACE_QUESTIONS = 16  # eval questions of the trace every export embeds
+TRACE_MAX_NEW_TOKENS = 32
+
+
+def _quiet(_message: str) -> AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def trace_questions(pipe: Pipeline, samples: Sequence, root: Path, preprocess: PreprocessMode) -> list[TraceQuestion]:
+    """Prepare set samples (images relative to `root`) into traceable questions."""
+    out = []
+    for s in samples:
+        req, _ = pipe.prepare(root / s.image, s.question, preprocess_mode=preprocess)
+        domain = s.domain.value if hasattr(s.domain, "value") else str(s.domain)
+        out.append(TraceQuestion(s.id, s.question, req, {"domain": domain, "answer_type": s.answer_type, "ground_truth": s.answer}))
+    return out
+
+
+def record_trace(
+    model: str | Path,
+    *,
+    set_name: str = "eval",
+    data: Path | None = None,
+    limit: int | None = EMBEDDED_TRACE_QUESTIONS,
+    max_new_tokens: int = TRACE_MAX_NEW_TOKENS,
+    preprocess: PreprocessMode = PreprocessMode.PAD,
+    options: RuntimeOptions | None = None,
+    status: Status = _quiet,
+    progress: Progress | None = None,
+) -> Trace:
+    """Run the PyTorch reference on `model` over a question set and record its trace.
+
+    Raises:
+        InputError: a bad set, or `limit` < 1.
+        CheckpointError: the checkpoint cannot be loaded.
+    """
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}")
+    samples, root = resolve_set(set_name, data, status=status)
+    samples = samples[:limit] if limit is not None else samples
+    opts = options or RuntimeOptions()
+    model_dir = resolve_model_dir(model)
+    with status(f"recording the reference trace of {len(samples)} questions"), load(model_dir, runtime="torch", options=opts) as ref:
+        questions = trace_questions(ref, samples, root, preprocess)
+        return record(
+            ref.runtime,
+            questions,
+            source_sha256=checkpoint_source_sha256(model_dir, opts.vision_tower),
+            max_new_tokens=max_new_tokens,
+            preprocess=preprocess.value,
+            set_name=set_name,
+            progress=progress,
+        )
 
 
 def export_bundle(
@@ -23,22 +94,117 @@ def export_bundle(
     *,
     plan: QuantPlan | None = None,
     vision_tower: Path | None = None,
-    trace_questions: int = 0,
+    trace_questions: int = EMBEDDED_TRACE_QUESTIONS,
+    status: Status = _quiet,
 ) -> Manifest:
-    """Export `model` to a bundle of format `fmt` at `out`.
+    """Export `model` to a bundle of format `fmt` at `out`, with an embedded reference trace.
 
     Args:
         fmt: a registered exporter name (`--format`).
         given: the format's options as the user gave them, CLI flag → value (e.g. {"--quant": "q8_0"}).
         plan: a quantization plan instead of a uniform `--precision`/`--quant`.
-        trace_questions: eval questions of the reference trace to embed (0: none).
+        trace_questions: eval questions of the reference trace to embed (0: none), so that
+            `verify BUNDLE` works where the checkpoint is not.
     Raises:
         InputError: unknown format, an option of another format, a bad value, a non-empty `out`.
         CheckpointError / RuntimeUnavailable: as the exporter raises them.
     """
     exporter = get_exporter(fmt)
     request = exporter.request(dict(given or {}), plan=plan, vision_tower=vision_tower)
-    return exporter().export(model, out, request)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out} exists and is not an empty directory: choose a new --out or remove it")  # before minutes of tracing
+    trace = None
+    if trace_questions:
+        trace = record_trace(model, limit=trace_questions, options=RuntimeOptions(vision_tower=vision_tower), status=status)
+
+    def embed(tmp: Path) -> dict[str, str]:
+        return {p.name: "reference-trace" for p in trace.save(tmp)} if trace is not None else {}
+
+    with status(f"exporting {model} to {fmt}"):
+        return exporter().export(model, out, request, embed=embed)
 
 
-__all__ = ["export_bundle"]
+def reference_dir(manifest: Manifest, reference: str | None) -> Path | None:
+    """The checkpoint to compare against: --reference (hash-checked), else the manifest's source
+    when it is here and unchanged, else None.
+
+    Raises:
+        CheckpointError: --reference is not the checkpoint the bundle was exported from.
+    """
+    if reference is None:
+        path = Path(manifest.source.get("path", ""))
+        if not (path / "config.json").is_file():
+            return None
+        try:
+            same = checkpoint_source_sha256(path) == manifest.source.get("sha256")
+        except CheckpointError:
+            return None
+        return path if same else None
+    path = resolve_model_dir(reference)
+    if checkpoint_source_sha256(path) != manifest.source.get("sha256"):
+        raise CheckpointError(f"{path} is not the checkpoint this bundle was exported from (SHA-256 differs from the manifest's source): pass the right --reference")
+    return path
+
+
+@dataclass(frozen=True)
+class VerifyOutcome:
+    """A verification report and what it was measured against (for the printed title)."""
+
+    report: VerifyReport
+    against: str  # e.g. "the embedded reference trace (16 eval questions)"
+    runtime: str
+
+
+def verify_bundle(
+    bundle: Path,
+    *,
+    reference: str | None = None,
+    set_name: str = "eval",
+    data: Path | None = None,
+    limit: int | None = 64,
+    explicit_set: bool = False,
+    max_new_tokens: int = TRACE_MAX_NEW_TOKENS,
+    preprocess: PreprocessMode = PreprocessMode.PAD,
+    options: RuntimeOptions | None = None,
+    status: Status = _quiet,
+    progress: Progress | None = None,
+) -> VerifyOutcome:
+    """Replay a reference trace against the bundle's runtime.
+
+    The trace is the bundle's embedded one when it covers the request (same set, enough
+    questions, same generation settings) and no --reference is given; else one recorded now
+    from the reference checkpoint (--reference, or the manifest's source when it is here); else,
+    when the user did not ask for a particular set or size (`explicit_set`), the embedded one.
+
+    Raises:
+        InputError: no tolerances for the bundle, or a set that needs the absent checkpoint.
+        CheckpointError: not a bundle, corrupt, or a --reference that is not its source.
+    """
+    manifest = read_manifest(bundle)  # the runtime verifies every file's SHA-256 when it loads the bundle
+    tolerances = tolerances_for(manifest.format, manifest.precision)
+    if tolerances is None:
+        raise InputError(f"no fidelity tolerances are defined for {manifest.format.value} {manifest.precision.value} bundles")
+    opts = options or RuntimeOptions()
+    embedded = Trace.load(bundle) if (bundle / f"{TRACE_STEM}.json").is_file() else None
+    h = embedded.header if embedded else None
+    covers = h is not None and h.set_name == set_name and data is None and h.max_new_tokens == max_new_tokens and h.preprocess == preprocess.value and (limit is not None and limit <= len(embedded.items))
+    ref = None if (covers and reference is None) else reference_dir(manifest, reference)
+    if ref is not None:
+        trace = record_trace(ref, set_name=set_name, data=data, limit=limit, max_new_tokens=max_new_tokens, preprocess=preprocess, options=RuntimeOptions(num_threads=opts.num_threads), status=status)
+        against, n = f"the PyTorch reference {ref.name}", None
+    elif embedded is not None and (covers or not explicit_set):
+        trace, n = embedded, (limit if covers else None)
+        against = f"the embedded reference trace ({len(trace.items[:n])} {h.set_name} questions)"
+    elif embedded is not None:
+        raise InputError(f"the bundle's source checkpoint {manifest.source.get('path')} is not here: pass --reference CKPT, or drop --set/--limit/--all to use the embedded trace ({len(embedded.items)} questions)")
+    else:
+        raise CheckpointError(f"the bundle's source checkpoint {manifest.source.get('path')} is not here and the bundle has no embedded trace: pass --reference CKPT")
+    if trace.header.source_sha256 != manifest.source.get("sha256"):
+        raise CheckpointError(f"the reference trace was recorded from another checkpoint than this bundle's source: pass --reference CKPT")
+    runtime = runtime_for(manifest.format)
+    with status(f"loading {bundle} ({runtime})"), load(bundle, runtime=runtime, options=opts) as pipe:
+        report = replay(pipe.runtime, trace, tolerances, limit=n, progress=progress)
+    return VerifyOutcome(report, against, runtime)
+
+
+__all__ = ["EMBEDDED_TRACE_QUESTIONS", "VerifyOutcome", "export_bundle", "record_trace", "reference_dir", "verify_bundle"]

@@ -21,7 +21,7 @@ app.command("make-data")(data_cmd.make_data)
 app.command("train-demo")(train_cmd.train_demo)
 app.command("eval")(eval_cmd.eval_model)
 app.command("export")(export_cmd.export)
-app.command("verify")(verify_cmd.verify_bundle)
+app.command("verify")(verify_cmd.verify_cmd)
 
 
 def main() -> None:

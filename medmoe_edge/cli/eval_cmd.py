@@ -10,44 +10,13 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ..api import load
-from ..demo import DEMO_DATA_SEED, DEMO_LABEL, is_demo
+from ..demo import DEMO_LABEL, is_demo
 from ..errors import InputError
 from ..evaluate import evaluate, write_report
 from ..generation import GenerationConfig
 from ..imaging import PreprocessMode
-from ..runtimes.base import RuntimeOptions
-from .common import err, out, print_json, user_errors
-
-EVAL_PER_DOMAIN = 100
-CALIBRATION_PER_DOMAIN = 64
-
-
-def dataset_samples(set_name: str, data: Path | None) -> tuple[list, Path]:
-    """Samples of a split name (eval, calibration, train) or of a manifest path."""
-    from ..calibration.synth import Split, build_split, read_manifest
-
-    as_path = Path(set_name)
-    if as_path.suffix == ".jsonl":
-        if not as_path.is_file():
-            raise InputError(f"manifest {as_path} does not exist: pass a split name (eval, calibration) or a .jsonl from make-data")
-        return read_manifest(as_path), as_path.parent
-    try:
-        split = Split(set_name)
-    except ValueError:
-        raise InputError(f"--set {set_name!r} is not a split (eval, calibration, train) or a .jsonl manifest") from None
-    if data is not None:
-        return read_manifest(data / f"{split.value}.jsonl"), data
-    # The demo's sets are regenerated deterministically (and hash-checked) into a cache directory.
-    per = {Split.EVAL: EVAL_PER_DOMAIN, Split.CALIBRATION: CALIBRATION_PER_DOMAIN}.get(split)
-    if per is None:
-        raise InputError("--set train needs --data DIR (the training set is large; generate it with make-data)")
-    cache = Path.home() / ".cache" / "medmoe-edge" / f"synth-seed{DEMO_DATA_SEED}-{split.value}{per}"
-    manifest = cache / f"{split.value}.jsonl"
-    if not manifest.is_file():
-        with err.status(f"generating the {split.value} set into {cache}"):
-            build_split(cache, split, per, DEMO_DATA_SEED)
-    return read_manifest(manifest), cache
-
+from ..calibration.sets import resolve_set
+from .common import err, out, print_json, runtime_options, user_errors
 
 @user_errors
 def eval_model(
@@ -62,13 +31,13 @@ def eval_model(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Evaluate with the paper's scoring (closed: substring accuracy + strict match; open: recall) per domain."""
-    samples, root = dataset_samples(set_name, data)
+    samples, root = resolve_set(set_name, data, status=err.status)
     if limit is not None:
         if limit < 1:
             raise InputError(f"--limit must be at least 1, got {limit}")
         samples = samples[:limit]
     with err.status(f"loading {model} with the {runtime} runtime"):
-        pipe = load(model, runtime=runtime, options=RuntimeOptions())
+        pipe = load(model, runtime=runtime, options=runtime_options())
     if is_demo(model):
         err.print(f"[yellow]{DEMO_LABEL}[/]")
     with Progress(console=err, transient=True) as bar:

@@ -1,0 +1,60 @@
+"""Question sets by name: a split of the demo's synthetic data, or a user's JSONL manifest.
+
+`resolve_set("eval")` regenerates the demo's eval split deterministically (and hash-checked)
+into a cache directory the first time; `--data DIR` points at a directory from `make-data`;
+a path ending in `.jsonl` is a manifest whose image paths are relative to its directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from medmoe_edge.demo import DEMO_DATA_SEED
+from medmoe_edge.errors import InputError
+
+from .synth import Sample, Split, build_split, read_manifest
+
+EVAL_PER_DOMAIN = 100
+CALIBRATION_PER_DOMAIN = 64
+
+
+def cache_dir() -> Path:
+    """Where generated demo sets are kept."""
+    return Path.home() / ".cache" / "medmoe-edge"
+
+
+def resolve_set(set_name: str, data: Path | None = None, *, status: Callable[[str], AbstractContextManager] | None = None) -> tuple[list[Sample], Path]:
+    """Samples of a split name (eval, calibration, train) or of a manifest path, and the directory
+    their image paths are relative to.
+
+    Args:
+        status: called with a message around the (one-time) generation of a demo split.
+    Raises:
+        InputError: an unknown split, a missing manifest, or `train` without `data`.
+    """
+    as_path = Path(set_name)
+    if as_path.suffix == ".jsonl":
+        if not as_path.is_file():
+            raise InputError(f"manifest {as_path} does not exist: pass a split name (eval, calibration) or a .jsonl from make-data")
+        return read_manifest(as_path), as_path.parent
+    try:
+        split = Split(set_name)
+    except ValueError:
+        raise InputError(f"--set {set_name!r} is not a split (eval, calibration, train) or a .jsonl manifest") from None
+    if data is not None:
+        return read_manifest(data / f"{split.value}.jsonl"), data
+    per = {Split.EVAL: EVAL_PER_DOMAIN, Split.CALIBRATION: CALIBRATION_PER_DOMAIN}.get(split)
+    if per is None:
+        raise InputError("--set train needs --data DIR (the training set is large; generate it with make-data)")
+    cache = cache_dir() / f"synth-seed{DEMO_DATA_SEED}-{split.value}{per}"
+    manifest = cache / f"{split.value}.jsonl"
+    if not manifest.is_file():
+        with (status or (lambda _m: contextlib.nullcontext()))(f"generating the {split.value} set into {cache}"):
+            build_split(cache, split, per, DEMO_DATA_SEED)
+    return read_manifest(manifest), cache
+
+
+__all__ = ["CALIBRATION_PER_DOMAIN", "EVAL_PER_DOMAIN", "resolve_set"]
