@@ -12,23 +12,7 @@ from medmoe_edge.errors import CheckpointError, InputError
 from medmoe_edge.generation import StepOutput
 from medmoe_edge.vocab import FLOAT_PRECISIONS
 
-from .base import (
-    DTYPE,
-    THREADS,
-    VISION_TOWER,
-    ArtifactKind,
-    Availability,
-    Capabilities,
-    Device,
-    DeviceKind,
-    ModelInfo,
-    Precision,
-    PreparedRequest,
-    ResolvedOptions,
-    Runtime,
-    prompt_routing_counts,
-    token_kinds,
-)
+from .base import DTYPE, THREADS, VISION_TOWER, ArtifactKind, Availability, Capabilities, Device, DeviceKind, ModelInfo, Precision, PreparedRequest, ResolvedOptions, Runtime, prompt_routing_counts, token_kinds
 
 
 def _bundle_runtime_hint(bundle: str | Path) -> str:
@@ -57,13 +41,7 @@ class TorchRuntime(Runtime):
     name = "torch"
     artifact_kind = ArtifactKind.CHECKPOINT
     description = "PyTorch reference implementation (CPU or CUDA), the fidelity baseline"
-    capabilities = Capabilities(
-        reports_routing=True,
-        max_batch=None,
-        devices=(DeviceKind.CPU, DeviceKind.CUDA),
-        precisions=FLOAT_PRECISIONS,
-        options=frozenset({DTYPE, THREADS, VISION_TOWER}),
-    )
+    capabilities = Capabilities(reports_routing=True, max_batch=None, devices=(DeviceKind.CPU, DeviceKind.CUDA), precisions=FLOAT_PRECISIONS, options=frozenset({DTYPE, THREADS, VISION_TOWER}))
 
     @classmethod
     def availability(cls) -> Availability:
