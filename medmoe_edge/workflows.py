@@ -163,6 +163,7 @@ def verify_bundle(
     data: Path | None = None,
     limit: int | None = 64,
     explicit_set: bool = False,
+    trace_dir: Path | None = None,
     max_new_tokens: int = TRACE_MAX_NEW_TOKENS,
     preprocess: PreprocessMode = PreprocessMode.PAD,
     options: RuntimeOptions | None = None,
@@ -175,6 +176,7 @@ def verify_bundle(
     questions, same generation settings) and no --reference is given; else one recorded now
     from the reference checkpoint (--reference, or the manifest's source when it is here); else,
     when the user did not ask for a particular set or size (`explicit_set`), the embedded one.
+    `trace_dir` replays a trace saved by `medmoe-edge trace` instead (its first `limit` questions).
 
     Raises:
         InputError: no tolerances for the bundle, or a set that needs the absent checkpoint.
@@ -188,8 +190,13 @@ def verify_bundle(
     embedded = Trace.load(bundle) if (bundle / f"{TRACE_STEM}.json").is_file() else None
     h = embedded.header if embedded else None
     covers = h is not None and h.set_name == set_name and data is None and h.max_new_tokens == max_new_tokens and h.preprocess == preprocess.value and (limit is not None and limit <= len(embedded.items))
-    ref = None if (covers and reference is None) else reference_dir(manifest, reference)
-    if ref is not None:
+    ref = None if (covers and reference is None) or trace_dir is not None else reference_dir(manifest, reference)
+    if trace_dir is not None:
+        if reference is not None:
+            raise InputError("--trace and --reference contradict each other: give one")
+        trace, n = Trace.load(trace_dir), limit
+        against = f"the reference trace in {trace_dir} ({len(trace.items[:n])} {trace.header.set_name} questions)"
+    elif ref is not None:
         trace = record_trace(ref, set_name=set_name, data=data, limit=limit, max_new_tokens=max_new_tokens, preprocess=preprocess, options=RuntimeOptions(num_threads=opts.num_threads), status=status)
         against, n = f"the PyTorch reference {ref.name}", None
     elif embedded is not None and (covers or not explicit_set):
@@ -207,4 +214,17 @@ def verify_bundle(
     return VerifyOutcome(report, against, runtime)
 
 
-__all__ = ["EMBEDDED_TRACE_QUESTIONS", "VerifyOutcome", "export_bundle", "record_trace", "reference_dir", "verify_bundle"]
+def save_trace(trace: Trace, out: Path) -> list[Path]:
+    """Write `trace` into a new directory `out`, atomically (nothing appears until complete).
+
+    Raises:
+        InputError: `out` exists and is not empty.
+    """
+    from .ckpt_writer import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        names = [p.name for p in trace.save(tmp)]
+    return [out / n for n in names]
+
+
+__all__ = ["EMBEDDED_TRACE_QUESTIONS", "VerifyOutcome", "export_bundle", "record_trace", "reference_dir", "save_trace", "verify_bundle"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import data_cmd, eval_cmd, export_cmd, info_cmd, init_random_cmd, run_cmd, runtimes_cmd, train_cmd, verify_cmd
+from . import data_cmd, eval_cmd, export_cmd, info_cmd, init_random_cmd, run_cmd, runtimes_cmd, trace_cmd, train_cmd, verify_cmd
 
 app = typer.Typer(
     name="medmoe-edge",
@@ -22,6 +22,7 @@ app.command("train-demo")(train_cmd.train_demo)
 app.command("eval")(eval_cmd.eval_model)
 app.command("export")(export_cmd.export)
 app.command("verify")(verify_cmd.verify_cmd)
+app.command("trace")(trace_cmd.trace)
 
 
 def main() -> None:

@@ -19,13 +19,36 @@ def runtimes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON fo
         av = entry.availability()
         kind = entry.cls.artifact_kind.value if entry.cls else "-"
         desc = entry.cls.description if entry.cls else "-"
-        rows.append({"name": name, "available": av.available, "reason": av.reason, "loads": kind, "description": desc, "plugin": entry.target})
+        caps = getattr(entry.cls, "capabilities", None) if entry.cls else None
+        rows.append(
+            {
+                "name": name,
+                "available": av.available,
+                "reason": av.reason,
+                "loads": kind,
+                "description": desc,
+                "plugin": entry.target,
+                "capabilities": None
+                if caps is None
+                else {
+                    "reports_routing": caps.reports_routing,
+                    "max_batch": caps.max_batch,
+                    "devices": [d.value for d in caps.devices],
+                    "precisions": [p.value for p in caps.precisions],
+                    "options": sorted(caps.options),
+                },
+            }
+        )
     if as_json:
         print_json(rows)
         return
     table = Table(title="medmoe-edge runtimes")
-    for col in ("runtime", "available", "loads", "details", "plugin"):
+    for col in ("runtime", "available", "loads", "routing", "batch", "devices", "details", "plugin"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], "[green]yes[/]" if r["available"] else "[red]no[/]", r["loads"], f"{r['description']}\n[dim]{r['reason']}[/]", r["plugin"])
+        c = r["capabilities"] or {}
+        batch = "-" if not c else ("any" if c["max_batch"] is None else str(c["max_batch"]))
+        routing = "-" if not c else ("yes" if c["reports_routing"] else "no")
+        devices = ", ".join(c.get("devices", [])) or "-"
+        table.add_row(r["name"], "[green]yes[/]" if r["available"] else "[red]no[/]", r["loads"], routing, batch, devices, f"{r['description']}\n[dim]{r['reason']}[/]", r["plugin"])
     out.print(table)

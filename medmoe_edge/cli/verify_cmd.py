@@ -73,6 +73,7 @@ def verify_cmd(
     data: Annotated[Path | None, typer.Option("--data", help="Dataset directory from make-data [default: regenerate the demo's set].")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help=f"Compare the first N questions [default: {DEFAULT_LIMIT}; --all for the whole set].")] = None,
     all_samples: Annotated[bool, typer.Option("--all", help="Compare every question of the set.")] = False,
+    trace: Annotated[Path | None, typer.Option("--trace", help="Replay a reference trace saved by `medmoe-edge trace` instead (no checkpoint needed).")] = None,
     provider: Annotated[str | None, typer.Option("--provider", help="onnxruntime execution provider: cpu, cuda or tensorrt.")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for both runtimes.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens generated per question.")] = 32,
@@ -86,9 +87,9 @@ def verify_cmd(
     if all_samples and limit is not None:
         raise InputError("--all and --limit contradict each other: give one")
     explicit = all_samples or limit is not None or set_name is not None or data is not None
-    n = None if all_samples else (limit if limit is not None else DEFAULT_LIMIT)
+    n = None if all_samples or (trace is not None and limit is None) else (limit if limit is not None else DEFAULT_LIMIT)
     name = set_name or "eval"
-    outcome = _run(bundle, reference=reference, set_name=name, data=data, limit=n, provider=provider, threads=threads, max_new_tokens=max_new_tokens, preprocess=preprocess, explicit_set=explicit)
+    outcome = _run(bundle, reference=reference, set_name=name, data=data, limit=n, provider=provider, threads=threads, max_new_tokens=max_new_tokens, preprocess=preprocess, explicit_set=explicit, trace_dir=trace)
     report = outcome.report
     if as_json:
         print_json(report.to_json() | {"against": outcome.against, "runtime": outcome.runtime})
