@@ -7,4 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 bash scripts/build_llamacpp.sh "${LLAMACPP_TARGET:-cpu}"
+# The import-layer contracts (pyproject.toml [tool.importlinter]); tests/test_layers.py also plants violations.
+.venv/bin/python scripts/check_layers.py | tail -n 4
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
