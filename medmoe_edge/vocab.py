@@ -26,6 +26,7 @@ class ArtifactKind(str, Enum):
     ONNX = "onnx"
     GGUF = "gguf"
     TENSORRT = "tensorrt"
+    PLUGIN = "plugin"  # a format of a third-party exporter; its manifest names the runtime that loads it
 
 
 class PrecisionKind(str, Enum):

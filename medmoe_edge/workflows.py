@@ -208,7 +208,7 @@ def verify_bundle(
         raise CheckpointError(f"the bundle's source checkpoint {manifest.source.get('path')} is not here and the bundle has no embedded trace: pass --reference CKPT")
     if trace.header.source_sha256 != manifest.source.get("sha256"):
         raise CheckpointError(f"the reference trace was recorded from another checkpoint than this bundle's source: pass --reference CKPT")
-    runtime = runtime_for(manifest.format)
+    runtime = manifest.runtime or runtime_for(manifest.format)
     with status(f"loading {bundle} ({runtime})"), load(bundle, runtime=runtime, options=opts) as pipe:
         report = replay(pipe.runtime, trace, tolerances, limit=n, progress=progress)
     return VerifyOutcome(report, against, runtime)
