@@ -150,6 +150,8 @@ class Manifest:
         prompt: conversation template and system prompt.
         plan: the QuantPlan the export was asked for.
         extra: format-specific settings (e.g. TensorRT optimisation profiles).
+        runtime: the runtime plugin that loads the bundle when its exporter names one (plugin
+            formats); None: the first installed runtime of `format`.
     """
 
     format: ArtifactKind
@@ -164,6 +166,7 @@ class Manifest:
     prompt: dict[str, Any]
     plan: QuantPlan
     extra: dict[str, Any] = field(default_factory=dict)
+    runtime: str | None = None
     version: int = MANIFEST_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -195,6 +198,7 @@ class Manifest:
             prompt=dict(d["prompt"]),
             plan=QuantPlan.from_json(d["plan"]),
             extra=dict(d.get("extra", {})),
+            runtime=d.get("runtime"),
             version=int(d["version"]),
         )
 

@@ -108,6 +108,7 @@ class Exporter(ABC):
     precisions: ClassVar[tuple[Precision, ...]]
     default_precision: ClassVar[Precision]
     precision_flag: ClassVar[str] = "--precision"
+    runtime: ClassVar[str | None] = None  # the runtime that loads this format's bundles, when not the kind's default
     options: ClassVar[tuple[ExportOption, ...]] = ()
 
     @classmethod
@@ -215,6 +216,7 @@ def build_manifest(bundle: Path, exporter: Exporter, loaded: LoadedModel, reques
         prompt={"system": SYSTEM, "template": build_prompt("{question}"), "image_placeholder_id": -200},
         plan=request.plan,
         extra=dict(parts.extra),
+        runtime=exporter.runtime,
     )
 
 
