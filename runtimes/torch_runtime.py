@@ -51,6 +51,10 @@ class TorchRuntime(Runtime):
     def _load(self, model: str | Path, options: ResolvedOptions) -> None:
         if is_bundle(model):
             raise InputError(f"{model} is an exported bundle, not a checkpoint: run it with --runtime {_bundle_runtime_hint(model)}")
+        self._load_checkpoint(model, options)
+
+    def _load_checkpoint(self, model: str | Path, options: ResolvedOptions) -> None:
+        """Load a checkpoint directory or hub id (for subclasses that find one inside their artifact)."""
         device = _torch_device(options.device)
         if options.threads_given:  # otherwise torch keeps its own default
             torch.set_num_threads(options.num_threads)
