@@ -35,6 +35,7 @@ from .plugins import PluginGroup
 from .prompt import SYSTEM, build_prompt
 from .quant_plan import QuantPlan
 from .support_files import copy_support_files, source_files
+from .verify import Tolerances
 from .vocab import ArtifactKind, Precision
 
 ENTRY_POINT_GROUP = "medmoe_edge.exporters"
@@ -109,6 +110,8 @@ class Exporter(ABC):
     default_precision: ClassVar[Precision]
     precision_flag: ClassVar[str] = "--precision"
     runtime: ClassVar[str | None] = None  # the runtime that loads this format's bundles, when not the kind's default
+    # `verify` bounds of a plugin format's bundles (built-in kinds have theirs in verify.TOLERANCES)
+    tolerances: ClassVar[Tolerances | None] = None
     options: ClassVar[tuple[ExportOption, ...]] = ()
 
     @classmethod

@@ -27,6 +27,7 @@ from .runtimes.registry import runtime_for
 from .support_files import checkpoint_source_sha256
 from .trace import TRACE_STEM, Trace, TraceQuestion, record
 from .verify import VerifyReport, replay, tolerances_for
+from .vocab import ArtifactKind
 
 Status = Callable[[str], AbstractContextManager]
 Progress = Callable[[int, int], None]
@@ -184,6 +185,8 @@ def verify_bundle(
     """
     manifest = read_manifest(bundle)  # the runtime verifies every file's SHA-256 when it loads the bundle
     tolerances = tolerances_for(manifest.format, manifest.precision)
+    if tolerances is None and manifest.format is ArtifactKind.PLUGIN:
+        tolerances = get_exporter(str(manifest.toolchain.get("exporter"))).tolerances
     if tolerances is None:
         raise InputError(f"no fidelity tolerances are defined for {manifest.format.value} {manifest.precision.value} bundles")
     opts = options or RuntimeOptions()
