@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -14,7 +12,8 @@ from rich.table import Table
 
 from ..calibration.synth import DOMAINS, SPLITS, build_dataset, read_manifest
 from ..calibration.synth.render import check_size
-from ..errors import ConfigError, InputError
+from ..ckpt_writer import atomic_dir
+from ..errors import ConfigError
 from .common import err, out, user_errors
 
 
@@ -35,31 +34,19 @@ def make_data(
         raise ConfigError(f"--seed must be non-negative, not {seed}")
     check_size(size)
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(f"{out_dir} already exists and is not empty: choose a new --out")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-
     total = len(DOMAINS) * (train_per_domain + calibration_per_domain + eval_per_domain)
-    # Build in a hidden sibling and rename at the end: an interrupted run leaves nothing that looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        with Progress(TextColumn("writing images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:
-            task = bar.add_task("images", total=total)
-            build_dataset(
-                tmp,
-                seed=seed,
-                train_per_domain=train_per_domain,
-                calibration_per_domain=calibration_per_domain,
-                eval_per_domain=eval_per_domain,
-                size=size,
-                on_image=lambda: bar.advance(task),
-            )
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # atomic: an interrupted run leaves nothing that looks complete
+    with atomic_dir(out_dir) as tmp, Progress(TextColumn("writing images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("images", total=total)
+        build_dataset(
+            tmp,
+            seed=seed,
+            train_per_domain=train_per_domain,
+            calibration_per_domain=calibration_per_domain,
+            eval_per_domain=eval_per_domain,
+            size=size,
+            on_image=lambda: bar.advance(task),
+        )
 
     table = Table(title=f"synthetic VQA data in {out_dir} (seed {seed}, {size}×{size})")
     for col in ("split", "domain", "images", "questions", "hash"):
