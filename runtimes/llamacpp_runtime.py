@@ -52,7 +52,7 @@ from medmoe_edge.imaging import ImageProcessorSpec
 from medmoe_edge.model.medmoe import IMAGE_TOKEN_INDEX
 from medmoe_edge.tokenizer import Tokenizer
 
-from .base import ArtifactKind, Availability, ModelInfo, PreparedRequest, Runtime, RuntimeOptions
+from .base import THREADS, ArtifactKind, Availability, Capabilities, Device, DeviceKind, ModelInfo, PreparedRequest, ResolvedOptions, Runtime
 
 TEXT_GRAPH, MMPROJ_GRAPH = "text", "mmproj"  # manifest.graphs keys of the text GGUF and the mmproj GGUF
 ARCH_NAMES = ("medmoe-phi2", "medmoe-stablelm")
@@ -159,25 +159,13 @@ def _init_backend(lib, mtmd) -> None:
     _backend_ready = True
 
 
-def _parse_device(device: str, lib) -> tuple[bool, int]:
-    """(offload to GPU?, GPU index) from --device cpu|cuda|cuda:N."""
-    dev = device.strip().lower()
-    kind, _, idx = dev.partition(":")
-    if kind == "cpu" and not idx:
-        return False, 0
-    if kind == "cuda" and (not idx or idx.isdigit()):
-        if not lib.llama_supports_gpu_offload():
-            raise InputError(f"--device {device}: this llama-cpp-python was built without GPU support; rebuild it with `{BUILD_COMMAND} cuda`, or use --device cpu")
-        return True, int(idx or 0)
-    raise InputError(f"--device {device!r} is not valid for the llamacpp runtime: use cpu, cuda or cuda:N")
-
-
-def _usable_cores() -> int:
-    """CPU cores this process may run on (the affinity mask, e.g. under taskset or a container quota)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+def _gpu_offload(device: Device, lib) -> bool:
+    """Whether --device asks for GPU offload, refusing CUDA on a llama.cpp built without it."""
+    if device.kind is DeviceKind.CPU:
+        return False
+    if not lib.llama_supports_gpu_offload():
+        raise InputError(f"--device {device}: this llama-cpp-python was built without GPU support; rebuild it with `{BUILD_COMMAND} cuda`, or use --device cpu")
+    return True
 
 
 def pixels_to_rgb8(pixels: torch.Tensor, processor: ImageProcessorSpec) -> np.ndarray:
@@ -199,6 +187,8 @@ class LlamaCppRuntime(Runtime):
     name = "llamacpp"
     artifact_kind = ArtifactKind.GGUF
     description = "llama.cpp (patched llama-cpp-python) on a GGUF bundle: F32/F16/quantised weights, CPU or CUDA"
+    # one sequence at a time, no routing report; the precision is the bundle's GGUF types (no --dtype)
+    capabilities = Capabilities(reports_routing=False, max_batch=1, devices=(DeviceKind.CPU, DeviceKind.CUDA), options=frozenset({THREADS}))
 
     @classmethod
     def availability(cls) -> Availability:
@@ -212,8 +202,7 @@ class LlamaCppRuntime(Runtime):
         gpu = "GPU offload" if lib.llama_supports_gpu_offload() else "CPU only"
         return Availability(True, f"llama-cpp-python {version} (Med-MoE patch), {gpu}")
 
-    def __init__(self, model: str | Path, options: RuntimeOptions | None = None) -> None:
-        options = options or RuntimeOptions()
+    def _load(self, model: str | Path, options: ResolvedOptions) -> None:
         self._lib = self._mtmd = None
         self._model = self._ctx = self._mctx = None
         self._tok_batch = self._emb_batch = None
@@ -221,15 +210,8 @@ class LlamaCppRuntime(Runtime):
 
         lib = require_patched_llama_cpp()
         _llama_cpp, _lib, mtmd = _import_llama()
-        if options.dtype is not None:
-            raise InputError(f"--dtype {options.dtype.value} does not apply to the llamacpp runtime: precision is fixed by the bundle's GGUF weight types; export a bundle with another precision instead")
-        if options.vision_tower is not None:
-            raise InputError("--vision-tower does not apply to a bundle: the tower is exported into mmproj.gguf; pass it to `medmoe-edge export`")
-        if options.provider is not None:
-            raise InputError(f"--provider {options.provider} is an option of the onnxruntime runtime; the llamacpp runtime takes --device cpu|cuda[:N]")
-        if options.num_threads is not None and options.num_threads < 1:
-            raise InputError(f"--threads must be at least 1, got {options.num_threads}")
-        gpu, gpu_index = _parse_device(options.device, lib)
+        gpu = _gpu_offload(options.device, lib)
+        gpu_index = options.device.index or 0
         self._lib, self._mtmd = lib, mtmd
 
         self.dir = Path(model)
@@ -239,16 +221,13 @@ class LlamaCppRuntime(Runtime):
         self.processor: ImageProcessorSpec = tower.processor
         if abs(self.processor.rescale_factor - 1 / 255) > 1e-12:
             raise CheckpointError(f"{self.dir}: rescale_factor {self.processor.rescale_factor} is not 1/255, which mtmd assumes")
-        try:
-            self.context_length = int(self.manifest.model["context_length"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{self.dir / 'manifest.json'} has no model.context_length: export the bundle again") from None
+        self.context_length = self.manifest.model.context_length
         text_path = self._bundle_file(TEXT_GRAPH)
         mmproj_path = self._bundle_file(MMPROJ_GRAPH)
         tokenizer = Tokenizer.from_dir(self.dir)
 
         try:
-            self._load(text_path, mmproj_path, gpu, gpu_index, options.num_threads)
+            self._load_llama(text_path, mmproj_path, gpu, gpu_index, options.num_threads)
         except BaseException:
             self.close()
             raise
@@ -257,8 +236,9 @@ class LlamaCppRuntime(Runtime):
             spec=spec,
             tokenizer=tokenizer,
             processor=self.processor,
-            label=f"{self.manifest.source.get('label', self.dir.name)} (gguf {self.manifest.precision}, {device})",
+            label=f"{self.manifest.source.get('label', self.dir.name)} (gguf {self.manifest.precision.value}, {device})",
             context_length=self.context_length,
+            vocab_rows=self.n_vocab,
         )
 
     def _bundle_file(self, graph: str) -> Path:
@@ -269,7 +249,7 @@ class LlamaCppRuntime(Runtime):
             raise CheckpointError(f"{self.dir / 'manifest.json'} names {g.file} as its {graph} file but does not list it with a SHA-256: export the bundle again")
         return self.dir / g.file  # open_bundle has checked every listed file's SHA-256
 
-    def _load(self, text_path: Path, mmproj_path: Path, gpu: bool, gpu_index: int, threads: int | None) -> None:
+    def _load_llama(self, text_path: Path, mmproj_path: Path, gpu: bool, gpu_index: int, threads: int) -> None:
         lib, mtmd = self._lib, self._mtmd
         mp = lib.llama_model_default_params()
         mp.n_gpu_layers = -1 if gpu else 0  # -1: every layer
@@ -288,8 +268,8 @@ class LlamaCppRuntime(Runtime):
         cp.n_ubatch = min(cp.n_ubatch, self.n_batch)
         cp.n_seq_max = 1
         # llama.cpp's default is 4 threads whatever the machine; more threads than cores makes its
-        # spinning workers fight (a 2-core machine decodes far slower with 4), so default to the cores we may use.
-        threads = threads if threads is not None else _usable_cores()
+        # spinning workers fight (a 2-core machine decodes far slower with 4), so `threads` defaults
+        # to the cores we may use (`default_threads`, in the base class).
         cp.n_threads = cp.n_threads_batch = threads
         cp.type_k = cp.type_v = _GGML_TYPE_F32  # fidelity: no rounding of cached keys/values
         cp.flash_attn_type = _FLASH_ATTN_DISABLED  # the F32 KV path; FA would need F16 K/V on some backends
@@ -301,6 +281,8 @@ class LlamaCppRuntime(Runtime):
             raise RuntimeUnavailable(f"llama.cpp could not create a context of {n_ctx} positions (out of memory?)")
 
         self.n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
+        if self.n_vocab != self.manifest.model.vocab_rows:
+            raise CheckpointError(f"{text_path.name} has {self.n_vocab} tokens but the manifest {self.manifest.model.vocab_rows} vocabulary rows: the bundle is inconsistent; export it again")
         self.n_embd = int(lib.llama_model_n_embd(self._model))
         if self.n_embd != self.spec.text.hidden_size:
             raise CheckpointError(f"{text_path.name} has n_embd {self.n_embd} but config.json hidden_size {self.spec.text.hidden_size}: the bundle is inconsistent")
@@ -364,12 +346,9 @@ class LlamaCppRuntime(Runtime):
     def encode_image(self, pixels: torch.Tensor) -> np.ndarray:
         """One preprocessed image [3, S, S] -> its projected rows [image_tokens, hidden] (float32), via mtmd."""
         mtmd = self._mtmd
-        size = self.spec.vision.image_size
-        if tuple(pixels.shape) != (3, size, size):
-            raise InputError(f"image tensor has shape {list(pixels.shape)}, expected [3, {size}, {size}]")
-        rgb = pixels_to_rgb8(pixels, self.processor)
+        rgb = pixels_to_rgb8(pixels, self.processor)  # [H, W, 3]: the bitmap's size is the array's, whatever it is
         buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
-        bitmap = mtmd.mtmd_bitmap_init(size, size, buf)
+        bitmap = mtmd.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], buf)
         chunks = mtmd.mtmd_input_chunks_init()
         try:
             marker = mtmd.mtmd_default_marker()
@@ -401,21 +380,10 @@ class LlamaCppRuntime(Runtime):
 
     # ---- Runtime interface ---------------------------------------------------------------
 
-    def prefill(self, requests: list[PreparedRequest], max_new_tokens: int) -> StepOutput:
+    def _prefill(self, requests: list[PreparedRequest], max_new_tokens: int) -> StepOutput:
         if self._ctx is None:
             raise RuntimeError("prefill() called after close()")
-        if len(requests) != 1:
-            raise InputError(f"the llamacpp runtime answers one request at a time, got a batch of {len(requests)}")
-        r = requests[0]
-        bad = [i for i in r.token_ids if i != IMAGE_TOKEN_INDEX and not 0 <= i < self.n_vocab]
-        if bad:
-            raise InputError(f"token id {bad[0]} is outside the vocabulary of {self.n_vocab}")
-        n_img = sum(1 for i in r.token_ids if i == IMAGE_TOKEN_INDEX)
-        if n_img != r.pixel_values.shape[0]:
-            raise InputError(f"prompt has {n_img} <image> placeholders but {r.pixel_values.shape[0]} images were given")
-        if not r.token_ids:
-            raise InputError("empty prompt")
-        self.check_fits([r], max_new_tokens)
+        (r,) = requests  # capabilities.max_batch = 1, checked by the base
 
         # Split the prompt into text runs and images: (ids, None) or (None, image index).
         segments: list[tuple[list[int] | None, int | None]] = []
@@ -433,7 +401,7 @@ class LlamaCppRuntime(Runtime):
         if run:
             segments.append((run, None))
 
-        rows = [self.encode_image(r.pixel_values[k]) for k in range(n_img)]
+        rows = [self.encode_image(r.pixel_values[k]) for k in range(r.pixel_values.shape[0])]
         self._n_past = None
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
         pos = 0
@@ -448,15 +416,10 @@ class LlamaCppRuntime(Runtime):
         self._n_past = pos
         return StepOutput(logits=self._last_logits(), experts={}, prompt_routing=None)
 
-    def decode(self, tokens: torch.Tensor) -> StepOutput:
+    def _decode(self, tokens: torch.Tensor) -> StepOutput:
         if self._n_past is None or self._ctx is None:
-            raise RuntimeError("decode() called before prefill()")
-        if tokens.numel() != 1:
-            raise InputError(f"the llamacpp runtime answers one request at a time, got {tokens.numel()} tokens")
-        tok = int(tokens.reshape(-1)[0])
-        if not 0 <= tok < self.n_vocab:
-            raise InputError(f"token id {tok} is outside the vocabulary of {self.n_vocab}")
-        self._decode_tokens([tok], self._n_past, True)
+            raise RuntimeError("decode() called after close()")
+        self._decode_tokens([int(tokens[0])], self._n_past, True)
         self._n_past += 1
         return StepOutput(logits=self._last_logits(), experts={})
 

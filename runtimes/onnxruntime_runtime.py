@@ -9,7 +9,8 @@
   reads the filled prefix and returns only this pass's new rows, which are copied in.
   Inputs and outputs are torch tensors on the provider's device, so nothing round-trips
   through host memory on CUDA.
-* Sampling, stopping and streaming are the shared loop's (`medmoe_edge.generation`).
+* Inputs are validated and generation (sampling, stopping, streaming) runs in the shared
+  contract (`medmoe_edge.runtime_contract.Runtime`); this module only runs the graphs.
 
 The TensorRT provider path is written against ONNX Runtime's documented provider
 options and has not been run (no TensorRT on the machines this was built on).
@@ -26,14 +27,14 @@ import torch
 
 from medmoe_edge.bundle import Manifest, open_bundle
 from medmoe_edge.checkpoint import read_spec
-from medmoe_edge.errors import InputError, RuntimeUnavailable
+from medmoe_edge.errors import CheckpointError, InputError, RuntimeUnavailable
 from medmoe_edge.generation import StepOutput
 from medmoe_edge.model.medmoe import IMAGE_TOKEN_INDEX, pad_batch
 from medmoe_edge.tokenizer import Tokenizer
 
-from .base import ArtifactKind, Availability, ModelInfo, PreparedRequest, Runtime, RuntimeOptions, prompt_routing_counts, token_kinds
+from .base import DTYPE, PROVIDER, THREADS, ArtifactKind, Availability, Capabilities, Device, DeviceKind, ModelInfo, Precision, PreparedRequest, ResolvedOptions, Runtime, prompt_routing_counts, token_kinds
 
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+COMPUTE_PRECISIONS = (Precision.FP32, Precision.FP16)  # what an ONNX bundle computes in (`--precision` of the export)
 
 
 class Provider(str, Enum):
@@ -56,22 +57,25 @@ def _import_ort():
     return onnxruntime
 
 
-def _parse_provider(options: RuntimeOptions) -> tuple[Provider, int]:
-    """The provider and device index from --provider / --device (they must agree)."""
-    dev = options.device.strip().lower()
-    dev_type, _, idx = dev.partition(":")
-    if dev_type not in ("cpu", "cuda") or (idx and not idx.isdigit()):
-        raise InputError(f"--device {options.device!r} is not valid for the onnxruntime runtime: use cpu, cuda or cuda:N")
-    if options.provider is None:
-        provider = Provider.CPU if dev_type == "cpu" else Provider.CUDA
-    else:
-        try:
-            provider = Provider(options.provider.lower())
-        except ValueError:
-            raise InputError(f"--provider {options.provider!r} is not supported: use cpu, cuda or tensorrt") from None
-        if (provider is Provider.CPU) != (dev_type == "cpu") and options.device != "cpu":
-            raise InputError(f"--provider {provider.value} and --device {options.device} disagree: drop --device or choose a matching one")
-    return provider, int(idx or 0)
+def _provider(provider: str | None, device: Device) -> Provider:
+    """The provider from --provider and the parsed --device (they must agree; the default --device cpu goes with any provider)."""
+    if provider is None:
+        return Provider.CPU if device.kind is DeviceKind.CPU else Provider.CUDA
+    try:
+        chosen = Provider(provider.lower())
+    except ValueError:
+        raise InputError(f"--provider {provider!r} is not supported: use cpu, cuda or tensorrt") from None
+    if chosen is Provider.CPU and device.kind is not DeviceKind.CPU:
+        raise InputError(f"--provider {chosen.value} and --device {device} disagree: drop --device or choose a matching one")
+    return chosen
+
+
+def _compute_precision(manifest: Manifest, bundle: Path) -> Precision:
+    """The precision the graphs compute in: the element type of the embedding graph's output."""
+    try:
+        return Precision.parse(manifest.graphs["embed"].outputs[0].dtype, allowed=COMPUTE_PRECISIONS, option="embeds element type")
+    except (KeyError, IndexError, InputError):
+        raise CheckpointError(f"{bundle / 'manifest.json'} does not describe an fp32 or fp16 embed graph: export the bundle again") from None
 
 
 class OnnxRuntimeRuntime(Runtime):
@@ -80,6 +84,8 @@ class OnnxRuntimeRuntime(Runtime):
     name = "onnxruntime"
     artifact_kind = ArtifactKind.ONNX
     description = "ONNX Runtime on an exported bundle (--provider cpu|cuda|tensorrt)"
+    # max_batch None: the graphs take any batch; the TensorRT provider's profile bound is the bundle's (checked in _prefill)
+    capabilities = Capabilities(reports_routing=True, max_batch=None, devices=(DeviceKind.CPU, DeviceKind.CUDA), precisions=COMPUTE_PRECISIONS, options=frozenset({DTYPE, THREADS, PROVIDER}))
 
     @classmethod
     def availability(cls) -> Availability:
@@ -89,20 +95,16 @@ class OnnxRuntimeRuntime(Runtime):
             return Availability(False, str(e))
         return Availability(True, f"onnxruntime {ort.__version__}, providers: {', '.join(ort.get_available_providers())}")
 
-    def __init__(self, model: str | Path, options: RuntimeOptions | None = None) -> None:
-        options = options or RuntimeOptions()
+    def _load(self, model: str | Path, options: ResolvedOptions) -> None:
         ort = _import_ort()
-        if options.vision_tower is not None:
-            raise InputError("--vision-tower does not apply to a bundle: the tower is exported into it; pass it to `medmoe-edge export`")
         self.dir = Path(model)
         self.manifest: Manifest = open_bundle(self.dir, ArtifactKind.ONNX)
         mm = self.manifest.model
-        self.dtype_name = str(mm["dtype"])
-        if options.dtype is not None and options.dtype.value != self.dtype_name:
-            raise InputError(f"this bundle computes in {self.dtype_name}; --dtype {options.dtype.value} needs a bundle exported with that precision (medmoe-edge export --precision)")
-        if options.num_threads is not None and options.num_threads < 1:
-            raise InputError(f"--threads must be at least 1, got {options.num_threads}")
-        self.provider, self.device_id = _parse_provider(options)
+        self.compute = _compute_precision(self.manifest, self.dir)
+        if options.dtype is not None and options.dtype is not self.compute:
+            raise InputError(f"this bundle computes in {self.compute.torch_name}; --dtype {options.dtype.torch_name} needs a bundle exported with that precision (medmoe-edge export --precision)")
+        self.provider = _provider(options.provider, options.device)
+        self.device_id = options.device.index or 0
         if self.provider.ort_name not in ort.get_available_providers():
             raise RuntimeUnavailable(
                 f"--provider {self.provider.value}: this onnxruntime build has no {self.provider.ort_name} "
@@ -118,27 +120,28 @@ class OnnxRuntimeRuntime(Runtime):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        if options.num_threads is not None:
+        if options.threads_given:  # otherwise ONNX Runtime keeps its own default
             so.intra_op_num_threads = options.num_threads
             so.inter_op_num_threads = 1
         self.sessions = {name: self._session(ort, so, name) for name in ("vision", "embed", "decoder")}
 
         spec, _cfg, tower = read_spec(self.dir)
         self.spec = spec
-        self.moe_layers = [int(x) for x in mm["moe_layers"]]
-        self.n_layers = int(mm["num_layers"])
-        self.vocab_rows = int(mm["vocab_rows"])
-        self.kv_shape = (int(mm["num_kv_heads"]), int(mm["head_dim"]))
-        self.hidden = int(mm["hidden_size"])
-        self.top_k = int(mm["top_k"])
-        self.n_experts = int(mm["num_experts"])
-        self.torch_dtype = _TORCH[self.dtype_name]
+        self.moe_layers = list(mm.moe_layers)
+        self.n_layers = mm.num_layers
+        self.vocab_rows = mm.vocab_rows
+        self.kv_shape = (mm.num_kv_heads, mm.head_dim)
+        self.hidden = mm.hidden_size
+        self.top_k = mm.top_k
+        self.n_experts = mm.num_experts
+        self.torch_dtype = self.compute.torch
         self._info = ModelInfo(
             spec=spec,
             tokenizer=Tokenizer.from_dir(self.dir),
             processor=tower.processor,
-            label=f"{self.manifest.source.get('label', self.dir.name)} (onnx {self.manifest.precision}, {self.provider.value})",
-            context_length=int(mm["context_length"]),
+            label=f"{self.manifest.source.get('label', self.dir.name)} (onnx {self.manifest.precision.value}, {self.provider.value})",
+            context_length=mm.context_length,
+            vocab_rows=mm.vocab_rows,
         )
         self._kv: list[torch.Tensor] = []
         self._mask: torch.Tensor | None = None
@@ -178,7 +181,7 @@ class OnnxRuntimeRuntime(Runtime):
         cache.mkdir(parents=True, exist_ok=True)
         return {
             "device_id": self.device_id,
-            "trt_fp16_enable": self.dtype_name == "float16",
+            "trt_fp16_enable": self.compute is Precision.FP16,
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache),
             "trt_profile_min_shapes": fmt(mins),
@@ -225,9 +228,7 @@ class OnnxRuntimeRuntime(Runtime):
         new = [torch.empty(b, kv, t, d, dtype=self.torch_dtype, device=self.device) for _ in range(2 * self.n_layers)]
         for i in range(self.n_layers):
             outputs[f"new_key_{i}"], outputs[f"new_value_{i}"] = new[2 * i], new[2 * i + 1]
-        start = self._filled
-        if start + t > self._kv[0].shape[2]:
-            raise InputError(f"sequence of {start + t} tokens exceeds the KV cache of {self._kv[0].shape[2]}: lower --max-new-tokens")
+        start = self._filled  # the base reserved the slots: prefill sized the cache for max_new_tokens decodes
         self._run("decoder", inputs, outputs)
         for buf, rows in zip(self._kv, new):
             buf[:, :, start : start + t].copy_(rows)
@@ -236,15 +237,10 @@ class OnnxRuntimeRuntime(Runtime):
 
     # ---- Runtime interface ---------------------------------------------------------------
 
-    def prefill(self, requests: list[PreparedRequest], max_new_tokens: int) -> StepOutput:
+    def _prefill(self, requests: list[PreparedRequest], max_new_tokens: int) -> StepOutput:
         p = self.spec.image_tokens
-        for r in requests:
-            bad = [i for i in r.token_ids if i != IMAGE_TOKEN_INDEX and not 0 <= i < self.vocab_rows]
-            if bad:
-                raise InputError(f"token id {bad[0]} is outside the vocabulary of {self.vocab_rows}")
-            n_img = sum(1 for i in r.token_ids if i == IMAGE_TOKEN_INDEX)
-            if n_img != r.pixel_values.shape[0]:
-                raise InputError(f"prompt has {n_img} <image> placeholders but {r.pixel_values.shape[0]} images were given")
+        if self.provider is Provider.TENSORRT:
+            self._check_profile_batch(len(requests))
         pixels = torch.cat([r.pixel_values for r in requests]).to(torch.float32)
         image_rows = torch.empty(pixels.shape[0], p, self.hidden, dtype=self.torch_dtype, device=self.device)
         if pixels.shape[0]:
@@ -280,9 +276,15 @@ class OnnxRuntimeRuntime(Runtime):
             prompt_experts={m: e.cpu() for m, e in experts.items()},
         )
 
-    def decode(self, tokens: torch.Tensor) -> StepOutput:
-        if not self._kv or self._mask is None or self._next_pos is None:
-            raise RuntimeError("decode() called before prefill()")
+    def _check_profile_batch(self, batch: int) -> None:
+        """TensorRT engines are built for the manifest's optimisation profile: refuse a batch above its bound."""
+        bound = self.manifest.extra.get("tensorrt_profiles", {}).get("decoder", {}).get("batch")
+        if bound and batch > int(bound[2]):
+            raise InputError(f"the TensorRT profile of this bundle takes at most {bound[2]} request(s) at a time, got a batch of {batch}: export with a larger --max-batch")
+
+    def _decode(self, tokens: torch.Tensor) -> StepOutput:
+        if not self._kv:
+            raise RuntimeError("decode() called after close()")
         embeds = self._embed(tokens.to(torch.int64))[:, None]
         self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
         b = tokens.shape[0]

@@ -72,13 +72,14 @@ class Fidelity:
     kv_cache: float
 
 
+# Measured on these models (CPU): onnxruntime ≤ 1e-5 and llamacpp ≤ 1e-3 per step, KV cache ≤ 3e-6 for both.
 FIDELITY = {
     "torch": Fidelity(0.0, 0.0, True, True, 1e-4),
-    # fp32 graphs, the same expert-sparse dispatch (test_onnx_export: logits within 1e-4, routing identical)
+    # fp32 graphs with the reference's expert-sparse dispatch: logits within 1e-4, routing identical
     "onnxruntime": Fidelity(1e-4, 1e-4, True, True, 1e-4),
-    # F32 GGUF: ggml's GELU goes through an fp16 table (≤ 2e-3 on text, test_gguf); mtmd's CLIP
-    # tower uses tanh GELU, so with an image only the tokens are compared
-    "llamacpp": Fidelity(2e-3, None, False, False, 2e-3),
+    # F32 GGUF: ggml's GELU goes through an fp16 table (≤ 2e-3 on text); mtmd's CLIP tower uses
+    # tanh GELU (image rows within 1e-2 of the reference's), so image prompts get a looser bound
+    "llamacpp": Fidelity(2e-3, 5e-3, True, False, 1e-4),
 }
 UNKNOWN = Fidelity(None, None, False, False, 1e-2)  # a third-party runtime with no entry above: tokens on the demo only
 RUNTIMES = sorted(discover())
@@ -243,19 +244,22 @@ def test_routing_is_reported_iff_declared(runtime_cls, model, loaded, sample_png
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_greedy_answer_equals_the_reference(runtime_cls, model, loaded, references, sample_png):
+def test_greedy_answer_equals_the_reference(runtime_cls, model, loaded, references, sample_png, monkeypatch):
     """Greedy tokens through Runtime.generate, one prompt at a time: text-only prompts everywhere,
     image prompts on the demo (and on the tiny checkpoints where the runtime's fidelity allows)."""
     rt, ref, fid = loaded(runtime_cls, model), references(model), fidelity(runtime_cls)
     cases = [(text_request(rt, ids), fid.text_logits) for ids in TEXT_IDS]
     if model == "demo" or fid.image_tokens_on_tiny:
         cases += [(r, fid.image_logits) for r in image_requests(rt, sample_png)]
+    for req, _tol in cases:  # with EOS: the answer the runtime gives (the demo stops after a few tokens)
+        assert greedy_tokens(rt, req, NEW_TOKENS) == greedy_tokens(ref, req, NEW_TOKENS)
+    for tok in {id(ref.model_info.tokenizer): ref.model_info.tokenizer, id(rt.model_info.tokenizer): rt.model_info.tokenizer}.values():
+        monkeypatch.setattr(tok, "eos_id", -1)  # then without: every step is compared
     compared = 0
     for req, tol in cases:
         want, want_steps = run(ref, [req])
         got, got_steps = run(rt, [req])
-        assert got[0].token_ids == want[0].token_ids and got[0].finish_reason is want[0].finish_reason
-        assert greedy_tokens(rt, req, NEW_TOKENS) == want[0].token_ids
+        assert len(want[0].token_ids) == NEW_TOKENS and got[0].token_ids == want[0].token_ids
         if tol is not None:
             assert max_logit_gap(got_steps, want_steps) <= tol
         if fid.routing:
@@ -426,14 +430,14 @@ def test_options_are_checked_and_parsed_once_before_load(runtime_cls, artifacts,
 # ---- timings, the step observer, close ---------------------------------------------------
 
 
-def test_timings_observer_and_close(runtime_cls, artifacts, sample_png):
+def test_timings_observer_and_close(runtime_cls, artifacts, sample_png, monkeypatch):
     closes = []
     with runtime_cls(artifacts(runtime_cls.artifact_kind, "tiny-stablelm")) as rt:
         real_close = rt.close
         rt.close = lambda: (closes.append(1), real_close())[-1]
         assert isinstance(rt, runtime_cls)
         assert rt.timings.load_s > 0 and rt.timings.prefill_s == [] and rt.timings.decode_s == []
-        rt.model_info.tokenizer.eos_id = -1  # no stop token: the run makes every step
+        monkeypatch.setattr(rt.model_info.tokenizer, "eos_id", -1)  # no stop token: the run makes every step
         req = image_requests(rt, sample_png)[0]
         seen: list[int] = []
         loop = LoopTimings()
