@@ -40,9 +40,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         InputError: `out` exists and is not an empty directory.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out} already exists and is not empty: choose a new --out directory or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_new_dir(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
@@ -53,6 +51,56 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_new_dir(out: Path) -> None:
+    """Check, before any work, that `out` can be created as a new directory (or is an empty one).
+
+    Creates missing parents, then probes the parent with a temporary directory, so a read-only
+    filesystem, a missing permission or a file in the way is found before minutes of work.
+
+    Raises:
+        InputError: `out` is a file or a non-empty directory, or its parent cannot be written.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file: choose a new --out directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError(f"{out} already exists and is not empty: choose a new --out directory or remove it")
+    _no_file_in_the_way(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent)
+        os.rmdir(probe)
+    except OSError as e:
+        raise InputError(f"cannot create {out} ({e.strerror or e}): choose a writable --out directory") from None
+
+
+def _no_file_in_the_way(out: Path) -> None:
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{parent} is a file, so {out} cannot be created under it: choose another path")
+            return
+
+
+def check_new_file(out: Path) -> None:
+    """Check, before any work, that a file can be written at `out` (parents are created).
+
+    Raises:
+        InputError: `out` is a directory, or its directory cannot be written.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise InputError(f"{out} is a directory: give a file path")
+    _no_file_in_the_way(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"cannot write {out} ({e.strerror or e}): choose a writable path") from None
 
 
 def _umask_permissions(root: Path) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
+
+from .. import __version__
 
 from . import data_cmd, eval_cmd, export_cmd, info_cmd, init_random_cmd, run_cmd, runtimes_cmd, trace_cmd, train_cmd, verify_cmd
 
@@ -12,7 +16,22 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain help: rich markup would swallow the "[default: ...]" notes of our help texts
+    rich_markup_mode=None,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"medmoe-edge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)] = False) -> None:
+    """Med-MoE medical vision-language model: export, quantize, run and compare on edge devices."""
+
+
 app.command("run")(run_cmd.run)
 app.command("info")(info_cmd.info)
 app.command("runtimes")(runtimes_cmd.runtimes)

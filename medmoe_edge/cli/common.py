@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import MedmoeError
 from ..runtime_contract import RuntimeOptions
@@ -21,19 +23,51 @@ err = Console(stderr=True)  # progress, status and errors
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_OS_FIXES = {
+    errno.EACCES: "choose a writable location or fix its permissions",
+    errno.EPERM: "choose a writable location or fix its permissions",
+    errno.EROFS: "the filesystem is read-only: choose a location on a writable one",
+    errno.ENOSPC: "the disk is full: free space or choose another location",
+    errno.EDQUOT: "the disk quota is exhausted: free space or choose another location",
+    errno.ENOENT: "check the path: a parent directory does not exist",
+    errno.ENOTDIR: "a file is in the way of a directory on that path: choose another path",
+    errno.EEXIST: "something is already there: choose another path",
+    errno.EISDIR: "that path is a directory: give a file path",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: what failed, on which path, and how to fix it."""
+    where = f" ({e.filename})" if e.filename else ""
+    fix = _OS_FIXES.get(e.errno or -1, "check the path and try again")
+    return f"{e.strerror or type(e).__name__}{where}: {fix}"
+
+
+def fail(message: str, kind: str, code: int, as_json: bool) -> NoReturn:
+    """Print one error line on stderr (and a JSON error object on stdout for --json) and exit."""
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+    if as_json:
+        print_json({"error": message, "kind": kind})
+    raise typer.Exit(code)
+
+
 def user_errors(fn: F) -> F:
-    """Turn a `MedmoeError` into one red line on stderr and a non-zero exit, never a traceback."""
+    """The one place where a command's failures become a one-line error and a non-zero exit, never a
+    traceback: `MedmoeError` (exit 2), any OSError (an output path that cannot be written, a full disk,
+    a read-only filesystem; exit 2), Ctrl-C (exit 130). With `--json` the error is also printed on
+    stdout as {"error": ..., "kind": ...}."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except MedmoeError as e:
-            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
+            fail(str(e), type(e).__name__, e.exit_code, as_json)
+        except OSError as e:
+            fail(os_error_message(e), type(e).__name__, 2, as_json)
         except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
+            fail("interrupted", "KeyboardInterrupt", 130, as_json)
 
     return wrapper  # type: ignore[return-value]
 
