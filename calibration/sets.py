@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 from medmoe_edge.demo import DEMO_DATA_SEED
@@ -26,9 +27,29 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "medmoe-edge"
 
 
-def resolve_set(set_name: str, data: Path | None = None, *, status: Callable[[str], AbstractContextManager] | None = None) -> tuple[list[Sample], Path]:
+@dataclass(frozen=True)
+class QuestionSet:
+    """A resolved set: its samples, the directory their image paths are relative to, its manifest."""
+
+    name: str
+    samples: list[Sample]
+    root: Path
+    manifest: Path
+
+    def __iter__(self):  # samples, root = resolve_set(...)
+        return iter((self.samples, self.root))
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the set's manifest (which names every image and its answer)."""
+        import hashlib
+
+        return hashlib.sha256(self.manifest.read_bytes()).hexdigest()
+
+
+def resolve_set(set_name: str, data: Path | None = None, *, status: Callable[[str], AbstractContextManager] | None = None) -> QuestionSet:
     """Samples of a split name (eval, calibration, train) or of a manifest path, and the directory
-    their image paths are relative to.
+    their image paths are relative to (unpacks as `samples, root`).
 
     Args:
         status: called with a message around the (one-time) generation of a demo split.
@@ -39,13 +60,14 @@ def resolve_set(set_name: str, data: Path | None = None, *, status: Callable[[st
     if as_path.suffix == ".jsonl":
         if not as_path.is_file():
             raise InputError(f"manifest {as_path} does not exist: pass a split name (eval, calibration) or a .jsonl from make-data")
-        return read_manifest(as_path), as_path.parent
+        return QuestionSet(set_name, read_manifest(as_path), as_path.parent, as_path)
     try:
         split = Split(set_name)
     except ValueError:
         raise InputError(f"--set {set_name!r} is not a split (eval, calibration, train) or a .jsonl manifest") from None
     if data is not None:
-        return read_manifest(data / f"{split.value}.jsonl"), data
+        manifest = data / f"{split.value}.jsonl"
+        return QuestionSet(set_name, read_manifest(manifest), data, manifest)
     per = {Split.EVAL: EVAL_PER_DOMAIN, Split.CALIBRATION: CALIBRATION_PER_DOMAIN}.get(split)
     if per is None:
         raise InputError("--set train needs --data DIR (the training set is large; generate it with make-data)")
@@ -54,7 +76,7 @@ def resolve_set(set_name: str, data: Path | None = None, *, status: Callable[[st
     if not manifest.is_file():
         with (status or (lambda _m: contextlib.nullcontext()))(f"generating the {split.value} set into {cache}"):
             build_split(cache, split, per, DEMO_DATA_SEED)
-    return read_manifest(manifest), cache
+    return QuestionSet(set_name, read_manifest(manifest), cache, manifest)
 
 
-__all__ = ["CALIBRATION_PER_DOMAIN", "EVAL_PER_DOMAIN", "resolve_set"]
+__all__ = ["CALIBRATION_PER_DOMAIN", "EVAL_PER_DOMAIN", "QuestionSet", "resolve_set"]

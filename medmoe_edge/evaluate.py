@@ -8,8 +8,6 @@ and per layer in the JSON.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,27 +82,20 @@ def evaluate(
     return EvalResult(preds, summary, shares, dict(sorted(counts.items())))
 
 
-def write_report(result: EvalResult, out_dir: Path, title: str) -> list[Path]:
-    """Write predictions.jsonl, summary.json and routing.png into `out_dir` (each file atomically)."""
+def write_report(result: EvalResult, out_dir: Path, title: str, provenance: dict | None = None) -> list[Path]:
+    """Write predictions.jsonl, summary.json (with `provenance`) and routing.png into a new
+    directory `out_dir`, atomically (a non-empty directory is refused, never replaced)."""
+    from .ckpt_writer import atomic_dir
     from .heatmap import render_heatmap
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def atomic_text(path: Path, text: str) -> None:
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-
-    preds = out_dir / "predictions.jsonl"
-    atomic_text(preds, "".join(json.dumps(p.__dict__) + "\n" for p in result.predictions))
-    summary = out_dir / "summary.json"
-    atomic_text(summary, json.dumps(result.to_json(), indent=2) + "\n")
-    paths = [preds, summary]
-    if result.routing_image:
-        domains = list(result.routing_image)
-        n_exp = len(next(iter(result.routing_image.values())))
-        png = out_dir / "routing.png"
-        render_heatmap([result.routing_image[d] for d in domains], domains, [f"expert {e}" for e in range(n_exp)], title, png)
-        paths.append(png)
-    return paths
+    names = ["predictions.jsonl", "summary.json"]
+    with atomic_dir(out_dir) as tmp:
+        (tmp / names[0]).write_text("".join(json.dumps(p.__dict__) + "\n" for p in result.predictions))
+        summary = result.to_json() | ({"provenance": provenance} if provenance else {})
+        (tmp / names[1]).write_text(json.dumps(summary, indent=2) + "\n")
+        if result.routing_image:
+            domains = list(result.routing_image)
+            n_exp = len(next(iter(result.routing_image.values())))
+            render_heatmap([result.routing_image[d] for d in domains], domains, [f"expert {e}" for e in range(n_exp)], title, tmp / "routing.png")
+            names.append("routing.png")
+    return [out_dir / n for n in names]

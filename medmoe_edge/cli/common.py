@@ -7,7 +7,8 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -70,6 +71,14 @@ def user_errors(fn: F) -> F:
             fail("interrupted", "KeyboardInterrupt", 130, as_json)
 
     return wrapper  # type: ignore[return-value]
+
+
+# The runtime options every command that runs a model takes, declared once.
+DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
+DtypeOption = Annotated[str | None, typer.Option("--dtype", help="Compute precision of the torch runtime: float32 (default), float16 or bfloat16; a bundle computes in its own.")]
+ThreadsOption = Annotated[int | None, typer.Option("--threads", help="CPU threads [default: the cores this process may use].")]
+ProviderOption = Annotated[str | None, typer.Option("--provider", help="onnxruntime execution provider: cpu, cuda or tensorrt (never a silent fallback).")]
+VisionTowerOption = Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")]
 
 
 def runtime_options(*, device: str = "cpu", dtype: str | None = None, threads: int | None = None, vision_tower=None, provider: str | None = None) -> RuntimeOptions:

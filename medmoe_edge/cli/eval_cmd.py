@@ -10,44 +10,62 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ..api import load
+from ..calibration.sets import resolve_set
 from ..demo import DEMO_LABEL, is_demo
 from ..errors import InputError
 from ..evaluate import evaluate, write_report
 from ..generation import GenerationConfig
 from ..imaging import PreprocessMode
-from ..calibration.sets import resolve_set
-from .common import err, out, print_json, runtime_options, user_errors
+from ..ckpt_writer import check_new_dir
+from ..provenance import provenance
+from .common import DeviceOption, DtypeOption, ProviderOption, ThreadsOption, VisionTowerOption, err, out, print_json, runtime_options, user_errors
 
 @user_errors
 def eval_model(
     model: Annotated[str, typer.Option("--model", help="Checkpoint directory, bundle, or 'demo' (built-in).")] = "demo",
     set_name: Annotated[str, typer.Option("--set", help="eval, calibration, train, or a .jsonl manifest.")] = "eval",
     data: Annotated[Path | None, typer.Option("--data", help="Dataset directory from make-data [default: regenerate the demo's set].")] = None,
-    runtime: Annotated[str, typer.Option("--runtime", help="Runtime plugin.")] = "torch",
+    runtime: Annotated[str, typer.Option("--runtime", help="Runtime plugin (see `medmoe-edge runtimes`).")] = "torch",
     limit: Annotated[int | None, typer.Option("--limit", help="Score only the first N questions.")] = None,
     preprocess: Annotated[PreprocessMode, typer.Option("--preprocess", help="pad (default) or crop.")] = PreprocessMode.PAD,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Write predictions.jsonl, summary.json and routing.png here.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Maximum tokens per answer.")] = 32,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
+    threads: ThreadsOption = None,
+    provider: ProviderOption = None,
+    vision_tower: VisionTowerOption = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="New directory for predictions.jsonl, summary.json and routing.png (must not exist or be empty).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Evaluate with the paper's scoring (closed: substring accuracy + strict match; open: recall) per domain."""
-    samples, root = resolve_set(set_name, data, status=err.status)
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}")
+    if out_dir is not None:
+        check_new_dir(out_dir)  # before the evaluation, not after it
+    options = runtime_options(device=device, dtype=dtype, threads=threads, vision_tower=vision_tower, provider=provider)
+    qset = resolve_set(set_name, data, status=err.status)
+    samples, root = qset.samples, qset.root
     if limit is not None:
-        if limit < 1:
-            raise InputError(f"--limit must be at least 1, got {limit}")
         samples = samples[:limit]
     with err.status(f"loading {model} with the {runtime} runtime"):
-        pipe = load(model, runtime=runtime, options=runtime_options())
+        pipe = load(model, runtime=runtime, options=options)
     if is_demo(model):
         err.print(f"[yellow]{DEMO_LABEL}[/]")
-    with Progress(console=err, transient=True) as bar:
+    with pipe, Progress(console=err, transient=True) as bar:
         task = bar.add_task("answering", total=len(samples))
         result = evaluate(pipe, samples, root, generation=GenerationConfig(max_new_tokens=max_new_tokens), preprocess_mode=preprocess, progress=lambda i, n: bar.update(task, completed=i))
+    prov = provenance(
+        model,
+        runtime=runtime,
+        precision=options.dtype.value if options.dtype else None,
+        data_set={"name": set_name, "sha256": qset.sha256, "questions": str(len(samples))},
+        generation={"max_new_tokens": max_new_tokens, "preprocess": preprocess.value},
+    )
     if out_dir is not None:
-        for p in write_report(result, out_dir, f"Share of image tokens per expert ({model}, {set_name})"):
+        for p in write_report(result, out_dir, f"Share of image tokens per expert ({model}, {set_name})", prov):
             err.print(f"wrote {p}")
     if as_json:
-        print_json(result.to_json())
+        print_json(result.to_json() | {"provenance": prov})
         return
     t = Table(title=f"{model} on {set_name} ({len(samples)} questions, {runtime})")
     for col in ("domain", "closed acc %", "closed strict %", "open recall %", "n closed", "n open"):
