@@ -29,19 +29,7 @@ from medmoe_edge.errors import InputError
 from medmoe_edge.generation import GenerationConfig, LoopTimings, RowResult, StepOutput
 from medmoe_edge.model.medmoe import IMAGE_TOKEN_INDEX
 from medmoe_edge.presets import Preset
-from medmoe_edge.runtime_contract import (
-    DTYPE,
-    PROVIDER,
-    THREADS,
-    VISION_TOWER,
-    Capabilities,
-    PreparedRequest,
-    ResolvedOptions,
-    Runtime,
-    RuntimeOptions,
-    default_threads,
-    greedy_tokens,
-)
+from medmoe_edge.runtime_contract import DTYPE, PROVIDER, THREADS, VISION_TOWER, Capabilities, PreparedRequest, ResolvedOptions, Runtime, RuntimeOptions, default_threads, greedy_tokens
 from medmoe_edge.runtimes.registry import discover
 from medmoe_edge.runtimes.torch_runtime import TorchRuntime
 from medmoe_edge.vocab import ArtifactKind, Device, DeviceKind, Precision
