@@ -15,12 +15,18 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Union
 
 from .generation import FinishReason, GenerationConfig, LoopTimings, RowResult, TokenEvent
-from .imaging import LoadedImage, PreprocessMode, load_image, preprocess
+from .imaging import LoadedImage, PreprocessMode, as_loaded_image, preprocess
 from .prompt import build_prompt, tokenize_prompt
 from .runtime_contract import PreparedRequest, Runtime, RuntimeOptions
 from .runtimes.registry import get_runtime
+
+
+# What the API takes as an image: a path (PNG, JPEG, TIFF, ..., DICOM), a LoadedImage, a
+# PIL.Image.Image, a numpy array or a pydicom Dataset (see imaging.as_loaded_image).
+ImageInput = Union[str, os.PathLike, LoadedImage, Any]
 
 
 @dataclass(frozen=True)
@@ -97,10 +103,14 @@ class Pipeline:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
-    def prepare(self, image: str | os.PathLike | LoadedImage, question: str, *, preprocess_mode: PreprocessMode = PreprocessMode.PAD, frame: int | None = None) -> tuple[PreparedRequest, LoadedImage]:
-        """Load and preprocess the image and tokenise the prompt (§5.1-5.3)."""
+    def prepare(self, image: ImageInput, question: str, *, preprocess_mode: PreprocessMode = PreprocessMode.PAD, frame: int | None = None) -> tuple[PreparedRequest, LoadedImage]:
+        """Load and preprocess the image and tokenise the prompt (§5.1-5.3).
+
+        Args:
+            image: a file path, `LoadedImage`, `PIL.Image.Image`, numpy array or pydicom `Dataset`.
+        """
         info = self.runtime.model_info
-        loaded = image if isinstance(image, LoadedImage) else load_image(image, frame=frame)
+        loaded = as_loaded_image(image, frame=frame)
         pixels = preprocess(loaded.image, info.processor, preprocess_mode)
         ids = tokenize_prompt(info.tokenizer, build_prompt(question))
         return PreparedRequest(token_ids=ids, pixel_values=pixels.unsqueeze(0)), loaded
@@ -130,7 +140,7 @@ class Pipeline:
 
     def answer(
         self,
-        image: str | os.PathLike | LoadedImage,
+        image: ImageInput,
         question: str,
         *,
         generation: GenerationConfig | None = None,
@@ -141,7 +151,7 @@ class Pipeline:
         """Answer `question` about `image`.
 
         Args:
-            image: path to a PNG/JPEG/TIFF/BMP/DICOM file, or a `LoadedImage`.
+            image: a path to an image or DICOM file, a `LoadedImage`, `PIL.Image.Image`, numpy array or pydicom `Dataset`.
             question: the question text.
             generation: decoding settings (default: greedy, 512 new tokens).
             preprocess_mode: `pad` (training, default) or `crop` (official eval), §5.1.
@@ -163,7 +173,7 @@ class Pipeline:
         assert answer is not None
         return answer
 
-    def stream(self, image: str | os.PathLike | LoadedImage, question: str, **kwargs) -> Iterator[str]:
+    def stream(self, image: ImageInput, question: str, **kwargs) -> Iterator[str]:
         """Yield the answer text piece by piece (same arguments as `answer`, except `on_text`)."""
         text = _TextStream(self.runtime.model_info.tokenizer)
         for ev in self._run(image, question, kwargs.pop("generation", None) or GenerationConfig(), kwargs.pop("preprocess_mode", PreprocessMode.PAD), kwargs.pop("frame", None)):

@@ -26,7 +26,7 @@ def build_prompt(question: str) -> str:
     """
     q = question.replace(IMAGE_PLACEHOLDER, "").strip()
     if not q:
-        raise InputError("the question is empty: pass --question \"...\"")
+        raise InputError("the question is empty: ask a question about the image")
     if len(q) > MAX_QUESTION_CHARS:
         raise InputError(f"the question has {len(q)} characters; the limit is {MAX_QUESTION_CHARS}: shorten it")
     return f"{SYSTEM} USER: {IMAGE_PLACEHOLDER}\n{q} ASSISTANT:"

@@ -459,3 +459,15 @@ def test_hostile_modality_text_is_not_returned(tmp_path: Path) -> None:
     assert loaded.modality is None
     assert "DOE" not in repr(loaded)
     assert not any("DOE" in str(w.message) for w in caught)
+
+
+def test_a_pydicom_dataset_loads_like_its_file() -> None:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from medmoe_edge.imaging import as_loaded_image
+
+    path = get_testdata_file("CT_small.dcm")
+    a, b = load_image(path), as_loaded_image(pydicom.dcmread(path))
+    assert b.source_format == "DICOM" and b.modality == a.modality
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))

@@ -186,7 +186,7 @@ def test_empty_file(tmp_path: Path) -> None:
 def test_text_file(tmp_path: Path) -> None:
     path = tmp_path / "notes.png"
     path.write_text("this is not an image\n" * 20)
-    with pytest.raises(ImageError, match=r"'notes.png' is not a supported image \(PNG, JPEG, TIFF, BMP or DICOM") as e:
+    with pytest.raises(ImageError, match=r"'notes.png' is not a supported image \(neither a raster format Pillow decodes nor DICOM\)") as e:
         load_image(path)
     assert_one_line(str(e.value))
 
@@ -212,12 +212,43 @@ def test_truncated_file(tmp_path: Path, suffix: str, fmt: str) -> None:
     assert_one_line(str(info.value))
 
 
-@pytest.mark.parametrize(("fmt", "name"), [("GIF", "anim.gif"), ("WEBP", "web.webp")])
-def test_other_pillow_formats_are_refused(tmp_path: Path, fmt: str, name: str) -> None:
+@pytest.mark.parametrize(("fmt", "name"), [("GIF", "still.gif"), ("WEBP", "web.webp"), ("PPM", "raw.ppm"), ("TGA", "old.tga")])
+def test_every_pillow_raster_format_is_accepted(tmp_path: Path, fmt: str, name: str) -> None:
     path = tmp_path / name
-    Image.fromarray(random_rgb(8, 8)).save(path, format=fmt)
-    with pytest.raises(ImageError, match=rf"is {fmt}, which is not supported .*convert it to PNG"):
-        load_image(path)
+    rgb = random_rgb(8, 8)
+    Image.fromarray(rgb).save(path, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    loaded = load_image(path)
+    assert loaded.source_format == fmt and loaded.image.size == (8, 8) and loaded.n_frames == 1
+    if fmt != "GIF":  # GIF is palette-quantised
+        assert np.array_equal(np.asarray(loaded.image), rgb)
+
+
+def test_multi_frame_gif_takes_a_frame(tmp_path: Path) -> None:
+    frames = [Image.fromarray(np.full((6, 6, 3), v, np.uint8)) for v in (0, 128, 255)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    assert load_image(path).n_frames == 3 and load_image(path).frame == 0
+    assert np.asarray(load_image(path, frame=2).image).mean() > 200
+    with pytest.raises(ImageError, match=r"frame 3 is out of range .*valid frames are 0\.\.2"):
+        load_image(path, frame=3)
+
+
+def test_api_image_objects_load_like_files(tmp_path: Path) -> None:
+    from medmoe_edge.imaging import as_loaded_image
+
+    rgb = random_rgb(10, 12)
+    path = tmp_path / "x.png"
+    Image.fromarray(rgb).save(path)
+    from_file = np.asarray(load_image(path).image)
+    assert np.array_equal(np.asarray(as_loaded_image(Image.open(path)).image), from_file)
+    assert np.array_equal(np.asarray(as_loaded_image(rgb).image), from_file)
+    gray16 = np.arange(120, dtype=np.uint16).reshape(10, 12) * 300
+    g = np.asarray(as_loaded_image(gray16).image)
+    assert g.shape == (10, 12, 3) and g.min() == 0 and g.max() == 255
+    with pytest.raises(ImageError, match=r"\[H, W\] grayscale or \[H, W, 3\|4\] colour, got shape \[2, 3, 4, 5\]"):
+        as_loaded_image(np.zeros((2, 3, 4, 5), np.uint8))
+    with pytest.raises(ImageError, match="not list"):
+        as_loaded_image([1, 2, 3])
 
 
 def test_file_larger_than_limit(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Image input: load PNG/JPEG/TIFF/BMP/DICOM files and preprocess them for the vision tower.
+"""Image input: load raster (PNG, JPEG, TIFF, ...) and DICOM files and preprocess them for the vision tower.
 
     >>> loaded = load_image("scan.dcm")                    # doctest: +SKIP
     >>> pixels = preprocess(loaded.image, ImageProcessorSpec.clip(336), PreprocessMode.PAD)  # doctest: +SKIP
@@ -14,6 +14,7 @@ from medmoe_edge.imaging.io import (
     MAX_PIXELS,
     SUPPORTED_FORMATS,
     LoadedImage,
+    as_loaded_image,
     load_image,
     to_rgb,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "IntensityMapping",
     "LoadedImage",
     "PreprocessMode",
+    "as_loaded_image",
     "expand_to_square",
     "load_image",
     "preprocess",

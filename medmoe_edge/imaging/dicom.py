@@ -177,7 +177,7 @@ def _quiet_pydicom() -> Iterator[None]:
 
 
 def read_dicom(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Dataset,
     *,
     frame: int | None = None,
     max_pixels: int,
@@ -186,7 +186,8 @@ def read_dicom(
     """Read and render one frame of a DICOM file.
 
     Args:
-        path: the DICOM file.
+        path: the DICOM file, or a dataset already read with pydicom (only its technical
+            elements are used, as for a file).
         frame: frame index for multi-frame files; default the middle frame
             ``n_frames // 2``. 0 is accepted for single-frame files.
         max_pixels: refuse frames with more than this many pixels
@@ -200,10 +201,10 @@ def read_dicom(
         ImageError: unreadable or corrupt file, no pixel data, no installed
             decoder for its transfer syntax, frame out of range, too many pixels.
     """
-    name = Path(path).name
+    name = "DICOM dataset" if isinstance(path, Dataset) else Path(path).name
     with _quiet_pydicom():
         try:
-            ds = _read_dataset(path, name, force)
+            ds = path if isinstance(path, Dataset) else _read_dataset(path, name, force)
             transfer_syntax = _transfer_syntax(ds, name)
             ts_name = _ts_name(transfer_syntax)
             info = _pixel_info(ds, name)

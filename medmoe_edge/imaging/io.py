@@ -30,6 +30,7 @@ __all__ = [
     "MAX_PIXELS",
     "SUPPORTED_FORMATS",
     "LoadedImage",
+    "as_loaded_image",
     "load_image",
     "to_rgb",
 ]
@@ -37,10 +38,14 @@ __all__ = [
 MAX_FILE_BYTES = 512 * 1024 * 1024  # 512 MiB
 MAX_PIXELS = 100_000_000  # 100 megapixels per image / frame
 
-# PIL format names we accept, mapped to the name reported. Pillow reports many
-# camera JPEGs as "MPO" (multi-picture JPEG); their first picture is a JPEG.
-_PIL_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "TIFF": "TIFF", "BMP": "BMP", "DIB": "BMP"}
-SUPPORTED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "DICOM")
+# Pillow format names reported under another name. Pillow reports many camera JPEGs as "MPO"
+# (multi-picture JPEG); their first picture is the photograph, the others are previews.
+_PIL_NAMES = {"MPO": "JPEG", "DIB": "BMP"}
+# Formats whose extra frames are previews or animation steps of one picture, not separate images:
+# only their first frame is offered.
+_FIRST_FRAME_ONLY = {"MPO"}
+# Every raster format Pillow decodes is accepted; these are the ones the tests cover.
+SUPPORTED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP", "DICOM")
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 # Grayscale modes with more than 8 bits per sample.
 _HIGH_DEPTH_MODES = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 32, "F": 32}
@@ -89,11 +94,10 @@ def load_image(
     """Load an image file as 8-bit RGB.
 
     The format is detected from the content, not the name: a DICOM file is
-    recognised by the "DICM" marker at byte 128; PNG, JPEG, TIFF and BMP by
-    Pillow's signature checks. A DICOM file without the 128-byte preamble is
-    read only if its name ends in .dcm, .dicom or .dic. Other formats Pillow
-    can open (GIF, WebP, ...) are refused, so the accepted set is fixed and
-    tested.
+    recognised by the "DICM" marker at byte 128; every raster format Pillow
+    decodes (PNG, JPEG, TIFF, BMP, GIF, WebP, ...) by Pillow's signature checks.
+    A DICOM file without the 128-byte preamble is read only if its name ends
+    in .dcm, .dicom or .dic.
 
     Conversions to RGB:
         * grayscale, palette and CMYK images: Pillow's ``convert("RGB")``;
@@ -111,7 +115,8 @@ def load_image(
     Args:
         path: the image file.
         frame: which frame of a multi-frame DICOM (default: the middle one,
-            ``n_frames // 2``) or page of a multi-page TIFF (default: 0).
+            ``n_frames // 2``) or of a multi-frame raster file (TIFF pages, GIF
+            or APNG frames; default: 0).
             0 is accepted for single-frame files.
         max_pixels: refuse images (or frames) with more pixels than this,
             checked from the header before decoding.
@@ -137,9 +142,49 @@ def load_image(
     if file_path.suffix.lower() in _DICOM_SUFFIXES:
         return _load_dicom(file_path, frame=frame, max_pixels=max_pixels, force=True)
     raise ImageError(
-        f"'{name}' is not a supported image (PNG, JPEG, TIFF, BMP or DICOM); convert it to PNG, "
+        f"'{name}' is not a supported image (neither a raster format Pillow decodes nor DICOM); convert it to PNG, "
         "or if it is a DICOM file without the 128-byte preamble, give it a .dcm extension."
     )
+
+
+def as_loaded_image(image: object, *, frame: int | None = None, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+    """An image as callers of the Python API hold it, loaded as `load_image` loads a file.
+
+    Args:
+        image: a file path, a `LoadedImage`, a `PIL.Image.Image`, a numpy array ([H, W] grayscale
+            or [H, W, 3|4] colour; 8-bit, or any other dtype, scaled min-max like 16-bit files)
+            or a pydicom `Dataset` (only its technical elements are read, as for a file).
+        frame: frame of a multi-frame image (see `load_image`).
+    Raises:
+        ImageError: an unsupported object, or the checks `load_image` makes.
+    """
+    if isinstance(image, LoadedImage):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image, frame=frame, max_pixels=max_pixels)
+    if isinstance(image, Image.Image):
+        return _decode_pil(image, "PIL image", frame=frame, max_pixels=max_pixels)
+    if isinstance(image, np.ndarray):
+        return _decode_pil(_array_to_pil(image), "numpy image", frame=frame, max_pixels=max_pixels)
+    from pydicom.dataset import Dataset
+
+    if isinstance(image, Dataset):
+        return _load_dicom(image, frame=frame, max_pixels=max_pixels, force=True)
+    raise ImageError(f"an image must be a file path, a PIL.Image, a numpy array, a pydicom Dataset or a LoadedImage, not {type(image).__name__}")
+
+
+def _array_to_pil(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or arr.size == 0:
+        raise ImageError(f"a numpy image must be [H, W] grayscale or [H, W, 3|4] colour, got shape {list(arr.shape)}")
+    if arr.dtype == np.uint8:
+        return Image.fromarray(arr, "L" if arr.ndim == 2 else ("RGB" if arr.shape[2] == 3 else "RGBA"))
+    if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+        raise ImageError(f"a numpy image must hold finite numbers, got dtype {arr.dtype}")
+    lo, hi = float(arr.min()), float(arr.max())
+    scaled = np.zeros(arr.shape, np.uint8) if hi <= lo else np.rint((arr.astype(np.float64) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    return _array_to_pil(scaled)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -201,7 +246,7 @@ def _check_file(path: Path, name: str, max_file_bytes: int) -> bytes:
         raise ImageError(f"image file '{name}' cannot be read ({reason}); check the file.") from None
 
 
-def _load_dicom(path: Path, *, frame: int | None, max_pixels: int, force: bool) -> LoadedImage:
+def _load_dicom(path: Path | object, *, frame: int | None, max_pixels: int, force: bool) -> LoadedImage:
     result = read_dicom(path, frame=frame, max_pixels=max_pixels, force=force)
     return LoadedImage(
         image=Image.fromarray(result.pixels, mode="RGB"),
@@ -238,15 +283,8 @@ def _load_pil(path: Path, name: str, *, frame: int | None, max_pixels: int) -> L
 
 
 def _decode_pil(image: Image.Image, name: str, *, frame: int | None, max_pixels: int) -> LoadedImage:
-    fmt = _PIL_FORMATS.get(image.format or "")
-    if fmt is None:
-        raise ImageError(
-            f"image '{name}' is {image.format or 'an unknown format'}, which is not supported "
-            f"(supported: {', '.join(SUPPORTED_FORMATS)}); convert it to PNG."
-        )
-    # Only TIFF pages are independent images; other formats' extra frames
-    # (MPO previews, APNG) are not offered.
-    n_frames = int(getattr(image, "n_frames", 1)) if fmt == "TIFF" else 1
+    fmt = _PIL_NAMES.get(image.format or "", image.format or "PIL")
+    n_frames = 1 if image.format in _FIRST_FRAME_ONLY else int(getattr(image, "n_frames", 1))
     index = 0 if frame is None else frame
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n_frames:
         raise ImageError(
