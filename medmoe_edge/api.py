@@ -29,6 +29,9 @@ from .runtimes.registry import get_runtime
 ImageInput = Union[str, os.PathLike, LoadedImage, Any]
 
 
+MIN_RATE_TOKENS = 8  # decode steps below which a tokens/s figure is noise (one step is one token)
+
+
 @dataclass(frozen=True)
 class Timings:
     """Wall-clock seconds of each phase of one answer."""
@@ -39,8 +42,11 @@ class Timings:
     decode_tokens: int
 
     @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+    def decode_tokens_per_s(self) -> float | None:
+        """Decode rate, or None when too few tokens were decoded for a rate to mean anything."""
+        if self.decode_tokens < MIN_RATE_TOKENS or self.decode_s <= 0:
+            return None
+        return self.decode_tokens / self.decode_s
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -11,13 +12,20 @@ import typer
 from ..api import load
 from ..demo import DEMO_LABEL, is_demo
 from ..generation import GenerationConfig
-from ..imaging import PreprocessMode
-from .common import err, print_json, runtime_options, user_errors
+from ..imaging import PreprocessMode, load_image
+from ..prompt import build_prompt
+from .common import DeviceOption, DtypeOption, ProviderOption, ThreadsOption, VisionTowerOption, err, print_json, runtime_options, user_errors
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 @user_errors
 def run(
-    image: Annotated[Path, typer.Option("--image", help="PNG, JPEG, TIFF, BMP or DICOM file.")],
+    image: Annotated[Path, typer.Option("--image", help="Image file: DICOM or any raster format (PNG, JPEG, TIFF, ...).")],
     question: Annotated[str, typer.Option("--question", help="Question about the image.")],
     model: Annotated[str, typer.Option("--model", help="'demo' (built-in), a checkpoint directory, a hub id, or a bundle from `export` (with its --runtime).")] = "demo",
     runtime: Annotated[str, typer.Option("--runtime", help="Runtime plugin (see `medmoe-edge runtimes`).")] = "torch",
@@ -26,25 +34,30 @@ def run(
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     preprocess: Annotated[PreprocessMode, typer.Option("--preprocess", help="pad: pad to square as in training (default); crop: resize + centre crop as the official eval.")] = PreprocessMode.PAD,
-    frame: Annotated[int | None, typer.Option("--frame", help="DICOM frame index [default: middle frame].")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")] = "cpu",
-    provider: Annotated[str | None, typer.Option("--provider", help="onnxruntime execution provider: cpu, cuda or tensorrt (never a silent fallback).")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Compute precision: float32 (default), float16 or bfloat16.")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads [default: library default].")] = None,
-    vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (answer, token ids, timings, experts per MoE layer).")] = False,
+    frame: Annotated[int | None, typer.Option("--frame", help="Frame of a multi-frame image [default: the middle DICOM frame, else 0].")] = None,
+    device: DeviceOption = "cpu",
+    provider: ProviderOption = None,
+    dtype: DtypeOption = None,
+    threads: ThreadsOption = None,
+    vision_tower: VisionTowerOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (answer, token ids, timings, memory, experts per MoE layer).")] = False,
 ) -> None:
     """Answer a question about a medical image with Med-MoE."""
+    # Everything that can be checked without the model is checked before it loads (seconds to minutes).
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     options = runtime_options(device=device, dtype=dtype, threads=threads, vision_tower=vision_tower, provider=provider)
+    build_prompt(question)  # refuses an empty question
+    loaded = load_image(image, frame=frame)
     with err.status(f"loading {model} with the {runtime} runtime"):
         pipe = load(model, runtime=runtime, options=options)
     if is_demo(model) and not as_json:
         err.print(f"[yellow]{DEMO_LABEL}[/]")
     with pipe:
         if as_json:
-            ans = pipe.answer(image, question, generation=gen, preprocess_mode=preprocess, frame=frame)
+            ans = pipe.answer(loaded, question, generation=gen, preprocess_mode=preprocess)
             obj = ans.to_json()
+            obj["timings"] |= {"load_s": pipe.runtime.timings.load_s, "threads": pipe.runtime.options.num_threads}
+            obj["memory"] = {"peak_rss_mb": round(peak_rss_mb(), 1)}
             obj.update(runtime=runtime, model=str(model), preprocess=preprocess.value, generation=gen.__dict__)
             if is_demo(model):
                 obj["model_note"] = DEMO_LABEL
@@ -55,10 +68,12 @@ def run(
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        ans = pipe.answer(image, question, generation=gen, preprocess_mode=preprocess, frame=frame, on_text=emit)
+        ans = pipe.answer(loaded, question, generation=gen, preprocess_mode=preprocess, on_text=emit)
         sys.stdout.write("\n")
         t = ans.timings
+        rate = f"decode {t.decode_tokens_per_s:.1f} tok/s" if t.decode_tokens_per_s is not None else f"decode rate n/a ({t.decode_tokens} decode steps)"
         err.print(
             f"[dim]{len(ans.token_ids)} tokens ({ans.finish_reason.value}), prompt {ans.prompt_tokens} positions, "
-            f"first token {t.time_to_first_token_s * 1000:.0f} ms, decode {t.decode_tokens_per_s:.1f} tok/s[/]"
+            f"load {pipe.runtime.timings.load_s:.1f} s, first token {t.time_to_first_token_s * 1000:.0f} ms, {rate}, "
+            f"{pipe.runtime.options.num_threads} threads, peak RSS {peak_rss_mb():.0f} MiB[/]"
         )
