@@ -25,7 +25,9 @@ from .tokenizer import Tokenizer
 from .weights import TensorInfo, load_tensors, tensor_infos, weight_files
 
 CLIP_L14_336_ID = "openai/clip-vit-large-patch14-336"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# OWNER/NAME, optionally followed by the folder of the checkpoint inside the repository
+# (the released weights sit under stage3/... of JsST/Med-MoE).
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<sub>[\w.-]+(?:/[\w.-]+)*))?$")
 
 def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
@@ -53,23 +55,41 @@ def resolve_model_dir(model: str | Path) -> Path:
         return path
     if path.exists():
         raise CheckpointError(f"{model} is a file; pass the checkpoint directory that holds config.json")
-    if isinstance(model, str) and _HUB_ID.match(model):
+    m = _HUB_ID.match(model) if isinstance(model, str) else None
+    if m:
         try:
-            return Path(_hub_download(model))
+            return _hub_checkpoint(m.group("repo"), m.group("sub"))
         except CheckpointError as e:
             raise CheckpointError(f"{model} is not a local directory, and as a hub id: {e}") from None
-    raise CheckpointError(f"model directory {model} does not exist: pass a local checkpoint directory or a hub id like JsST/Med-MoE")
+    raise CheckpointError(f"model directory {model} does not exist: pass a local checkpoint directory or a hub id like JsST/Med-MoE/stage3/llavastablelm-1.6b-medmoe")
 
 
-def _hub_download(repo_id: str) -> str:
+def _hub_checkpoint(repo_id: str, sub: str | None) -> Path:
+    """The checkpoint folder `sub` (or the root) of a hub repository, downloading only that folder.
+
+    A repository without a config.json where one is asked for is refused with the folders that
+    have one, after fetching only the repository's small JSON files.
+    """
+    prefix = f"{sub}/" if sub else ""
+    configs = _hub_snapshot(repo_id, [f"{prefix}config.json", "**/config.json", "config.json"])
+    if not (configs / prefix / "config.json").is_file():
+        dirs = sorted(p.parent.relative_to(configs) for p in configs.rglob("config.json") if p.parent != configs)
+        found = [str(d) for d in dirs if not any(o in d.parents for o in dirs)]  # not a tower folder inside a checkpoint
+        where = f"; its checkpoints are in: {', '.join(found)}: pass --model {repo_id}/{found[0]}" if found else ""
+        raise CheckpointError(f"{repo_id} has no config.json {'in ' + sub if sub else 'at its root'}{where}")
+    root = _hub_snapshot(repo_id, [f"{prefix}*"] if sub else None)
+    return root / prefix if sub else root
+
+
+def _hub_snapshot(repo_id: str, allow_patterns: list[str] | None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(repo_id, local_files_only=True)
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=allow_patterns))
     except Exception:  # noqa: BLE001 - not cached; try the network below
         pass
     try:
-        return snapshot_download(repo_id)
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth...
         raise CheckpointError(
             f"cannot download {repo_id} from the Hugging Face hub ({type(e).__name__}): "

@@ -103,3 +103,22 @@ def test_run_on_bundled_ct_dicom_never_prints_patient_data(tiny_ckpts):
         value = str(ds.get(field, "")).strip()
         if value:
             assert value not in r.output, field
+
+
+def test_hub_id_with_a_subfolder_and_a_repo_without_root_config(tiny_ckpts, tmp_path, monkeypatch):
+    """REPO/SUBFOLDER loads the checkpoint inside a repository (as JsST/Med-MoE keeps stage3/...);
+    a repository id without a root config.json names the folders that have one."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--medmoe-test--zoo"
+    snap = repo / "snapshots" / "feedbeef"
+    shutil.copytree(tiny_ckpts[Preset.TINY_PHI], snap / "stage3" / "tiny-phi")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("feedbeef")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    loaded = load_model("medmoe-test/zoo/stage3/tiny-phi")
+    assert loaded.checkpoint_dir == snap / "stage3" / "tiny-phi"
+    with pytest.raises(CheckpointError, match=r"medmoe-test/zoo has no config.json at its root; its checkpoints are in: stage3/tiny-phi: pass --model medmoe-test/zoo/stage3/tiny-phi"):
+        load_model("medmoe-test/zoo")
