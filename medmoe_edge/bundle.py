@@ -257,6 +257,8 @@ def read_manifest(bundle: str | Path) -> Manifest:
     if not bundle.is_dir():
         raise CheckpointError(f"{bundle} is not a directory: pass the bundle directory written by `medmoe-edge export`")
     if not path.is_file():
+        if (bundle / "config.json").is_file():
+            raise CheckpointError(f"{bundle} is a checkpoint directory, not an exported bundle: run it with --runtime torch, or export it with `medmoe-edge export`")
         raise CheckpointError(f"{bundle} has no {MANIFEST_NAME}: it is not a complete bundle (an interrupted export?); export it again")
     try:
         data = json.loads(path.read_text())
@@ -296,7 +298,7 @@ def open_bundle(bundle: str | Path, expected: ArtifactKind) -> Manifest:
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     if manifest.format is not expected:
-        raise CheckpointError(f"{bundle} is a {manifest.format.value} bundle, not {expected.value}: use --runtime for {manifest.format.value} or export with --format {expected.value}")
+        raise CheckpointError(f"{bundle} is a {manifest.format.value} bundle, not {expected.value}: run it with --runtime {manifest.runtime or manifest.format.runtime}, or export with --format {expected.value}")
     verify_files(bundle, manifest)
     return manifest
 

@@ -28,6 +28,11 @@ class ArtifactKind(str, Enum):
     TENSORRT = "tensorrt"
     PLUGIN = "plugin"  # a format of a third-party exporter; its manifest names the runtime that loads it
 
+    @property
+    def runtime(self) -> str:
+        """The built-in runtime that loads this kind (for messages; plugins may add others)."""
+        return {"checkpoint": "torch", "onnx": "onnxruntime", "gguf": "llamacpp", "tensorrt": "tensorrt"}.get(self.value, "the runtime its manifest names")
+
 
 class PrecisionKind(str, Enum):
     """How a precision stores numbers."""

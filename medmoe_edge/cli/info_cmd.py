@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..bundle import is_bundle, read_manifest
 from ..demo import DEMO_LABEL, is_demo
 from ..info import checkpoint_info
 from .common import human_count, out, print_json, user_errors
@@ -15,11 +16,14 @@ from .common import human_count, out, print_json, user_errors
 
 @user_errors
 def info(
-    model: Annotated[str, typer.Argument(help="'demo' (built-in), a checkpoint directory, or a hub id.")] = "demo",
+    model: Annotated[str, typer.Argument(help="'demo' (built-in), a checkpoint directory, a hub id, or a bundle from `export`.")] = "demo",
     vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Describe a Med-MoE checkpoint without loading its weights."""
+    """Describe a Med-MoE checkpoint or an exported bundle without loading its weights."""
+    if is_bundle(model):
+        _bundle_info(Path(model), as_json)
+        return
     ci = checkpoint_info(model, vision_tower)
     if as_json:
         obj = ci.to_json()
@@ -49,6 +53,40 @@ def info(
     out.print(table)
     if is_demo(model):
         out.print(f"[yellow]{DEMO_LABEL}[/]")
+
+
+def _bundle_info(bundle: Path, as_json: bool) -> None:
+    """What a bundle holds, from its manifest (files are checked when a runtime loads it)."""
+    m = read_manifest(bundle)
+    by_precision = {p.value: n for p, n in sorted(m.group_precisions().items(), key=lambda kv: kv[0].value)}
+    trace = next((f for f in m.files if f.role == "reference-trace" and f.path.endswith(".json")), None)
+    obj = {
+        "bundle": str(bundle),
+        "format": m.format.value,
+        "precision": m.precision.value,
+        "runtime": m.runtime or m.format.runtime,
+        "bundle_id": m.bundle_id,
+        "source": m.source,
+        "model": {"variant": m.model.variant, "layers": m.model.num_layers, "moe_layers": list(m.model.moe_layers), "experts": m.model.num_experts, "top_k": m.model.top_k, "context": m.model.context_length},
+        "parameters_by_precision": by_precision,
+        "files": [{"path": f.path, "role": f.role, "bytes": f.bytes} for f in m.files],
+        "embedded_trace": trace is not None,
+        "toolchain": m.toolchain,
+    }
+    if as_json:
+        print_json(obj)
+        return
+    table = Table(title=f"{m.format.value} bundle {bundle}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("format", f"{m.format.value}, {m.precision.value} (run it with --runtime {obj['runtime']})")
+    table.add_row("model", f"{m.model.variant}: {m.model.num_layers} layers, MoE layers {list(m.model.moe_layers)}, {m.model.num_experts} experts, top-{m.model.top_k}, context {m.model.context_length}")
+    table.add_row("source", f"{m.source.get('label')} (sha256 {str(m.source.get('sha256'))[:16]}…)")
+    table.add_row("parameters", ", ".join(f"{p}: {human_count(n)}" for p, n in by_precision.items()))
+    table.add_row("reference trace", "embedded (verify works without the checkpoint)" if trace else "none")
+    table.add_row("files", f"{len(m.files)} files, {_size(sum(f.bytes for f in m.files))}")
+    table.add_row("toolchain", ", ".join(f"{k} {v}" for k, v in m.toolchain.items()))
+    out.print(table)
 
 
 def _size(n: int) -> str:
