@@ -10,78 +10,93 @@ rows (a matrix's input size) divisible by 256; llama.cpp then picks another type
 tensor that does not fit. Which type every tensor actually got is read back from the
 file and reported (per tensor group in the manifest, and as `fallbacks`), never assumed.
 The router (`ffn_gate_inp`), norms and biases stay F32 in every file.
+
+A precision plan (`QuantPlan`) with rules is applied per GGUF tensor: in an f32/f16 file the
+writer stores each matrix in its group's float type; in a quantized file each rule becomes a
+`llama_model_quantize` type override for the tensors of the groups it matches. GGUF stacks the
+experts of a layer into one tensor per projection (`ffn_*_exps`), so a plan must give the
+experts of one layer the same precision per projection.
 """
 
 from __future__ import annotations
 
 import ctypes
 import re
-from enum import Enum
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from medmoe_edge import __version__
-from medmoe_edge.bundle import GraphSpec, Manifest, TensorGroup, checkpoint_sha256, file_entries, write_manifest
-from medmoe_edge.checkpoint import load_model, reload_vision_tower
-from medmoe_edge.ckpt_writer import atomic_dir
+from medmoe_edge.bundle import GraphSpec
+from medmoe_edge.checkpoint import LoadedModel, load_model, reload_vision_tower
 from medmoe_edge.errors import InputError, RuntimeUnavailable
-from medmoe_edge.imaging import PreprocessMode
-from medmoe_edge.prompt import SYSTEM, build_prompt
-from medmoe_edge.runtimes.base import ArtifactKind
+from medmoe_edge.exporter import ExportOption, ExportParts, Exporter, ExportRequest, stored_groups
+from medmoe_edge.llamacpp_lib import BUILD_COMMAND, require_patched_llama_cpp
+from medmoe_edge.quant_plan import QuantPlan
+from medmoe_edge.tensor_ids import checkpoint_map, gguf_map, plan_rule, plan_spec, released_state_dict
+from medmoe_edge.vocab import ArtifactKind, Precision, PrecisionKind
 
-from .gguf_io import DTYPES
-from .gguf_mmproj import write_mmproj_gguf
+from .gguf_io import TableTensor, require_gguf, table_tensors
 from .gguf_mmproj import check_supported as check_tower_supported
+from .gguf_mmproj import write_mmproj_gguf
 from .gguf_text import check_supported as check_text_supported
 from .gguf_text import export_load_dtype, write_loaded_text_gguf
-from medmoe_edge.support_files import copy_support_files, source_files
 
 TEXT_FILE, MMPROJ_FILE = "model.gguf", "mmproj.gguf"
+EXPERT_LAYOUT = "stacked per layer (ffn_*_exps)"  # ModelFacts.layout["expert_layout"]; docs/GGUF.md has the choice
 
 
-class GgufQuant(str, Enum):
-    """`--quant` choices: the llama.cpp file type of the language model."""
+@dataclass(frozen=True)
+class FileType:
+    """A `--quant` choice as llama.cpp knows it.
 
-    F32 = "f32"
-    F16 = "f16"
-    Q8_0 = "q8_0"
-    Q6_K = "q6_k"
-    Q5_K_M = "q5_k_m"
-    Q4_K_M = "q4_k_m"
-    Q4_0 = "q4_0"
+    Attributes:
+        ftype: the `llama_ftype` constant in llama_cpp.
+        types: the ggml types llama.cpp gives weight matrices in this file type (llama-quant.cpp
+            `llama_tensor_get_type`); a matrix stored in another type is a reported fallback.
+    """
 
-    @property
-    def ftype_name(self) -> str:
-        """The `llama_ftype` constant in llama_cpp."""
-        return {"f32": "LLAMA_FTYPE_ALL_F32", "f16": "LLAMA_FTYPE_MOSTLY_F16"}.get(self.value, f"LLAMA_FTYPE_MOSTLY_{self.value.upper()}")
-
-    @property
-    def needs_llamacpp(self) -> bool:
-        return self not in (GgufQuant.F32, GgufQuant.F16)
+    ftype: str
+    types: tuple[str, ...]
 
 
-def quantize(src: Path, dst: Path, quant: GgufQuant, overrides: dict[str, str] | None = None, threads: int = 0) -> None:
+FILE_TYPES: dict[Precision, FileType] = {
+    Precision.FP32: FileType("LLAMA_FTYPE_ALL_F32", ("f32",)),
+    Precision.FP16: FileType("LLAMA_FTYPE_MOSTLY_F16", ("f16",)),
+    Precision.Q8_0: FileType("LLAMA_FTYPE_MOSTLY_Q8_0", ("q8_0",)),
+    Precision.Q6_K: FileType("LLAMA_FTYPE_MOSTLY_Q6_K", ("q6_k",)),
+    Precision.Q5_K_M: FileType("LLAMA_FTYPE_MOSTLY_Q5_K_M", ("q5_k", "q6_k")),
+    Precision.Q4_K_M: FileType("LLAMA_FTYPE_MOSTLY_Q4_K_M", ("q4_k", "q6_k", "q5_k")),
+    Precision.Q4_0: FileType("LLAMA_FTYPE_MOSTLY_Q4_0", ("q4_0", "q4_1", "q6_k")),
+}
+_WRITER_DTYPE = {Precision.FP32: "f32", Precision.FP16: "f16"}  # what gguf_io writes itself
+
+
+def needs_llamacpp(quant: Precision) -> bool:
+    """Whether `llama_model_quantize` makes the file (every type but f32 and f16)."""
+    return quant not in _WRITER_DTYPE
+
+
+def quantize(src: Path, dst: Path, quant: Precision, overrides: dict[str, str] | None = None, threads: int = 0) -> None:
     """`llama_model_quantize(src → dst)` with optional per-tensor type overrides (regex → ggml type name).
 
-    Overrides are how per-expert / per-layer precision plans are applied later
+    Overrides are how per-expert / per-layer precision plans are applied
     (`tt_overrides`, e.g. {"blk\\.2\\.ffn_.*_exps": "q8_0"}).
 
     Raises:
         RuntimeUnavailable: llama_cpp missing or unpatched.
         InputError: unknown type name in `overrides`.
     """
-    from medmoe_edge.runtimes.llamacpp_runtime import require_patched_llama_cpp
-
     lc = require_patched_llama_cpp()
     params = lc.llama_model_quantize_default_params()
-    params.ftype = getattr(lc, quant.ftype_name)
+    params.ftype = getattr(lc, FILE_TYPES[quant].ftype)
     params.nthread = threads
     keep = None
     if overrides:
         arr = (lc.llama_model_tensor_override * (len(overrides) + 1))()
         keep = [p.encode() for p in overrides]  # keep the bytes alive during the call
-        types = _check_override_types(overrides)
+        types = check_override_types(overrides)
         for i, pattern in enumerate(overrides):
             arr[i].pattern, arr[i].type = keep[i], types[i]
         arr[len(overrides)].pattern = None
@@ -89,17 +104,16 @@ def quantize(src: Path, dst: Path, quant: GgufQuant, overrides: dict[str, str] |
     rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     del keep
     if rc != 0:
-        raise RuntimeUnavailable(f"llama.cpp could not quantize {src.name} to {quant.value} (return code {rc}); run with a patched build: bash scripts/build_llamacpp.sh")
+        raise RuntimeUnavailable(f"llama.cpp could not quantize {src.name} to {quant.value} (return code {rc}); run with a patched build: {BUILD_COMMAND}")
 
 
-def _check_override_types(overrides: dict[str, str]) -> list[int]:
+def check_override_types(overrides: dict[str, str]) -> list[int]:
     """The ggml type ids of the override values, in order.
 
     Raises:
         InputError: a name that is not a ggml weight type.
     """
-    import gguf
-
+    gguf = require_gguf()
     ids = []
     for pattern, type_name in overrides.items():
         try:
@@ -110,36 +124,45 @@ def _check_override_types(overrides: dict[str, str]) -> list[int]:
     return ids
 
 
-_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+def parse_tensor_types(value: Any) -> dict[str, str]:
+    """`--tensor-type REGEX=TYPE` values (or a {regex: type} dict) → {regex: type}, in the order given
+    (llama.cpp takes the first match).
+
+    Raises:
+        InputError: not REGEX=TYPE, a bad regular expression, or not a ggml type.
+    """
+    if isinstance(value, dict):
+        items = [(str(p), str(t)) for p, t in value.items()]
+    else:
+        items = []
+        for item in [value] if isinstance(value, str) else list(value):
+            pattern, sep, ttype = item.rpartition("=")
+            if not sep or not pattern or not ttype:
+                raise InputError(f"--tensor-type {item!r} is not REGEX=TYPE (e.g. 'blk\\.0\\.ffn_.*_exps=q8_0')")
+            items.append((pattern, ttype))
+    out: dict[str, str] = {}
+    for pattern, ttype in items:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise InputError(f"--tensor-type {pattern}={ttype}: {pattern!r} is not a valid regular expression ({e})") from None
+        out[pattern] = ttype.lower()
+    check_override_types(out)
+    return out
 
 
-def gguf_tensor_group(name: str) -> str:
-    """The manifest tensor group of a text-GGUF tensor (same names as the ONNX export's groups)."""
-    if name.startswith("token_embd."):
-        return "embed"
-    if name.startswith("output_norm."):
-        return "final_norm"
-    if name.startswith("output."):
-        return "lm_head"
-    m = _BLK.match(name)
-    if not m:
-        return "other"
-    i, rest = m.group(1), m.group(2)
-    if rest.startswith(("attn_", "ffn_norm")):
-        return f"layers.{i}.attn"  # attention and the layer norms, as in the ONNX groups
-    if rest.startswith("ffn_gate_inp"):
-        return f"layers.{i}.router"
-    if "_exps" in rest:
-        return f"layers.{i}.experts"  # stacked: one type for all experts of a layer (see docs/GGUF.md)
-    if "_shexp" in rest:
-        return f"layers.{i}.meta"
-    return f"layers.{i}.ffn"
+def parse_mmproj_dtype(value: Any) -> str:
+    """`--mmproj-dtype`: "f32" or "f16" (fp32/fp16/float32/float16 accepted)."""
+    try:
+        p = Precision.parse(str(value), allowed=(Precision.FP32, Precision.FP16), option="--mmproj-dtype")
+    except InputError:
+        raise InputError(f"--mmproj-dtype {value!r} is not f32 or f16") from None
+    return _WRITER_DTYPE[p]
 
 
 def read_tensor_types(path: Path) -> list[tuple[str, str, int, tuple[int, ...]]]:
     """(name, ggml type name, parameters, numpy shape) of every tensor in a GGUF file."""
-    import gguf
-
+    gguf = require_gguf()
     r = gguf.GGUFReader(str(path))
     out = []
     for t in r.tensors:
@@ -148,118 +171,170 @@ def read_tensor_types(path: Path) -> list[tuple[str, str, int, tuple[int, ...]]]
     return out
 
 
-def mmproj_tensor_group(name: str) -> str:
-    """The manifest tensor group of an mmproj tensor: the projector (`mm.*`) or the vision tower."""
-    return "projector" if name.startswith("mm.") else "vision"
-
-
-def _groups(tensors: list[tuple[str, str, int, tuple[int, ...]]], group_of) -> tuple[TensorGroup, ...]:
-    """One TensorGroup per (group, type): a group holding several types (F32 biases next to
-    quantized matrices) is listed once per type."""
-    acc: dict[tuple[str, str], int] = {}
-    for name, ttype, n, _ in tensors:
-        key = (group_of(name), ttype)
-        acc[key] = acc.get(key, 0) + n
-    return tuple(TensorGroup(g, t, n) for (g, t), n in acc.items())
-
-
-def _fallbacks(tensors: list[tuple[str, str, int, tuple[int, ...]]], quant: GgufQuant, overrides: dict[str, str] | None) -> dict[str, str]:
+def _fallbacks(tensors: list[tuple[str, str, int, tuple[int, ...]]], quant: Precision, overrides: dict[str, str]) -> dict[str, str]:
     """Weight matrices that did not get the type asked for: the override whose pattern matches
     first (as llama.cpp applies them), else one of `quant`'s types. The router and all biases
     (2-D for stacked experts) are F32 on purpose and never counted."""
-    if not quant.needs_llamacpp:
+    if not needs_llamacpp(quant):
         return {}
-    wanted = {"q4_k_m": ("q4_k", "q6_k", "q5_k"), "q5_k_m": ("q5_k", "q6_k"), "q6_k": ("q6_k",), "q8_0": ("q8_0",), "q4_0": ("q4_0", "q4_1", "q6_k")}[quant.value]
-    patterns = [(re.compile(p), t.lower()) for p, t in (overrides or {}).items()]
+    patterns = [(re.compile(p), t.lower()) for p, t in overrides.items()]
     out = {}
     for name, ttype, _, shape in tensors:
         if len(shape) < 2 or not name.endswith(".weight") or "ffn_gate_inp" in name:
             continue
-        asked = next(((t,) for p, t in patterns if p.search(name)), wanted)
+        asked = next(((t,) for p, t in patterns if p.search(name)), FILE_TYPES[quant].types)
         if ttype not in asked:
             out[name] = ttype
     return out
 
 
-def export_gguf(model: str | Path, out: Path, quant: GgufQuant = GgufQuant.F32, *, mmproj_dtype: str = "f32", vision_tower: Path | None = None, overrides: dict[str, str] | None = None) -> Manifest:
-    """Export `model` to a llama.cpp bundle at `out`.
+def _tensor_type(precision: Precision, name: str, *, writer_only: bool) -> str:
+    """The ggml type name of a tensor a plan gives `precision`."""
+    if writer_only and precision not in _WRITER_DTYPE:
+        raise InputError(
+            f"the plan gives {name} {precision.value}, but this file is written without llama.cpp, in f32 or f16: "
+            "per-tensor quantized types need a quantized default (e.g. --quant q8_0), as llama.cpp applies type overrides only then"
+        )
+    if precision.kind is PrecisionKind.FLOAT:
+        return {Precision.FP32: "f32", Precision.FP16: "f16", Precision.BF16: "bf16"}[precision]
+    if precision.kind is not PrecisionKind.GGML:
+        raise InputError(f"the plan gives {name} {precision.value}, which is not a ggml tensor type (file-type mixes such as q4_k_m and ONNX int codes are not)")
+    return precision.value
 
-    Args:
-        model: checkpoint directory, hub id or "demo".
-        out: bundle directory to create (must not exist or be empty).
-        quant: language-model file type.
-        mmproj_dtype: "f32" or "f16" for the vision tower and projector.
-        overrides: per-tensor type overrides for `llama_model_quantize` (regex → ggml type).
+
+def _plan_precision(plan: QuantPlan, t: TableTensor, *, mmproj_default: Precision | None = None) -> Precision:
+    """The one precision `plan` gives every TensorId a GGUF tensor holds.
+
     Raises:
-        InputError: `out` not empty, bad option.
-        RuntimeUnavailable: gguf missing; llama_cpp missing/unpatched for quantized types.
-        CheckpointError / UnsupportedCheckpoint: the checkpoint cannot be exported.
+        InputError: a stacked tensor whose experts the plan gives different precisions.
     """
-    if mmproj_dtype not in DTYPES:
-        raise InputError(f"--mmproj-dtype {mmproj_dtype!r} is not f32 or f16")
-    if overrides:
-        if not quant.needs_llamacpp:
-            # llama.cpp applies tensor-type overrides only when the file type is a quantized one
-            raise InputError(f"tensor type overrides need a quantized --quant (q8_0, q4_k_m, ...), not {quant.value}")
-        _check_override_types(overrides)
-    if quant.needs_llamacpp:
-        from medmoe_edge.runtimes.llamacpp_runtime import require_patched_llama_cpp
+    specs = {plan_rule(plan, i) for i in t.ids} if mmproj_default is not None else {plan_spec(plan, i) for i in t.ids}
+    precisions = {mmproj_default if s is None else s.precision for s in specs}
+    if len(precisions) > 1:
+        layer = t.ids[0].layer
+        raise InputError(
+            f"the plan gives the experts of layer {layer} {', '.join(sorted(p.value for p in precisions))} for {t.name}: GGUF stores one type per layer "
+            "and projection for all experts of a layer (stacked for mul_mat_id); give them one precision per projection"
+        )
+    return precisions.pop()
 
-        require_patched_llama_cpp()  # fail before spending minutes on the export
-    # One load for both files, in the checkpoint's own dtype when it is all bf16/fp16: exact for the
-    # language model and half the memory of fp32 (Phi: 12 GB instead of 24 GB). The CLIP tower is
-    # stored apart from the checkpoint, in full precision, so it is read again in fp32.
-    text_dtype = export_load_dtype(model)
-    loaded = load_model(model, dtype=text_dtype, vision_tower=vision_tower)
-    if text_dtype != torch.float32:
-        reload_vision_tower(loaded, torch.float32)
-    check_text_supported(loaded.spec)  # before writing anything
-    check_tower_supported(loaded)
-    with atomic_dir(out) as tmp:
-        if quant.needs_llamacpp:
-            f32 = tmp / ".model-f32.gguf"
+
+@dataclass(frozen=True)
+class _PlanTypes:
+    """What a plan asks of the two GGUF files: per-matrix writer dtypes and llama.cpp overrides."""
+
+    text_dtype: dict[str, str]  # text GGUF written directly (f32/f16 file): tensor name → f32|f16
+    overrides: dict[str, str]  # quantized text GGUF: exact-name regex → ggml type
+    mmproj_dtype: dict[str, str]  # tensor name → f32|f16
+
+
+def _plan_types(loaded: LoadedModel, request: ExportRequest) -> _PlanTypes:
+    """Map the request's plan onto GGUF tensors (nothing for a uniform plan).
+
+    Raises:
+        InputError: a precision GGUF cannot give one tensor, or experts of a stack that differ.
+    """
+    plan, quant = request.plan, request.precision
+    if plan.is_uniform:
+        return _PlanTypes({}, {}, {})
+    text, mmproj = table_tensors(released_state_dict(loaded.model), loaded.spec)
+    text_dtype, overrides, mm_dtype = {}, {}, {}
+    for t in (t for t in text if not t.f32):
+        p = _plan_precision(plan, t)
+        if not needs_llamacpp(quant):
+            text_dtype[t.name] = _tensor_type(p, t.name, writer_only=True)
+        elif p is not quant:
+            overrides[f"^{re.escape(t.name)}$"] = _tensor_type(p, t.name, writer_only=False)
+    mm_default = Precision.parse(request.options["mmproj_dtype"])
+    for t in (t for t in mmproj if not t.f32):
+        mm_dtype[t.name] = _tensor_type(_plan_precision(plan, t, mmproj_default=mm_default), t.name, writer_only=True)
+    return _PlanTypes(text_dtype, overrides, mm_dtype)
+
+
+class GgufExporter(Exporter):
+    """The llama.cpp bundle: text GGUF (patched archs) + mmproj GGUF, tensor names from `tensor_ids`."""
+
+    name = "gguf"
+    artifact_kind = ArtifactKind.GGUF
+    description = "llama.cpp: text GGUF (medmoe-phi2 / medmoe-stablelm, patched llama.cpp) + mmproj GGUF for mtmd"
+    precisions = tuple(FILE_TYPES)
+    default_precision = Precision.FP32
+    precision_flag = "--quant"
+    options = (
+        ExportOption("mmproj_dtype", "--mmproj-dtype", parse_mmproj_dtype, "f32"),
+        ExportOption("overrides", "--tensor-type", parse_tensor_types, None),
+    )
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        try:
+            import gguf
+        except ImportError:
+            return False, "the gguf package is missing: pip install 'gguf==0.19.0'"
+        return True, f"gguf-py {getattr(gguf, '__version__', '?')}"
+
+    def load(self, model: str | Path, request: ExportRequest) -> LoadedModel:
+        """One load for both files, in the checkpoint's own dtype when it is all bf16/fp16: exact for the
+        language model and half the memory of fp32 (Phi: 12 GB instead of 24 GB). The CLIP tower is
+        stored apart from the checkpoint, in full precision, so it is read again in fp32.
+        What the request alone decides is checked first (before minutes of loading)."""
+        quant, overrides = request.precision, request.options["overrides"]
+        if overrides and not needs_llamacpp(quant):
+            # llama.cpp applies tensor-type overrides only when the file type is a quantized one
+            raise InputError(f"tensor type overrides need a quantized --quant (q8_0, q4_k_m, ...), not {_WRITER_DTYPE[quant]}")
+        if needs_llamacpp(quant):
+            require_patched_llama_cpp()
+        text_dtype = export_load_dtype(model)
+        loaded = load_model(model, dtype=text_dtype, vision_tower=request.vision_tower)
+        if text_dtype != torch.float32:
+            reload_vision_tower(loaded, torch.float32)
+        return loaded
+
+    def check(self, loaded: LoadedModel, request: ExportRequest) -> None:
+        check_text_supported(loaded.spec)
+        check_tower_supported(loaded)
+        _plan_types(loaded, request)
+
+    def write(self, loaded: LoadedModel, out: Path, request: ExportRequest) -> ExportParts:
+        quant = request.precision
+        mmproj_dtype, user_overrides = request.options["mmproj_dtype"], dict(request.options["overrides"] or {})
+        plan = _plan_types(loaded, request)
+        overrides = user_overrides | {p: t for p, t in plan.overrides.items() if p not in user_overrides}
+        if needs_llamacpp(quant):
+            f32 = out / ".model-f32.gguf"
             write_loaded_text_gguf(loaded, f32, dtype="f32")
-            quantize(f32, tmp / TEXT_FILE, quant, overrides)
+            quantize(f32, out / TEXT_FILE, quant, overrides or None)
             f32.unlink()
         else:
-            write_loaded_text_gguf(loaded, tmp / TEXT_FILE, dtype=quant.value)
-        write_mmproj_gguf(loaded, tmp / MMPROJ_FILE, dtype=mmproj_dtype)
-        roles = {TEXT_FILE: "text-model", MMPROJ_FILE: "mmproj"} | copy_support_files(loaded, tmp)
-        text_tensors = read_tensor_types(tmp / TEXT_FILE)
-        mm_tensors = read_tensor_types(tmp / MMPROJ_FILE)
-        t, spec = loaded.spec.text, loaded.spec
-        manifest = Manifest(
-            format=ArtifactKind.GGUF,
-            precision=quant.value,
-            files=file_entries(tmp, roles),
-            tensor_groups=_groups(text_tensors, gguf_tensor_group) + _groups(mm_tensors, mmproj_tensor_group),
-            source={"path": str(loaded.checkpoint_dir.resolve()), "sha256": checkpoint_sha256(source_files(loaded)), "label": loaded.checkpoint_dir.name},
-            toolchain=_toolchain(),
+            dtype = _WRITER_DTYPE[quant]
+            write_loaded_text_gguf(loaded, out / TEXT_FILE, dtype=dtype, matrix_dtype=lambda t: plan.text_dtype.get(t.name, dtype))
+        write_mmproj_gguf(loaded, out / MMPROJ_FILE, dtype=mmproj_dtype, matrix_dtype=lambda t: plan.mmproj_dtype.get(t.name, mmproj_dtype))
+
+        spec = loaded.spec
+        text_tensors = read_tensor_types(out / TEXT_FILE)
+        written = text_tensors + read_tensor_types(out / MMPROJ_FILE)
+        # Read back: each tensor's TensorIds and the type llama.cpp gave it. A stacked tensor counts for
+        # each expert of its layer with its one type: in GGUF types are per layer x projection.
+        tmap = gguf_map([name for name, *_ in written], spec)
+        state = released_state_dict(loaded.model)
+        model_sizes = checkpoint_map(state, spec).group_sizes({k: v.numel() for k, v in state.items()})
+        groups = stored_groups("GGUF", ((tmap.ids(name), Precision.from_ggml(ttype), n) for name, ttype, n, _ in written), model_sizes)
+        extra: dict[str, Any] = {"fallbacks": _fallbacks(text_tensors, quant, overrides), "tensor_overrides": user_overrides, "mmproj_dtype": mmproj_dtype}
+        if plan.overrides:
+            extra["plan_overrides"] = plan.overrides
+        return ExportParts(
+            roles={TEXT_FILE: "text-model", MMPROJ_FILE: "mmproj"},
             graphs={"text": GraphSpec(TEXT_FILE, (), ()), "mmproj": GraphSpec(MMPROJ_FILE, (), ())},
-            model={
-                "variant": t.variant.value,
-                "num_layers": t.num_layers,
-                "hidden_size": t.hidden_size,
-                "moe_layers": list(spec.moe.layers),
-                "num_experts": spec.moe.num_experts,
-                "top_k": spec.moe.top_k,
-                "vocab_rows": loaded.model.n_vocab,
-                "image_tokens": spec.image_tokens,
-                "context_length": t.max_position_embeddings,
-                "expert_layout": "stacked per layer (ffn_*_exps)",
-            },
-            preprocessing={"default_mode": PreprocessMode.PAD.value},
-            prompt={"system": SYSTEM, "template": build_prompt("{question}"), "image_placeholder_id": -200},
-            extra={"fallbacks": _fallbacks(text_tensors, quant, overrides), "tensor_overrides": overrides or {}, "mmproj_dtype": mmproj_dtype},
+            tensor_groups=groups,
+            toolchain=_toolchain(),
+            layout={"expert_layout": EXPERT_LAYOUT},
+            extra=extra,
         )
-        write_manifest(tmp, manifest)
-    return manifest
 
 
 def _toolchain() -> dict:
-    import gguf
-
-    tc: dict = {"medmoe_edge": __version__, "gguf": getattr(gguf, "__version__", "0.19.0")}
+    gguf = require_gguf()
+    tc: dict = {"gguf": getattr(gguf, "__version__", "0.19.0")}
     try:
         import llama_cpp
 
@@ -269,4 +344,33 @@ def _toolchain() -> dict:
     return tc
 
 
-__all__ = ["GgufQuant", "MMPROJ_FILE", "TEXT_FILE", "export_gguf", "gguf_tensor_group", "quantize", "read_tensor_types"]
+def export_gguf(
+    model: str | Path,
+    out: Path,
+    quant: Precision | str = Precision.FP32,
+    *,
+    mmproj_dtype: str = "f32",
+    vision_tower: Path | None = None,
+    overrides: dict[str, str] | None = None,
+):
+    """Export `model` (checkpoint directory, hub id or "demo") to a llama.cpp bundle at `out`, through `GgufExporter`.
+
+    Args:
+        quant: language-model file type (f32 and f16 are spelled fp32/fp16 in the manifest).
+        mmproj_dtype: "f32" or "f16" for the vision tower and projector.
+        overrides: per-tensor type overrides for `llama_model_quantize` (regex → ggml type).
+    Returns:
+        The bundle's manifest.
+    Raises:
+        InputError: `out` not empty, bad option.
+        RuntimeUnavailable: gguf missing; llama_cpp missing/unpatched for quantized types.
+        CheckpointError / UnsupportedCheckpoint: the checkpoint cannot be exported.
+    """
+    given: dict[str, Any] = {"--quant": Precision.parse(str(getattr(quant, "value", quant)), option="--quant").value, "--mmproj-dtype": mmproj_dtype}
+    if overrides:
+        given["--tensor-type"] = dict(overrides)
+    request = GgufExporter.request(given, vision_tower=vision_tower)
+    return GgufExporter().export(model, out, request)
+
+
+__all__ = ["FILE_TYPES", "MMPROJ_FILE", "TEXT_FILE", "GgufExporter", "export_gguf", "needs_llamacpp", "parse_tensor_types", "quantize", "read_tensor_types"]

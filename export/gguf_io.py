@@ -1,4 +1,5 @@
-"""What the two GGUF writers (text model, mmproj) share: planned tensors and the streaming, atomic write."""
+"""What the two GGUF writers (text model, mmproj) share: the tensors named by the TensorId table,
+planned tensors and the streaming, atomic write."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medmoe_edge.errors import RuntimeUnavailable
+from medmoe_edge.errors import RuntimeUnavailable, UnmappedTensor
+from medmoe_edge.spec import ModelSpec
+from medmoe_edge.tensor_ids import TensorId, gguf_target
 
 DTYPES = ("f32", "f16")
 FILE_TYPE = {"f32": 0, "f16": 1}  # general.file_type: LLAMA_FTYPE_ALL_F32, LLAMA_FTYPE_MOSTLY_F16
+NUMPY = {"f32": np.float32, "f16": np.float16}
 
 
 def require_gguf():
@@ -50,6 +54,63 @@ def planned(name: str, make: Callable[[], torch.Tensor], shape: tuple[int, ...],
     return PlannedTensor(name, dtype, tuple(shape), data)
 
 
+@dataclass(frozen=True)
+class TableTensor:
+    """One GGUF tensor as the TensorId table names it (`tensor_ids.TENSOR_NAMES`).
+
+    Attributes:
+        ids: the TensorIds it holds (every expert of a layer for a stacked `ffn_*_exps` tensor).
+        parts: the checkpoint tensors it is made of, in expert order when stacked.
+        f32: stored F32 whatever the file type (norms, biases, the router, CLIP embeddings).
+    """
+
+    name: str
+    ids: tuple[TensorId, ...]
+    parts: tuple[torch.Tensor, ...]
+    f32: bool
+    stacked: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.parts), *self.parts[0].shape) if self.stacked else tuple(self.parts[0].shape)
+
+
+def table_tensors(state: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[list[TableTensor], list[TableTensor]]:
+    """(text GGUF tensors, mmproj GGUF tensors) of a model's released-name state dict
+    (`tensor_ids.released_state_dict`), in state-dict order, every name from the table.
+
+    Raises:
+        UnmappedTensor: a tensor the table does not name or GGUF does not store, or experts
+            missing from a stack: nothing of the model may be left behind.
+    """
+    groups: dict[str, list] = {}
+    for key, t in state.items():
+        target = gguf_target(key)
+        groups.setdefault(target.name, []).append((target, t))
+    files: tuple[list[TableTensor], list[TableTensor]] = ([], [])
+    for name, items in groups.items():
+        first = items[0][0]
+        items.sort(key=lambda it: -1 if it[0].tensor_id.expert is None else it[0].tensor_id.expert)
+        ids = tuple(target.tensor_id for target, _ in items)
+        if first.stacked and [i.expert for i in ids] != list(range(spec.moe.num_experts)):
+            raise UnmappedTensor(f"GGUF tensor {name} stacks experts {[i.expert for i in ids]} but the model has {spec.moe.num_experts}")
+        if not first.stacked and len(items) > 1:
+            raise UnmappedTensor(f"GGUF tensor {name} would be written from {len(items)} checkpoint tensors ({', '.join(map(str, ids))})")
+        files[first.mmproj].append(TableTensor(name, ids, tuple(t for _, t in items), first.f32, first.stacked))
+    return files
+
+
+def plan_table(tensors: list[TableTensor], matrix_dtype: Callable[[TableTensor], str]) -> list[PlannedTensor]:
+    """Planned tensors of one file: F32 where the table says so, else `matrix_dtype(tensor)` ("f32" or "f16")."""
+    out = []
+    for t in tensors:
+        parts = t.parts
+        make = (lambda parts=parts: torch.stack(parts)) if t.stacked else (lambda parts=parts: parts[0])
+        dtype = np.float32 if t.f32 else NUMPY[matrix_dtype(t)]
+        out.append(planned(t.name, make, t.shape, dtype))
+    return out
+
+
 def write_gguf(out_path: str | Path, arch: str, write_metadata: Callable[[object], None], tensors: list[PlannedTensor]) -> None:
     """Write a GGUF file: metadata, tensor infos, then the data one tensor at a time.
 
@@ -81,4 +142,4 @@ def write_gguf(out_path: str | Path, arch: str, write_metadata: Callable[[object
         raise
 
 
-__all__ = ["DTYPES", "FILE_TYPE", "PlannedTensor", "planned", "require_gguf", "write_gguf"]
+__all__ = ["DTYPES", "FILE_TYPE", "NUMPY", "PlannedTensor", "TableTensor", "plan_table", "planned", "require_gguf", "table_tensors", "write_gguf"]

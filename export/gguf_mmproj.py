@@ -30,9 +30,15 @@ Numerical differences from the PyTorch reference that remain even in F32 (design
   to ~2e-3 max-abs (cosine 0.9999997).
 
 Precision: dtype="f16" stores the weight matrices (patch embedding, attention, FFN, projector) as
-F16, like the legacy llava converter; position and class embeddings, norms and biases stay F32.
+F16, like the legacy llava converter; position and class embeddings, norms and biases stay F32
+(added to F32 activations). The patch embedding is a Conv2d kernel [C, 3, p, p]: ggml_conv_2d runs
+im2col in the kernel's type, F16 in f16 files (what every legacy llava mmproj does), F32 in f32
+files (supported on CPU). `mm.2`'s rows are clip_n_mmproj_embd and must equal the text n_embd.
 
-Tensor layout (numpy shape = torch shape; gguf-py stores it reversed as the ggml `ne`):
+Tensor layout (numpy shape = torch shape; gguf-py stores it reversed as the ggml `ne`); the names
+come from the TensorId table (`medmoe_edge.tensor_ids.TENSOR_NAMES`, components vision and
+projector). Only the layers the model holds are written (exactly `layers_used`, model/vision.py);
+post-layernorm and any unused last layer are not part of the model (§1.1):
 
     v.class_embd [C]   v.patch_embd.weight [C, 3, p, p]   v.position_embd.weight [P+1, C]
     v.pre_ln.{weight,bias} [C]
@@ -47,15 +53,14 @@ Section numbers (§) without "design" refer to ../shared/reference/medmoe-spec.m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from medmoe_edge.checkpoint import LoadedModel
 from medmoe_edge.errors import InputError, UnsupportedCheckpoint
+from medmoe_edge.tensor_ids import released_state_dict
 
-from .gguf_io import DTYPES, FILE_TYPE, PlannedTensor, planned, require_gguf, write_gguf
+from .gguf_io import DTYPES, FILE_TYPE, TableTensor, plan_table, require_gguf, table_tensors, write_gguf
 
 PROJECTOR_TYPE = "mlp"  # PROJECTOR_TYPE_MLP in tools/mtmd/clip-impl.h
 
@@ -69,57 +74,6 @@ _ACT_KEYS: dict[str, dict[str, bool]] = {
     # (|difference| <= ~4.7e-4 per element)
     "gelu": {"clip.use_gelu": True},
 }
-
-
-def _tensor(name: str, t: torch.Tensor, dtype) -> PlannedTensor:
-    return planned(name, lambda: t, tuple(t.shape), dtype)
-
-
-def plan_tensors(loaded: LoadedModel, matrix_dtype: np.dtype) -> list[PlannedTensor]:
-    """Every tensor of the mmproj file, in file order, with its final dtype (design §6.2)."""
-    f32 = np.dtype(np.float32)
-    vm = loaded.model.vision.vision_model
-    proj = loaded.model.lm.model.mm_projector.image_spatial_proj  # Sequential(Linear, GELU, Linear)
-    out: list[PlannedTensor] = []
-
-    def matrix(name: str, t: torch.Tensor) -> None:
-        out.append(_tensor(name, t, matrix_dtype))
-
-    def vec(name: str, t: torch.Tensor) -> None:
-        out.append(_tensor(name, t, f32))
-
-    def linear(prefix: str, layer: torch.nn.Linear) -> None:
-        matrix(f"{prefix}.weight", layer.weight)
-        vec(f"{prefix}.bias", layer.bias)
-
-    def norm(prefix: str, layer: torch.nn.LayerNorm) -> None:
-        vec(f"{prefix}.weight", layer.weight)
-        vec(f"{prefix}.bias", layer.bias)
-
-    e = vm.embeddings
-    vec("v.class_embd", e.class_embedding)
-    # Conv2d kernel [C, 3, p, p], no bias. ggml_conv_2d runs im2col in the kernel's type: F16 in
-    # f16 files (what every legacy llava mmproj does), F32 in f32 files (supported on CPU).
-    matrix("v.patch_embd.weight", e.patch_embedding.weight)
-    # Added to F32 activations (get_rows + add): kept F32 in both precisions.
-    vec("v.position_embd.weight", e.position_embedding.weight)
-    norm("v.pre_ln", vm.pre_layrnorm)  # sic: HF's spelling
-    for i, layer in enumerate(vm.encoder.layers):  # exactly layers_used layers (model/vision.py)
-        a = layer.self_attn
-        linear(f"v.blk.{i}.attn_q", a.q_proj)
-        linear(f"v.blk.{i}.attn_k", a.k_proj)
-        linear(f"v.blk.{i}.attn_v", a.v_proj)
-        linear(f"v.blk.{i}.attn_out", a.out_proj)  # `attn_out`, not the text model's `attn_output`
-        norm(f"v.blk.{i}.ln1", layer.layer_norm1)
-        norm(f"v.blk.{i}.ln2", layer.layer_norm2)
-        # Named by meaning (fc1 = up, fc2 = down). Legacy converters swap the two names and the
-        # loader swaps them back when ffn_down's ne[0] == n_embd; correct names never trigger that.
-        linear(f"v.blk.{i}.ffn_up", layer.mlp.fc1)
-        linear(f"v.blk.{i}.ffn_down", layer.mlp.fc2)
-    # Post-layernorm and any unused last layer are not part of the model (§1.1): nothing else.
-    linear("mm.0", proj[0])
-    linear("mm.2", proj[2])  # clip_n_mmproj_embd = mm.2 rows, must equal the text n_embd
-    return out
 
 
 def check_supported(loaded: LoadedModel) -> None:
@@ -165,7 +119,7 @@ def _write_metadata(w, loaded: LoadedModel, dtype: str) -> None:
     # on CPU), while Med-MoE computes exact erf nn.GELU (spec §1.2). No key changes it.
 
 
-def write_mmproj_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str = "f32") -> None:
+def write_mmproj_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str = "f32", matrix_dtype: Callable[[TableTensor], str] | None = None) -> None:
     """Write the image tower and projector of a loaded Med-MoE model as an mmproj GGUF.
 
     Args:
@@ -173,6 +127,7 @@ def write_mmproj_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str =
             widened to fp32 before conversion).
         out_path: the .gguf file to write (replaced atomically: temp file + os.replace).
         dtype: "f32" (for parity checks) or "f16" (weight matrices F16; embeddings, norms, biases F32).
+        matrix_dtype: "f32" or "f16" per weight matrix (a precision plan); default: `dtype` for all.
     Raises:
         InputError: unknown dtype.
         UnsupportedCheckpoint: a tower or processor mtmd's llava graph cannot express.
@@ -182,8 +137,9 @@ def write_mmproj_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str =
         raise InputError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     require_gguf()
     check_supported(loaded)
-    tensors = plan_tensors(loaded, np.dtype(np.float16 if dtype == "f16" else np.float32))
+    _text, mmproj = table_tensors(released_state_dict(loaded.model), loaded.spec)
+    tensors = plan_table(mmproj, matrix_dtype or (lambda t: dtype))
     write_gguf(out_path, "clip", lambda w: _write_metadata(w, loaded, dtype), tensors)
 
 
-__all__ = ["DTYPES", "PROJECTOR_TYPE", "plan_tensors", "write_mmproj_gguf"]
+__all__ = ["DTYPES", "PROJECTOR_TYPE", "write_mmproj_gguf"]

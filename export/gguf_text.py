@@ -5,7 +5,9 @@ The two architectures exist only in llama.cpp built with `patches/llamacpp-0.3.3
 file follows. Only the text decoder is written here; the image tower and projector go into a
 separate mmproj file.
 
-Layout (numpy shape = torch shape; gguf-py stores it reversed as the ggml `ne`):
+Layout (numpy shape = torch shape; gguf-py stores it reversed as the ggml `ne`). Every name comes
+from the TensorId table (`medmoe_edge.tensor_ids.TENSOR_NAMES`), walked over the model's state dict;
+a tensor the table does not name for GGUF is an error, never left out silently:
 
     token_embd.weight [V, H]      output_norm.{weight,bias} [H]      output.weight [V, H]
     blk.i.attn_norm.{weight,bias}, blk.i.attn_{q,k,v}.{weight,bias}, blk.i.attn_output.weight
@@ -15,6 +17,10 @@ Layout (numpy shape = torch shape; gguf-py stores it reversed as the ggml `ne`):
                       ffn_{up,down}_exps (+ ffn_gate_exps)   experts stacked to [E, out, in]
                       ffn_{up,down}_exps.bias      Phi only, [E, out]
                       ffn_{up,down}_shexp (+ ffn_gate_shexp, + biases for Phi)   the meta expert
+
+Token embedding and output rows are the model's `n_vocab`, already truncated to len(tokenizer) by
+`load_model` (spec §4.2.6). NEOX rope (rotate-half on the first rotary_dim dims) needs no q/k row
+permutation, so attention weights are written as the checkpoint holds them.
 
 Which layers are MoE is the per-layer `<arch>.expert_used_count` array (k on MoE layers, 0 on
 dense ones, spec §2.1), so the file needs no new metadata key.
@@ -30,114 +36,24 @@ Section numbers (§) refer to ../shared/reference/medmoe-spec.md.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from medmoe_edge.checkpoint import LoadedModel, checkpoint_infos, load_model, resolve_model_dir
 from medmoe_edge.errors import InputError, UnsupportedCheckpoint
-from medmoe_edge.model.medmoe import MedMoE
 from medmoe_edge.spec import ModelSpec, Variant
+from medmoe_edge.tensor_ids import released_state_dict
 
-from .gguf_io import DTYPES, FILE_TYPE, PlannedTensor, planned, require_gguf, write_gguf
+from .gguf_io import DTYPES, FILE_TYPE, TableTensor, plan_table, require_gguf, table_tensors, write_gguf
 
 ARCH = {Variant.PHI: "medmoe-phi2", Variant.STABLELM: "medmoe-stablelm"}
 
 # gguf-py constants, spelled out so that this module imports without gguf installed.
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
 _GATING_SOFTMAX = 1  # LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
-
-
-class _Plan:
-    """Collects the tensors of one file with the dtype policy applied."""
-
-    def __init__(self, matrix_dtype: np.dtype) -> None:
-        self.matrix_dtype = matrix_dtype
-        self.tensors: list[PlannedTensor] = []
-
-    def matrix(self, name: str, t: torch.Tensor) -> None:
-        """A weight matrix (or a stack of them): F16 in f16 files."""
-        self.tensors.append(planned(name, lambda: t, tuple(t.shape), self.matrix_dtype))
-
-    def f32(self, name: str, t: torch.Tensor) -> None:
-        """Norms, biases and the router: always F32."""
-        self.tensors.append(planned(name, lambda: t, tuple(t.shape), np.float32))
-
-    def stacked(self, name: str, parts: list[torch.Tensor], *, f32: bool = False) -> None:
-        """Per-expert tensors stacked on a new leading axis: weights [E, out, in], biases [E, out]."""
-        shape = (len(parts), *parts[0].shape)
-        self.tensors.append(planned(name, lambda: torch.stack(parts), shape, np.float32 if f32 else self.matrix_dtype))
-
-    def linear(self, prefix: str, layer: torch.nn.Linear) -> None:
-        self.matrix(f"{prefix}.weight", layer.weight)
-        if layer.bias is not None:
-            self.f32(f"{prefix}.bias", layer.bias)
-
-    def norm(self, prefix: str, layer: torch.nn.LayerNorm) -> None:
-        self.f32(f"{prefix}.weight", layer.weight)
-        self.f32(f"{prefix}.bias", layer.bias)
-
-
-def _ffn(plan: _Plan, variant: Variant, ffn: torch.nn.Module, suffix: str, i: int) -> None:
-    """A dense FFN (`suffix` "") or the meta expert (`suffix` "_shexp") of layer i."""
-    if variant is Variant.PHI:
-        plan.linear(f"blk.{i}.ffn_up{suffix}", ffn.fc1)
-        plan.linear(f"blk.{i}.ffn_down{suffix}", ffn.fc2)
-    else:
-        plan.linear(f"blk.{i}.ffn_gate{suffix}", ffn.gate_proj)
-        plan.linear(f"blk.{i}.ffn_up{suffix}", ffn.up_proj)
-        plan.linear(f"blk.{i}.ffn_down{suffix}", ffn.down_proj)
-
-
-def _experts(plan: _Plan, variant: Variant, experts: torch.nn.ModuleList, i: int) -> None:
-    """Routed experts stacked for llama.cpp's `mul_mat_id` (one 3-D tensor per projection)."""
-    if variant is Variant.PHI:
-        # §2.3.5: expert_e(x) = fc2(gelu_tanh(fc1 x + b1)) + b2; llama.cpp adds the stacked biases with add_id.
-        for gguf_name, attr in (("ffn_up_exps", "fc1"), ("ffn_down_exps", "fc2")):
-            plan.stacked(f"blk.{i}.{gguf_name}.weight", [getattr(e, attr).weight for e in experts])
-            plan.stacked(f"blk.{i}.{gguf_name}.bias", [getattr(e, attr).bias for e in experts], f32=True)
-    else:
-        for gguf_name, attr in (("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj"), ("ffn_down_exps", "down_proj")):
-            plan.stacked(f"blk.{i}.{gguf_name}.weight", [getattr(e, attr).weight for e in experts])
-
-
-def plan_tensors(model: MedMoE, matrix_dtype: np.dtype) -> list[PlannedTensor]:
-    """Every tensor of the text GGUF, in file order, with its final dtype."""
-    spec, lm = model.spec, model.lm
-    variant = spec.variant
-    moe_layers = set(spec.moe.layers)
-    plan = _Plan(matrix_dtype)
-
-    # Embedding and lm_head rows: model.n_vocab, already truncated to len(tokenizer) by load_model (§4.2.6).
-    n_vocab = model.n_vocab
-    plan.matrix("token_embd.weight", lm.model.embed_tokens.weight[:n_vocab])
-    plan.norm("output_norm", lm.model.final_norm)
-    plan.matrix("output.weight", lm.lm_head.weight[:n_vocab])  # §1.3: no lm_head bias in either variant
-
-    for i, layer in enumerate(lm.model.layers):
-        plan.norm(f"blk.{i}.attn_norm", layer.input_layernorm)
-        attn = layer.self_attn
-        # NEOX rope (rotate-half on the first rotary_dim dims) needs no q/k row permutation.
-        plan.linear(f"blk.{i}.attn_q", attn.q_proj)
-        plan.linear(f"blk.{i}.attn_k", attn.k_proj)
-        plan.linear(f"blk.{i}.attn_v", attn.v_proj)
-        plan.linear(f"blk.{i}.attn_output", attn.out_proj)  # Phi `dense` has a bias, StableLM `o_proj` none
-        if variant is Variant.STABLELM:
-            plan.norm(f"blk.{i}.ffn_norm", layer.post_attention_layernorm)
-
-        if i not in moe_layers:
-            _ffn(plan, variant, layer.mlp, "", i)
-            continue
-        moe = layer.mlp
-        # §2.3.1-2: z = W_g x + b_g in fp32, softmax over all experts. llama.cpp adds the bias before the softmax.
-        plan.f32(f"blk.{i}.ffn_gate_inp.weight", moe.deepspeed_moe.gate.wg.weight)
-        plan.f32(f"blk.{i}.ffn_gate_inp.bias", moe.deepspeed_moe.gate.wg.bias)
-        _experts(plan, variant, moe.experts, i)
-        # §2.3.6: the meta expert is always on with weight exactly 1 (llama.cpp: ffn_*_shexp, added after the MoE sum).
-        _ffn(plan, variant, moe.meta_moe, "_shexp", i)
-    return plan.tensors
 
 
 @dataclass(frozen=True)
@@ -290,13 +206,18 @@ def write_text_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str =
     write_loaded_text_gguf(load_model(model_dir, dtype=export_load_dtype(model_dir), device="cpu"), out_path, dtype=dtype)
 
 
-def write_loaded_text_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str = "f32") -> None:
-    """`write_text_gguf` for a model already loaded (any dtype; each tensor is widened to fp32 when written)."""
+def write_loaded_text_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str = "f32", matrix_dtype: Callable[[TableTensor], str] | None = None) -> None:
+    """`write_text_gguf` for a model already loaded (any dtype; each tensor is widened to fp32 when written).
+
+    Args:
+        matrix_dtype: "f32" or "f16" per weight matrix (a precision plan); default: `dtype` for all.
+    """
     if dtype not in DTYPES:
         raise InputError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     spec = loaded.spec
     check_supported(spec)
     model = loaded.model
     vocab = _vocab(loaded.tokenizer.hf, spec.variant, model.n_vocab)
-    tensors = plan_tensors(model, np.dtype(np.float16 if dtype == "f16" else np.float32))
+    text, _mmproj = table_tensors(released_state_dict(model), spec)
+    tensors = plan_table(text, matrix_dtype or (lambda t: dtype))
     write_gguf(out_path, ARCH[spec.variant], lambda w: _write_metadata(w, spec, vocab, loaded.tokenizer, dtype), tensors)

@@ -11,44 +11,34 @@ Choices (docs/ONNX.md has the measurements behind them):
 * Three graphs (vision, embed, decoder), one decoder for prefill and decode.
 * Weights are stored next to each graph in one external-data file (`<graph>.onnx.data`),
   which keeps real-size models under protobuf's 2 GB limit.
+* The manifest's tensor groups are read back from the written graphs: every initializer is
+  mapped to its TensorId (`medmoe_edge.tensor_ids.ONNX_NAMES`) and each group must hold exactly
+  the model's parameters, so no weight is left out or stored twice unnoticed.
 """
 
 from __future__ import annotations
 
 import shutil
 import warnings
-from dataclasses import asdict
-from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from medmoe_edge import __version__
-from medmoe_edge.bundle import GraphIO, GraphSpec, Manifest, TensorGroup, checkpoint_sha256, file_entries, write_manifest
-from medmoe_edge.checkpoint import LoadedModel, load_model
-from medmoe_edge.ckpt_writer import atomic_dir
-from medmoe_edge.errors import InputError, RuntimeUnavailable
-from medmoe_edge.imaging import PreprocessMode
-from medmoe_edge.model.medmoe import MedMoE
-from medmoe_edge.prompt import SYSTEM, build_prompt
-from medmoe_edge.runtimes.base import ArtifactKind
+from medmoe_edge.bundle import GraphIO, GraphSpec, Manifest
+from medmoe_edge.checkpoint import LoadedModel
+from medmoe_edge.errors import CheckpointError, InputError, RuntimeUnavailable
+from medmoe_edge.exporter import ExportOption, ExportParts, Exporter, ExportRequest, stored_groups
+from medmoe_edge.tensor_ids import checkpoint_id, checkpoint_map, onnx_map, plan_spec, released_state_dict
+from medmoe_edge.vocab import ArtifactKind, Precision
 
 from .onnx_graphs import DecoderGraph, EmbedGraph, VisionGraph, decoder_io_names, use_buffer_attention, use_static_dispatch
-from medmoe_edge.support_files import copy_support_files, source_files
 
 OPSET = 17
 GRAPH_FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
-
-
-class OnnxPrecision(str, Enum):
-    """Weight and activation precision of an ONNX bundle (the router and softmaxes stay fp32)."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-
-    @property
-    def torch(self) -> torch.dtype:
-        return {OnnxPrecision.FP32: torch.float32, OnnxPrecision.FP16: torch.float16}[self]
+MOE_DISPATCH = "nonzero-gather-scatternd"  # ModelFacts.layout["moe_dispatch"]
+# onnx.TensorProto element types of the weights an export stores
+_ONNX_PRECISION = {1: Precision.FP32, 10: Precision.FP16, 16: Precision.BF16}
 
 
 def _require_onnx():
@@ -57,42 +47,6 @@ def _require_onnx():
     except ImportError:
         raise RuntimeUnavailable("ONNX export needs the onnx package: pip install 'medmoe-edge[onnx]'") from None
     return onnx
-
-
-def tensor_group(name: str) -> str:
-    """The manifest tensor group of a `MedMoE` parameter name (see `medmoe_edge.bundle.TensorGroup`)."""
-    if name.startswith("vision."):
-        return "vision"
-    if name.startswith("lm.lm_head."):
-        return "lm_head"
-    rest = name.removeprefix("lm.model.")
-    if rest.startswith("mm_projector."):
-        return "projector"
-    if rest.startswith("embed_tokens."):
-        return "embed"
-    if rest.startswith(("final_layernorm.", "norm.")):
-        return "final_norm"
-    parts = rest.split(".")  # layers.{i}.<module>...
-    i = parts[1]
-    if parts[2] != "mlp":
-        return f"layers.{i}.attn"  # attention and the layer norms
-    if parts[3] == "deepspeed_moe":
-        if parts[4] == "gate":
-            return f"layers.{i}.router"
-        return f"layers.{i}.expert.{parts[6]}"  # mlp.deepspeed_moe.experts.deepspeed_experts.{e}
-    if parts[3] == "meta_moe":
-        return f"layers.{i}.meta"
-    if parts[3] == "coefficient":
-        return f"layers.{i}.coefficient"
-    return f"layers.{i}.ffn"
-
-
-def tensor_groups(model: MedMoE, precision: str) -> tuple[TensorGroup, ...]:
-    counts: dict[str, int] = {}
-    for name, p in model.named_parameters():
-        g = tensor_group(name)
-        counts[g] = counts.get(g, 0) + p.numel()
-    return tuple(TensorGroup(g, precision, n) for g, n in counts.items())
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict[str, dict[int, str]]) -> None:
@@ -123,42 +77,64 @@ def _io(names: list[str], dtypes: list[str], shapes: list[tuple]) -> tuple[Graph
     return tuple(GraphIO(n, d, s) for n, d, s in zip(names, dtypes, shapes))
 
 
-def export_onnx(model: str | Path, out: Path, precision: OnnxPrecision = OnnxPrecision.FP32, *, vision_tower: Path | None = None, max_batch: int = 4) -> Manifest:
-    """Export `model` (checkpoint directory, hub id or "demo") to an ONNX bundle at `out`.
+def _positive_batch(value: Any) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--max-batch {value!r} is not a whole number") from None
+    if n < 1:
+        raise InputError(f"--max-batch must be at least 1, got {n}")
+    return n
 
-    Args:
-        model: the source checkpoint.
-        out: bundle directory to create (must not exist or be empty).
-        precision: fp32 or fp16 weights and activations.
-        vision_tower: CLIP directory overriding `mm_image_tower`.
-        max_batch: largest batch in the TensorRT optimisation profiles written to the manifest.
-    Returns:
-        The manifest written into the bundle.
-    Raises:
-        InputError: `out` exists and is not empty.
-        CheckpointError: the checkpoint cannot be loaded.
-        RuntimeUnavailable: onnx is not installed.
-    """
-    onnx = _require_onnx()
-    if max_batch < 1:
-        raise InputError(f"--max-batch must be at least 1, got {max_batch}")
-    loaded: LoadedModel = load_model(model, dtype=precision.torch, vision_tower=vision_tower)
-    m = loaded.model
-    use_static_dispatch(m)
-    use_buffer_attention(m)
-    spec, t = loaded.spec, loaded.spec.text
-    dt = precision.torch
-    dname = {torch.float32: "float32", torch.float16: "float16"}[dt]
-    n_layers, moe_layers = t.num_layers, tuple(sorted(spec.moe.layers))
-    kv, d, h, v = t.num_kv_heads, t.head_dim, t.hidden_size, m.n_vocab
-    k, e = spec.moe.top_k, spec.moe.num_experts
-    size = spec.vision.image_size
 
-    with atomic_dir(out) as tmp:
+class OnnxExporter(Exporter):
+    """Three ONNX graphs (vision, embed, decoder) with an expert-sparse MoE, for ONNX Runtime and TensorRT."""
+
+    name = "onnx"
+    artifact_kind = ArtifactKind.ONNX
+    description = "ONNX opset 17: vision, embed and one decoder graph (preallocated KV), expert-sparse MoE in standard ops"
+    precisions = (Precision.FP32, Precision.FP16)
+    default_precision = Precision.FP32
+    options = (ExportOption("max_batch", "--max-batch", _positive_batch, 4),)
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        try:
+            import onnx
+        except ImportError:
+            return False, "the onnx package is missing: pip install 'medmoe-edge[onnx]'"
+        return True, f"onnx {onnx.__version__}"
+
+    def check(self, loaded: LoadedModel, request: ExportRequest) -> None:
+        """The graphs compute in one dtype: a plan must give every tensor the bundle's precision."""
+        if request.plan.is_uniform:
+            return
+        for key in released_state_dict(loaded.model):
+            tid = checkpoint_id(key)
+            p = plan_spec(request.plan, tid).precision
+            if p is not request.precision:
+                raise InputError(
+                    f"the plan gives {tid} {p.value} but the bundle is {request.precision.value}: "
+                    "per-group precisions for ONNX come with `medmoe-edge quantize`; `export --format onnx` takes one --precision"
+                )
+
+    def write(self, loaded: LoadedModel, out: Path, request: ExportRequest) -> ExportParts:
+        onnx = _require_onnx()
+        m = loaded.model
+        use_static_dispatch(m)
+        use_buffer_attention(m)
+        spec, t = loaded.spec, loaded.spec.text
+        dt = request.precision.torch
+        dname = request.precision.torch_name
+        n_layers, moe_layers = t.num_layers, tuple(sorted(spec.moe.layers))
+        kv, d, h, v = t.num_kv_heads, t.head_dim, t.hidden_size, m.n_vocab
+        k, e = spec.moe.top_k, spec.moe.num_experts
+        size = spec.vision.image_size
+
         # vision: N images
-        _export(VisionGraph(m), (torch.zeros(2, 3, size, size),), tmp / GRAPH_FILES["vision"], ["pixel_values"], ["image_embeds"], {"pixel_values": {0: "images"}, "image_embeds": {0: "images"}})
+        _export(VisionGraph(m), (torch.zeros(2, 3, size, size),), out / GRAPH_FILES["vision"], ["pixel_values"], ["image_embeds"], {"pixel_values": {0: "images"}, "image_embeds": {0: "images"}})
         # embed: N ids
-        _export(EmbedGraph(m), (torch.zeros(5, dtype=torch.int64),), tmp / GRAPH_FILES["embed"], ["input_ids"], ["embeds"], {"input_ids": {0: "tokens"}, "embeds": {0: "tokens"}})
+        _export(EmbedGraph(m), (torch.zeros(5, dtype=torch.int64),), out / GRAPH_FILES["embed"], ["input_ids"], ["embeds"], {"input_ids": {0: "tokens"}, "embeds": {0: "tokens"}})
         # decoder: distinct trace sizes (B=2, T=3, past 4, capacity 9) so no two dynamic axes are confused.
         b0, t0, p0, c0 = 2, 3, 4, 9
         ins, outs = decoder_io_names(n_layers, moe_layers)
@@ -169,10 +145,7 @@ def export_onnx(model: str | Path, out: Path, precision: OnnxPrecision = OnnxPre
             dyn[name] = {0: "batch", 2: "capacity"}
         for name in outs[1:]:
             dyn[name] = {0: "batch", 1: "new"} if name.startswith(("experts_", "router_probs_")) else {0: "batch", 2: "new"}
-        _export(DecoderGraph(m), tuple(args), tmp / GRAPH_FILES["decoder"], ins, outs, dyn)
-
-        roles = {f: "graph" for f in GRAPH_FILES.values()} | {f + ".data": "weights" for f in GRAPH_FILES.values()}
-        roles |= copy_support_files(loaded, tmp)
+        _export(DecoderGraph(m), tuple(args), out / GRAPH_FILES["decoder"], ins, outs, dyn)
 
         graphs = {
             "vision": GraphSpec(GRAPH_FILES["vision"], _io(["pixel_values"], ["float32"], [("images", 3, size, size)]), _io(["image_embeds"], [dname], [("images", spec.image_tokens, h)])),
@@ -187,45 +160,45 @@ def export_onnx(model: str | Path, out: Path, precision: OnnxPrecision = OnnxPre
                 ),
             ),
         }
-        ctx = t.max_position_embeddings
-        manifest = Manifest(
-            format=ArtifactKind.ONNX,
-            precision=precision.value,
-            files=file_entries(tmp, roles),
-            tensor_groups=tensor_groups(m, precision.value),
-            source={"path": str(loaded.checkpoint_dir.resolve()), "sha256": checkpoint_sha256(source_files(loaded)), "label": loaded.checkpoint_dir.name},
-            toolchain=_toolchain(onnx),
+        return ExportParts(
+            roles={f: "graph" for f in GRAPH_FILES.values()} | {f + ".data": "weights" for f in GRAPH_FILES.values()},
             graphs=graphs,
-            model={
-                "variant": t.variant.value,
-                "num_layers": n_layers,
-                "hidden_size": h,
-                "moe_layers": list(moe_layers),
-                "num_experts": e,
-                "top_k": k,
-                "num_kv_heads": kv,
-                "head_dim": d,
-                "vocab_rows": v,
-                "image_tokens": spec.image_tokens,
-                "context_length": ctx,
-                "dtype": dname,
-                "moe_dispatch": "nonzero-gather-scatternd",
-            },
-            preprocessing={"processor": _processor_json(loaded), "default_mode": PreprocessMode.PAD.value},
-            prompt={"system": SYSTEM, "template": build_prompt("{question}"), "image_placeholder_id": -200},
-            extra={"tensorrt_profiles": tensorrt_profiles(spec.image_tokens, ctx, max_batch)},
+            tensor_groups=tensor_groups(out, loaded),
+            toolchain=_toolchain(onnx),
+            layout={"dtype": dname, "moe_dispatch": MOE_DISPATCH},
+            extra={"tensorrt_profiles": tensorrt_profiles(spec.image_tokens, t.max_position_embeddings, request.options["max_batch"])},
         )
-        write_manifest(tmp, manifest)
-    return manifest
 
 
-def _processor_json(loaded: LoadedModel) -> dict:
-    d = asdict(loaded.processor)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+def tensor_groups(bundle: Path, loaded: LoadedModel) -> tuple:
+    """Per TensorId group and stored type, the parameters of the initializers of the written graphs.
+
+    Every initializer is mapped through `tensor_ids.ONNX_NAMES` (derived ones by the scope of the
+    nodes that read them) and every group must hold exactly the model's parameters.
+
+    Raises:
+        UnmappedTensor: an initializer no row names, or a group whose parameters differ from the model's.
+    """
+    onnx = _require_onnx()
+    spec = loaded.spec
+    stored = []
+    for graph, file in GRAPH_FILES.items():
+        proto = onnx.load(str(bundle / file), load_external_data=False)
+        tmap = onnx_map(graph, proto, spec)
+        for init in proto.graph.initializer:
+            if init.data_type not in _ONNX_PRECISION:
+                raise CheckpointError(f"ONNX initializer {init.name} of the {graph} graph has element type {init.data_type}, not a float weight")
+            n = 1
+            for dim in init.dims:
+                n *= int(dim)
+            stored.append((tmap.ids(init.name), _ONNX_PRECISION[init.data_type], n))
+    state = released_state_dict(loaded.model)
+    model_sizes = checkpoint_map(state, spec).group_sizes({k: t.numel() for k, t in state.items()})
+    return stored_groups("ONNX", stored, model_sizes)
 
 
 def _toolchain(onnx) -> dict:
-    tc = {"medmoe_edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__, "opset": OPSET, "exporter": "torch.onnx TorchScript"}
+    tc = {"onnx": onnx.__version__, "opset": OPSET, "torch_onnx": "TorchScript exporter (dynamo=False)"}
     try:
         import onnxruntime
 
@@ -233,6 +206,24 @@ def _toolchain(onnx) -> dict:
     except ImportError:
         pass
     return tc
+
+
+def export_onnx(model: str | Path, out: Path, precision: Precision | str = Precision.FP32, *, vision_tower: Path | None = None, max_batch: int = 4) -> Manifest:
+    """Export `model` (checkpoint directory, hub id or "demo") to an ONNX bundle at `out`, through `OnnxExporter`.
+
+    Args:
+        precision: fp32 or fp16 weights and activations (the router and softmaxes stay fp32).
+        vision_tower: CLIP directory overriding `mm_image_tower`.
+        max_batch: largest batch in the TensorRT optimisation profiles written to the manifest.
+    Returns:
+        The manifest written into the bundle.
+    Raises:
+        InputError: `out` exists and is not empty, or a bad option.
+        CheckpointError: the checkpoint cannot be loaded.
+        RuntimeUnavailable: onnx is not installed.
+    """
+    request = OnnxExporter.request({"--precision": str(getattr(precision, "value", precision)), "--max-batch": max_batch}, vision_tower=vision_tower)
+    return OnnxExporter().export(model, out, request)
 
 
 def tensorrt_profiles(image_tokens: int, context: int, max_batch: int) -> dict:
@@ -250,4 +241,4 @@ def tensorrt_profiles(image_tokens: int, context: int, max_batch: int) -> dict:
     }
 
 
-__all__ = ["OPSET", "OnnxPrecision", "export_onnx", "tensor_group", "tensorrt_profiles"]
+__all__ = ["GRAPH_FILES", "OPSET", "OnnxExporter", "export_onnx", "tensor_groups", "tensorrt_profiles"]

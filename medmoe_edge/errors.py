@@ -36,3 +36,9 @@ class RuntimeUnavailable(MedmoeError):
 
 class ConfigError(MedmoeError):
     """A configuration value is invalid or inconsistent."""
+
+
+class UnmappedTensor(CheckpointError):
+    """A tensor (checkpoint key, ONNX initializer, GGUF tensor) that no row of the TensorId tables
+    names, or that a format cannot store: a model of another architecture, or a gap in
+    `medmoe_edge.tensor_ids`."""

@@ -20,7 +20,7 @@ none of them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,7 +29,7 @@ from . import __version__
 from .bundle import GraphSpec, Manifest, ModelFacts, TensorGroup, checkpoint_sha256, file_entries, write_manifest
 from .checkpoint import LoadedModel
 from .ckpt_writer import atomic_dir
-from .errors import InputError, RuntimeUnavailable
+from .errors import InputError, RuntimeUnavailable, UnmappedTensor
 from .imaging import PreprocessMode
 from .plugins import PluginGroup
 from .prompt import SYSTEM, build_prompt
@@ -142,6 +142,8 @@ class Exporter(ABC):
             text = given.get(cls.precision_flag)
             precision = cls.default_precision if text is None else Precision.parse(str(text), allowed=cls.precisions, option=cls.precision_flag)
             plan = QuantPlan.uniform(precision)
+        elif plan.default.precision not in cls.precisions:
+            raise InputError(f"the plan's default precision {plan.default.precision.value} is not one --format {cls.name} writes: use one of {', '.join(p.value for p in cls.precisions)}")
         opts = {o.name: (o.parse(given[o.flag]) if o.flag in given else o.default) for o in cls.options}
         return ExportRequest(plan, opts, vision_tower)
 
@@ -223,6 +225,35 @@ def build_manifest(bundle: Path, exporter: Exporter, loaded: LoadedModel, reques
     )
 
 
+def stored_groups(fmt: str, stored: Iterable[tuple[tuple[TensorId, ...], Precision, int]], model_sizes: Mapping[TensorId, int]) -> tuple[TensorGroup, ...]:
+    """The manifest's tensor groups from what a format stored (read back from its files where it can).
+
+    Args:
+        stored: per stored tensor, the TensorIds it holds (several for a tensor stacked over
+            experts, whose parameters are split evenly over them), its precision and size.
+        model_sizes: parameters per group of the model (`TensorMap.group_sizes` of the checkpoint).
+    Returns:
+        Per group and stored precision, in TensorId order, the parameters. A group stored in
+        several types (F32 norms and biases beside quantized matrices) is listed once per type.
+    Raises:
+        UnmappedTensor: a group whose stored parameters differ from the model's (a tensor left
+            out, or stored twice) or one the model does not have.
+    """
+    acc: dict[tuple[TensorId, Precision], int] = {}
+    for ids, precision, n in stored:
+        for tid in ids:
+            key = (tid.group, precision)
+            acc[key] = acc.get(key, 0) + n // len(ids)
+    totals: dict[TensorId, int] = {}
+    for (g, _), n in acc.items():
+        totals[g] = totals.get(g, 0) + n
+    for g in sorted(set(totals) | set(model_sizes)):
+        if totals.get(g, 0) != model_sizes.get(g, 0):
+            raise UnmappedTensor(f"the {fmt} files hold {totals.get(g, 0)} parameters of {g}, the model {model_sizes.get(g, 0)}: a tensor was left out or stored twice")
+    order = list(Precision)
+    return tuple(TensorGroup(str(g), p, n) for (g, p), n in sorted(acc.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))))
+
+
 _group: PluginGroup[Exporter] = PluginGroup(ENTRY_POINT_GROUP, Exporter)
 
 
@@ -260,4 +291,4 @@ def get_exporter(name: str) -> type[Exporter]:
     return entry.cls
 
 
-__all__ = ["ENTRY_POINT_GROUP", "ExportOption", "ExportParts", "ExportRequest", "Exporter", "build_manifest", "get_exporter", "register", "registered", "unregister"]
+__all__ = ["ENTRY_POINT_GROUP", "ExportOption", "ExportParts", "ExportRequest", "Exporter", "build_manifest", "get_exporter", "register", "registered", "stored_groups", "unregister"]

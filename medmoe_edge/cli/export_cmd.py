@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from ..exporter import ENTRY_POINT_GROUP
 from ..imaging import PreprocessMode
 from .common import err, out, user_errors
 from .verify_cmd import print_report, run_verify
@@ -16,35 +17,14 @@ from .verify_cmd import print_report, run_verify
 EXPORT_VERIFY_LIMIT = 16
 
 
-class ExportFormat(str, Enum):
-    """Bundle formats `export` writes."""
-
-    ONNX = "onnx"
-    GGUF = "gguf"
-
-
-def _parse_tensor_types(items: list[str]) -> dict[str, str]:
-    """`--tensor-type REGEX=TYPE` values → {regex: type}, in the order given (llama.cpp takes the first match)."""
-    import re
-
-    from ..errors import InputError
-
-    out: dict[str, str] = {}
-    for item in items:
-        pattern, sep, ttype = item.rpartition("=")
-        if not sep or not pattern or not ttype:
-            raise InputError(f"--tensor-type {item!r} is not REGEX=TYPE (e.g. 'blk\\.0\\.ffn_.*_exps=q8_0')")
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise InputError(f"--tensor-type {item!r}: {pattern!r} is not a valid regular expression ({e})") from None
-        out[pattern] = ttype.lower()
-    return out
+def _installed_formats() -> str:
+    """The installed exporters' names, read from their entry points without importing them."""
+    return ", ".join(sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})) or "none"
 
 
 @user_errors
 def export(
-    fmt: Annotated[ExportFormat, typer.Option("--format", help="Bundle format.")],
+    fmt: Annotated[str, typer.Option("--format", help=f"Bundle format, an installed exporter: {_installed_formats()}.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Bundle directory to create (must not exist or be empty).")],
     model: Annotated[str, typer.Option("--model", help="'demo' (built-in), a checkpoint directory, or a hub id.")] = "demo",
     precision: Annotated[str | None, typer.Option("--precision", help="ONNX: fp32 (default) or fp16.")] = None,
@@ -56,35 +36,16 @@ def export(
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {EXPORT_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
     """Export a checkpoint to a deployment bundle with a manifest (SHA-256 of every file)."""
-    from ..errors import InputError
+    from ..workflows import export_bundle
 
-    if fmt is ExportFormat.ONNX:
-        from medmoe_edge.export.onnx_export import OnnxPrecision, export_onnx
-
-        gguf_only = [name for name, v in (("--quant", quant), ("--mmproj-dtype", mmproj_dtype), ("--tensor-type", tensor_types)) if v]
-        if gguf_only:
-            raise InputError(f"{gguf_only[0]} applies to --format gguf; ONNX bundles take --precision fp32|fp16")
-        try:
-            prec = OnnxPrecision(precision or "fp32")
-        except ValueError:
-            raise InputError(f"--precision {precision!r} is not an ONNX precision: use fp32 or fp16") from None
-        with err.status(f"exporting {model} to ONNX ({prec.value})"):
-            manifest = export_onnx(model, out_dir, prec, vision_tower=vision_tower, max_batch=4 if max_batch is None else max_batch)
-    else:
-        from medmoe_edge.export.gguf_export import GgufQuant, export_gguf
-
-        if precision is not None or max_batch is not None:
-            raise InputError(f"{'--precision' if precision is not None else '--max-batch'} applies to --format onnx; GGUF bundles take --quant f32|f16|q8_0|q4_k_m|...")
-        try:
-            q = GgufQuant((quant or "f32").lower())
-        except ValueError:
-            raise InputError(f"--quant {quant!r} is not supported: use one of {', '.join(x.value for x in GgufQuant)}") from None
-        overrides = _parse_tensor_types(tensor_types or [])
-        with err.status(f"exporting {model} to GGUF ({q.value})"):
-            manifest = export_gguf(model, out_dir, q, mmproj_dtype=mmproj_dtype or "f32", vision_tower=vision_tower, overrides=overrides or None)
-        for name, ttype in manifest.extra.get("fallbacks", {}).items():
-            err.print(f"[yellow]{name}: stored as {ttype}, not {q.value} (its rows do not fit the {q.value} block size)[/]")
-    t = Table(title=f"{out_dir} ({manifest.format.value}, {manifest.precision})")
+    # The format's own flags, as given: the exporter checks them (an option of another format is an error naming it).
+    flags = {"--precision": precision, "--quant": quant, "--mmproj-dtype": mmproj_dtype, "--tensor-type": tensor_types or None, "--max-batch": max_batch}
+    given = {flag: value for flag, value in flags.items() if value is not None}
+    with err.status(f"exporting {model} to {fmt}"):
+        manifest = export_bundle(fmt, model, out_dir, given, vision_tower=vision_tower)
+    for name, ttype in manifest.extra.get("fallbacks", {}).items():
+        err.print(f"[yellow]{name}: stored as {ttype}, not {manifest.precision.value} (its rows do not fit the {manifest.precision.value} block size)[/]")
+    t = Table(title=f"{out_dir} ({manifest.format.value}, {manifest.precision.value})")
     t.add_column("file")
     t.add_column("role")
     t.add_column("MiB", justify="right")
