@@ -18,6 +18,7 @@ from .api import Pipeline, load
 from .bundle import Manifest, read_manifest
 from .calibration.sets import resolve_set
 from .checkpoint import resolve_model_dir
+from .ckpt_writer import atomic_dir, check_new_dir
 from .errors import CheckpointError, InputError
 from .exporter import get_exporter
 from .imaging import PreprocessMode
@@ -112,8 +113,7 @@ def export_bundle(
     """
     exporter = get_exporter(fmt)
     request = exporter.request(dict(given or {}), plan=plan, vision_tower=vision_tower)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out} exists and is not an empty directory: choose a new --out or remove it")  # before minutes of tracing
+    check_new_dir(out)  # before minutes of tracing and exporting
     trace = None
     if trace_questions:
         trace = record_trace(model, limit=trace_questions, options=RuntimeOptions(vision_tower=vision_tower), status=status)
@@ -223,8 +223,6 @@ def save_trace(trace: Trace, out: Path) -> list[Path]:
     Raises:
         InputError: `out` exists and is not empty.
     """
-    from .ckpt_writer import atomic_dir
-
     with atomic_dir(out) as tmp:
         names = [p.name for p in trace.save(tmp)]
     return [out / n for n in names]

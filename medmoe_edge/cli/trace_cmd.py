@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.progress import Progress
 
+from ..ckpt_writer import check_new_dir
 from ..imaging import PreprocessMode
 from ..workflows import record_trace, save_trace
 from .common import err, out, runtime_options, user_errors
@@ -26,6 +27,7 @@ def trace(
     vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")] = None,
 ) -> None:
     """Record the reference's greedy tokens, logits and routing per question, to verify bundles where the checkpoint is not."""
+    check_new_dir(out_dir)  # before recording, not after
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("recording", total=None)
         t = record_trace(

@@ -1,0 +1,172 @@
+"""Deployment hardening: every failure a one-line error, checks before the model loads, honest help and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medmoe_edge import api
+from medmoe_edge.cli.app import app
+from medmoe_edge.errors import InputError
+from medmoe_edge.presets import Preset
+
+runner = CliRunner()
+
+
+def _one_line_error(r, code: int = 2) -> str:
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error:"), r.stderr
+    return " ".join(lines)
+
+
+def _writers(tiny_ckpts, out: str) -> dict[str, list[str]]:
+    ckpt = str(tiny_ckpts[Preset.TINY_PHI])
+    return {
+        "export": ["export", "--format", "onnx", "--model", ckpt, "--out", out, "--no-verify"],
+        "make-data": ["make-data", "--out", out, "--train-per-domain", "1", "--calibration-per-domain", "1", "--eval-per-domain", "1", "--size", "32"],
+        "init-random": ["init-random", "--preset", "tiny-phi", "--out", out],
+        "eval": ["eval", "--model", ckpt, "--limit", "1", "--out", out],
+        "trace": ["trace", "--model", ckpt, "--limit", "1", "--out", out],
+        "train-demo": ["train-demo", "--data", ckpt, "--out", out],
+    }
+
+
+@pytest.mark.parametrize("case", ["file-in-the-way", "under-a-file", "unwritable-parent", "non-empty"])
+@pytest.mark.parametrize("command", ["export", "make-data", "init-random", "eval", "trace", "train-demo"])
+def test_every_writer_refuses_an_unwritable_output_path_before_any_work(command, case, tiny_ckpts, tmp_path, monkeypatch):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    out = {"file-in-the-way": blocker, "under-a-file": blocker / "sub", "unwritable-parent": Path("/proc/medmoe-edge-test/out"), "non-empty": full}[case]
+    # no model is loaded, no data generated: the check comes first
+    for where in ("medmoe_edge.workflows.load", "medmoe_edge.cli.eval_cmd.load"):
+        monkeypatch.setattr(where, lambda *a, **k: pytest.fail("the model was loaded before the output path was checked"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = runner.invoke(app, _writers(tiny_ckpts, str(out))[command])
+    msg = _one_line_error(r)
+    assert str(out) in msg or str(blocker) in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left behind
+    assert blocker.read_text() == "x" and (full / "keep.txt").read_text() == "mine"
+
+
+def test_an_os_error_during_a_command_is_one_line_with_the_fix(tiny_ckpts, tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x" / "model.safetensors"))
+
+    monkeypatch.setattr("medmoe_edge.random_init.write_checkpoint", full_disk)
+    r = runner.invoke(app, ["init-random", "--preset", "tiny-phi", "--out", str(tmp_path / "x")])
+    msg = _one_line_error(r)
+    assert "No space left on device" in msg and "free space or choose another location" in msg
+    assert not (tmp_path / "x").exists()
+
+
+def test_json_errors_are_json_objects_on_stdout(tmp_path):
+    r = runner.invoke(app, ["run", "--image", str(tmp_path / "nope.png"), "--question", "q", "--json"])
+    assert r.exit_code == 2
+    obj = json.loads(r.stdout)
+    assert obj["kind"] == "ImageError" and "not found" in obj["error"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--image", "/nope/scan.png", "--question", "q"], "image file not found"),
+        (["--image", "IMG", "--question", ""], "the question is empty"),
+        (["--image", "IMG", "--question", "q", "--frame", "2"], "frame 2 is out of range"),
+        (["--image", "IMG", "--question", "q", "--dtype", "int3"], "--dtype 'int3' is not supported"),
+        (["--image", "IMG", "--question", "q", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    ],
+)
+def test_run_checks_inputs_before_the_model_loads(args, message, sample_png, monkeypatch):
+    monkeypatch.setattr("medmoe_edge.cli.run_cmd.load", lambda *a, **k: pytest.fail("the model was loaded before the inputs were checked"))
+    r = runner.invoke(app, ["run", *[str(sample_png) if a == "IMG" else a for a in args]])
+    assert message in _one_line_error(r)
+
+
+def test_help_keeps_its_defaults_and_flags_and_there_is_a_version():
+    r = runner.invoke(app, ["run", "--help"], terminal_width=200)
+    assert r.exit_code == 0
+    assert "[default: the middle DICOM frame, else 0]" in r.stdout and "[default: the cores this process may use]" in r.stdout
+    assert "<bool>" not in r.stdout and "--json " in r.stdout
+    e = runner.invoke(app, ["eval", "--help"], terminal_width=200)
+    assert "Maximum tokens per answer." in e.stdout and "--threads" in e.stdout and "--device" in e.stdout
+    v = runner.invoke(app, ["--version"])
+    assert v.exit_code == 0 and v.stdout.startswith("medmoe-edge ")
+
+
+def test_run_json_reports_load_time_threads_memory_and_no_rate_over_one_token(tiny_ckpts, sample_png):
+    r = runner.invoke(app, ["run", "--model", str(tiny_ckpts[Preset.TINY_PHI]), "--image", str(sample_png), "--question", "q", "--max-new-tokens", "2", "--json", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout)
+    t = obj["timings"]
+    assert t["load_s"] > 0 and t["threads"] == 1 and obj["memory"]["peak_rss_mb"] > 50
+    assert t["decode_tokens"] <= 1 and t["decode_tokens_per_s"] is None
+
+
+def test_eval_takes_the_runtime_options_and_checks_them_before_loading(monkeypatch):
+    monkeypatch.setattr("medmoe_edge.cli.eval_cmd.load", lambda *a, **k: pytest.fail("loaded"))
+    assert "--dtype 'fp8' is not supported" in _one_line_error(runner.invoke(app, ["eval", "--limit", "1", "--dtype", "fp8"]))
+    monkeypatch.undo()
+    r = runner.invoke(app, ["eval", "--limit", "1", "--provider", "cuda"])
+    assert "--provider cuda does not apply to the torch runtime" in _one_line_error(r)
+
+
+def test_eval_out_refuses_a_non_empty_directory_and_writes_shareable_files(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "mine.txt").write_text("keep")
+    r = runner.invoke(app, ["eval", "--limit", "2", "--out", str(tmp_path / "old")])
+    assert "not empty" in _one_line_error(r) and (tmp_path / "old" / "mine.txt").read_text() == "keep"
+    old = os.umask(0o022)
+    try:
+        r = runner.invoke(app, ["eval", "--limit", "2", "--out", str(tmp_path / "new"), "--json"])
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    for name in ("predictions.jsonl", "summary.json", "routing.png"):
+        assert stat.S_IMODE((tmp_path / "new" / name).stat().st_mode) == 0o644
+    summary = json.loads((tmp_path / "new" / "summary.json").read_text())
+    prov = summary["provenance"]
+    assert prov["runtime"] == "torch" and prov["precision"] == "fp32" and len(prov["data_set"]["sha256"]) == 64
+    assert len(prov["model"]["sha256"]) == 64 and "torch" in prov["libraries"]
+    assert json.loads(r.stdout)["provenance"] == prov
+
+
+def test_checkpoint_given_where_a_bundle_is_expected_is_named(tiny_ckpts):
+    ckpt = str(tiny_ckpts[Preset.TINY_PHI])
+    for args in (["verify", ckpt], ["run", "--runtime", "onnxruntime", "--model", ckpt, "--image", "x.png", "--question", "q"]):
+        r = runner.invoke(app, args)
+        if args[0] == "run" and "image file not found" in r.output:
+            continue  # run checks its image before it loads anything
+        assert "is a checkpoint directory, not an exported bundle: run it with --runtime torch" in _one_line_error(r)
+
+
+def test_api_errors_do_not_name_cli_flags(tiny_ckpts, sample_png):
+    from PIL import Image
+
+    with api.load(tiny_ckpts[Preset.TINY_PHI]) as pipe:
+        with pytest.raises(InputError) as e:
+            pipe.answer(sample_png, "")
+        assert "--" not in str(e.value)
+        a = pipe.answer(Image.open(sample_png), "Is it normal?")
+        b = pipe.answer(sample_png, "Is it normal?")
+    assert a.token_ids == b.token_ids
+
+
+def test_a_check_that_did_not_run_reads_not_checked():
+    from medmoe_edge.verify import TOLERANCES, SampleResult, VerifyReport
+    from medmoe_edge.vocab import ArtifactKind, Precision
+
+    rep = VerifyReport(TOLERANCES[(ArtifactKind.GGUF, Precision.FP32)], [SampleResult("a", "x", "x", 0.0, 1.0, 3, 3, 0, 0)], reports_routing=False)
+    value, bound, ok = rep.checks["routing_agreement"]
+    assert value is None and ok is None and bound == "not reported by this runtime" and rep.passed
