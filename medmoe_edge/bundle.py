@@ -35,6 +35,9 @@ from .quant_plan import QuantPlan
 from .vocab import ArtifactKind, Precision
 
 MANIFEST_NAME = "manifest.json"
+# The manifest's own SHA-256, beside it: an edited manifest (a changed expert count, a precision
+# relabelled to get looser tolerances, a file entry swapped) is refused before anything reads it.
+MANIFEST_DIGEST_NAME = "manifest.sha256"
 # 2: precisions in the one vocabulary (vocab.Precision), tensor groups named by TensorId,
 #    typed model facts, the QuantPlan, an optional embedded reference trace.
 MANIFEST_VERSION = 2
@@ -224,20 +227,22 @@ def file_entries(bundle: Path, roles: dict[str, str]) -> tuple[FileEntry, ...]:
     """
     entries = []
     for p in sorted(bundle.rglob("*")):
-        if p.is_file() and p.name != MANIFEST_NAME:
+        if p.is_file() and p.relative_to(bundle).as_posix() not in (MANIFEST_NAME, MANIFEST_DIGEST_NAME):
             rel = p.relative_to(bundle).as_posix()
             entries.append(FileEntry(rel, sha256_file(p), p.stat().st_size, roles.get(rel, "other")))
     return tuple(entries)
 
 
 def write_manifest(bundle: Path, manifest: Manifest) -> Path:
-    """Write `manifest.json` atomically (temp file + rename). Call it after every other file is final."""
+    """Write `manifest.json` and its digest `manifest.sha256`, each atomically (temp file + rename).
+    Call it after every other file is final."""
     path = bundle / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(dir=bundle, prefix=f".{MANIFEST_NAME}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest.to_json(), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(manifest.to_json(), indent=2) + "\n"
+    for name, content in ((MANIFEST_NAME, text), (MANIFEST_DIGEST_NAME, f"{hashlib.sha256(text.encode()).hexdigest()}  {MANIFEST_NAME}\n")):
+        fd, tmp = tempfile.mkstemp(dir=bundle, prefix=f".{name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        os.replace(tmp, bundle / name)
     return path
 
 
@@ -260,8 +265,14 @@ def read_manifest(bundle: str | Path) -> Manifest:
         if (bundle / "config.json").is_file():
             raise CheckpointError(f"{bundle} is a checkpoint directory, not an exported bundle: run it with --runtime torch, or export it with `medmoe-edge export`")
         raise CheckpointError(f"{bundle} has no {MANIFEST_NAME}: it is not a complete bundle (an interrupted export?); export it again")
+    raw = path.read_bytes()
+    digest = bundle / MANIFEST_DIGEST_NAME
+    if not digest.is_file():
+        raise CheckpointError(f"{bundle} has no {MANIFEST_DIGEST_NAME} beside its manifest: the bundle is incomplete or from an older medmoe-edge; export it again")
+    if digest.read_text().split()[:1] != [hashlib.sha256(raw).hexdigest()]:
+        raise CheckpointError(f"{path} does not match {MANIFEST_DIGEST_NAME}: the manifest was edited or corrupted after export; export the bundle again")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(raw)
         version = int(data.get("version", -1))
         if version != MANIFEST_VERSION:
             raise CheckpointError(f"{path} is manifest version {version}; this medmoe-edge reads version {MANIFEST_VERSION}: re-export the bundle")
