@@ -191,7 +191,8 @@ def tensor_groups(bundle: Path, loaded: LoadedModel) -> tuple:
             n = 1
             for dim in init.dims:
                 n *= int(dim)
-            stored.append((tmap.ids(init.name), _ONNX_PRECISION[init.data_type], n))
+            # an initializer stored once for several equal tensors is all of each of them
+            stored += [((tid,), _ONNX_PRECISION[init.data_type], n) for tid in tmap.ids(init.name)]
     state = released_state_dict(loaded.model)
     model_sizes = checkpoint_map(state, spec).group_sizes({k: t.numel() for k, t in state.items()})
     return stored_groups("ONNX", stored, model_sizes)

@@ -240,7 +240,8 @@ class OnnxNames:
             class embedding, the position embedding gathered by constant ids. Such a copy is
             identified by the scope of the node that reads it. TorchScript scopes list the modules
             whose forward ran, so `vision_model`, `encoder` and `deepspeed_moe.experts`
-            (containers whose forward is never called) are absent from them.
+            (containers whose forward is never called) are absent from them, and a module called
+            again gets a call number (`fc1_1`), which is dropped before matching.
     """
 
     graph: str
@@ -387,8 +388,9 @@ def gguf_target(key: str) -> GgufTarget:
 class TensorMap:
     """The names of one format's tensors ↔ TensorIds, for one model (see the module docstring).
 
-    A name maps to one TensorId, or to several for a tensor stacked over experts (GGUF
-    `ffn_*_exps`: one projection of every expert of a layer).
+    A name maps to one TensorId, or to several: a GGUF tensor stacked over experts (`ffn_*_exps`:
+    one projection of every expert of a layer), or an ONNX initializer the exporter stored once
+    for several equal tensors (`onnx_map`).
     """
 
     def __init__(self, fmt: str, ids: Mapping[str, tuple[TensorId, ...]]) -> None:
@@ -423,7 +425,7 @@ class TensorMap:
         return tuple(sorted({i.group for ids in self._ids.values() for i in ids}))
 
     def group_sizes(self, sizes: Mapping[str, int]) -> dict[TensorId, int]:
-        """Parameters per group from each tensor's size; a stacked tensor's size is split evenly over its experts."""
+        """Parameters per group from each tensor's size; a tensor of several ids (stacked) is split evenly over them."""
         out: dict[TensorId, int] = {}
         for name, n in sizes.items():
             ids = self.ids(name)
@@ -487,28 +489,51 @@ def onnx_map(graph: str, model: Any, spec: ModelSpec | None = None) -> TensorMap
     """The initializers of one exported ONNX graph (`onnx.ModelProto`, external data not needed) ↔ TensorIds.
 
     A parameter stored as it is matches an initializer template; a derived one (`onnx::MatMul_12`)
-    is identified by the scopes of the nodes that read it (see `OnnxNames`).
+    is identified by the scopes of the nodes that read it (see `OnnxNames`). The exporter stores
+    equal tensors once (torch.onnx deduplicates initializers by value; Med-MoE's routers all come
+    from one router file, §2.2) and feeds the other readers through Identity nodes: such a shared
+    initializer maps to the TensorId of every group that reads it, and each holds all of it.
 
     Raises:
-        UnmappedTensor: an initializer no row names, read by nodes of different groups, or (with
-            `spec`) of a group the model does not have.
+        UnmappedTensor: an initializer no row names, or read by a node whose scope no row names,
+            or (with `spec`) of a group the model does not have.
     """
-    readers: dict[str, list[str]] = {}
+    direct: dict[str, list[Any]] = {}
     for node in model.graph.node:
         for name in node.input:
-            readers.setdefault(name, []).append(node.name)
+            direct.setdefault(name, []).append(node)
+
+    def readers(name: str) -> list[str]:  # through Identity nodes
+        out = []
+        for node in direct.get(name, []):
+            out += readers(node.output[0]) if node.op_type == "Identity" else [node.name]
+        return out
+
     rows = [(c, inits, scopes) for c, g, inits, scopes in _ONNX_ROWS if g == graph]
     out: dict[str, tuple[TensorId, ...]] = {}
     for init in model.graph.initializer:
-        tid = _onnx_named(init.name, rows)
-        if tid is None:
-            found = {t for scope in readers.get(init.name, []) if (t := _onnx_named(scope, rows, scopes=True)) is not None}
-            if len(found) != 1:
-                why = f"read by {readers.get(init.name) or 'no node'}, " + ("which no row's scopes name" if not found else f"nodes of several groups ({sorted(map(str, found))})")
-                raise UnmappedTensor(f"ONNX initializer {init.name} of the {graph} graph is not named by medmoe_edge.tensor_ids.ONNX_NAMES: {why}")
-            tid = found.pop()
-        out[init.name] = _check_in_model("ONNX", init.name, (tid,), spec)
+        named = _onnx_named(init.name, rows)
+        found = set() if named is None else {named}
+        nodes = readers(init.name)
+        for node in nodes:
+            tid = _onnx_named(_scope(node), rows, scopes=True)
+            if tid is None:
+                raise UnmappedTensor(f"ONNX initializer {init.name} of the {graph} graph is read by {node}, whose scope no row of medmoe_edge.tensor_ids.ONNX_NAMES names")
+            found.add(tid)
+        if not found:
+            raise UnmappedTensor(f"ONNX initializer {init.name} of the {graph} graph is not named by medmoe_edge.tensor_ids.ONNX_NAMES and no node reads it")
+        out[init.name] = _check_in_model("ONNX", init.name, tuple(sorted(found)), spec)
     return TensorMap("ONNX", out)
+
+
+_CALL_SUFFIX = re.compile(r"_\d+$")
+
+
+def _scope(node_name: str) -> str:
+    """A node name with the call numbers TorchScript gives a module's repeated calls dropped
+    (top-2 runs an expert once per slot: `/text/layers.0/mlp/deepspeed_experts.0/fc1_1/MatMul`)."""
+    *scopes, op = node_name.split("/")
+    return "/".join([_CALL_SUFFIX.sub("", s) for s in scopes] + [op])
 
 
 def _onnx_named(name: str, rows, *, scopes: bool = False) -> TensorId | None:
