@@ -1,32 +1,39 @@
-"""Install test plugins the way a separate package does: a dist-info directory with entry points.
+"""Install a plugin for one test exactly as a package installs it: through an entry-point group.
 
-`install_entry_points` writes `<tmp>/medmoe_test_plugins-0.0.dist-info/` with an entry_points.txt
-naming classes in tests/plugins/, and puts `<tmp>` and tests/plugins on sys.path for the test, so
-`importlib.metadata.entry_points(group=...)`, which medmoe-edge's plugin discovery reads, finds them
-with no other change to the tool.
+`install_entry_points` writes a throwaway distribution (a `*.dist-info` directory with METADATA and
+entry_points.txt) into a temporary site directory and puts that directory on sys.path, so
+`importlib.metadata.entry_points(group=...)`, and with it medmoe-edge's plugin registries, find
+the plugin with no other change. `monkeypatch` takes the directory off sys.path after the test.
 """
 
 from __future__ import annotations
 
+import configparser
+import sys
 from pathlib import Path
 
-PLUGINS_DIR = Path(__file__).resolve().parent / "plugins"
+import pytest
 
 
-def install_entry_points(tmp_path: Path, monkeypatch, entries: dict[str, dict[str, str]]) -> Path:
-    """Register {group: {name: "module:Class"}} for the duration of a test; returns the dist-info dir.
+def install_entry_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: str, name: str, target: str) -> Path:
+    """Register `target` ("module:Class", importable from the tests directory) as plugin `name` of
+    entry-point `group` for this test. Several calls (other groups or names) add to the same site.
 
-    Modules are looked up in tests/plugins/ (e.g. "checkpoint_bundle_runtime:CheckpointBundleRuntime").
+    Returns:
+        The site directory on sys.path.
     """
-    site = tmp_path / "site"
-    dist = site / "medmoe_test_plugins-0.0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: medmoe-test-plugins\nVersion: 0.0\n")
-    lines = []
-    for group, names in entries.items():
-        lines.append(f"[{group}]")
-        lines += [f"{name} = {target}" for name, target in names.items()]
-    (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
-    monkeypatch.syspath_prepend(str(PLUGINS_DIR))
-    monkeypatch.syspath_prepend(str(site))
-    return dist
+    site = tmp_path / "plugin-site"
+    dist = site / "medmoe_edge_test_plugins-0.0.0.dist-info"
+    dist.mkdir(parents=True, exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: medmoe-edge-test-plugins\nVersion: 0.0.0\n")
+    eps = configparser.ConfigParser(delimiters=("=",))
+    eps.optionxform = str  # entry point names are case-sensitive
+    eps.read(dist / "entry_points.txt")
+    if not eps.has_section(group):
+        eps.add_section(group)
+    eps.set(group, name, target)
+    with open(dist / "entry_points.txt", "w") as f:
+        eps.write(f)
+    if str(site) not in sys.path:
+        monkeypatch.syspath_prepend(str(site))
+    return site
