@@ -35,10 +35,6 @@ built with CUDA (`bash scripts/build_llamacpp.sh cuda`).
 from __future__ import annotations
 
 import ctypes
-import functools
-import logging
-import mmap
-import os
 from pathlib import Path
 
 import numpy as np
@@ -49,114 +45,18 @@ from medmoe_edge.checkpoint import read_spec
 from medmoe_edge.errors import CheckpointError, InputError, RuntimeUnavailable
 from medmoe_edge.generation import StepOutput
 from medmoe_edge.imaging import ImageProcessorSpec
+from medmoe_edge.llamacpp_lib import ARCH_NAMES, BUILD_COMMAND, import_llama, library_has_archs, loaded_library_path, require_patched_llama_cpp, unpatched_message
 from medmoe_edge.model.medmoe import IMAGE_TOKEN_INDEX
 from medmoe_edge.tokenizer import Tokenizer
 
 from .base import THREADS, ArtifactKind, Availability, Capabilities, Device, DeviceKind, ModelInfo, PreparedRequest, ResolvedOptions, Runtime
 
 TEXT_GRAPH, MMPROJ_GRAPH = "text", "mmproj"  # manifest.graphs keys of the text GGUF and the mmproj GGUF
-ARCH_NAMES = ("medmoe-phi2", "medmoe-stablelm")
-BUILD_COMMAND = "bash scripts/build_llamacpp.sh"
 
 _GGML_TYPE_F32 = 0
 _FLASH_ATTN_DISABLED = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
 _SPLIT_MODE_NONE = 0  # LLAMA_SPLIT_MODE_NONE: the whole model on main_gpu
 _MAX_BATCH = 2048  # tokens per llama_decode call (llama.cpp splits it into n_ubatch micro-batches)
-
-
-def _import_llama():
-    """(llama_cpp.llama_cpp, llama_cpp.mtmd_cpp), or RuntimeUnavailable saying how to get them."""
-    try:
-        import llama_cpp
-        import llama_cpp.llama_cpp as lib
-        import llama_cpp.mtmd_cpp as mtmd
-    except Exception as e:  # ImportError, or OSError/RuntimeError when a shared library fails to load
-        raise RuntimeUnavailable(
-            f"the llamacpp runtime needs llama-cpp-python with the Med-MoE patch ({type(e).__name__}: {e}); build it with `{BUILD_COMMAND}`"
-        ) from None
-    return llama_cpp, lib, mtmd
-
-
-@functools.lru_cache(maxsize=None)
-def _library_knows(path: str, needle: bytes) -> bool:
-    """Whether the shared library at `path` contains the NUL-terminated string `needle` (cheap: mmap + find)."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        return m.find(needle + b"\0") >= 0
-
-
-def library_has_archs(path: str) -> tuple[bool, list[str]]:
-    """(all medmoe archs present?, the missing ones) for the llama.cpp shared library at `path`.
-
-    llama.cpp has no API that lists architecture names, so the name table compiled into the
-    library (`LLM_ARCH_NAMES`) is searched for them.
-    """
-    missing = [a for a in ARCH_NAMES if not _library_knows(path, a.encode())]
-    return not missing, missing
-
-
-def loaded_library_path() -> str | None:
-    """The path of the libllama that llama_cpp has loaded, when it can be told."""
-    _llama_cpp, lib, _mtmd = _import_llama()
-    path = getattr(getattr(lib, "_lib", None), "_name", None)
-    return path if path and os.path.isfile(path) else None
-
-
-def unpatched_message(version: str) -> str:
-    """The one-line error for a llama-cpp-python without the Med-MoE patch."""
-    return f"llama-cpp-python {version} lacks the Med-MoE architectures ({', '.join(ARCH_NAMES)}): build the patched one with `{BUILD_COMMAND}`"
-
-
-def _patched(llama_cpp, lib) -> tuple[bool, str]:
-    """(whether the loaded libllama has the medmoe archs, llama-cpp-python's version).
-
-    When the library path is unknown, the version suffix that `scripts/build_llamacpp.sh` gives
-    the patched build ("+medmoe") decides.
-    """
-    version = str(getattr(llama_cpp, "__version__", "?"))
-    path = loaded_library_path()
-    if path:
-        try:
-            return library_has_archs(path)[0], version
-        except OSError:
-            pass
-    return "+medmoe" in version, version
-
-
-def require_patched_llama_cpp():
-    """The low-level `llama_cpp.llama_cpp` bindings of a Med-MoE-patched build (e.g. for `llama_model_quantize`),
-    with the backend initialised and llama.cpp's logs reduced to errors.
-
-    Raises:
-        RuntimeUnavailable: llama-cpp-python is missing, fails to load, or lacks the medmoe archs.
-    """
-    llama_cpp, lib, mtmd = _import_llama()
-    ok, version = _patched(llama_cpp, lib)
-    if not ok:
-        raise RuntimeUnavailable(unpatched_message(version))
-    _init_backend(lib, mtmd)  # before any llama.cpp call, so that its logs go through the quiet logger
-    return lib
-
-
-_backend_ready = False
-
-
-def _init_backend(lib, mtmd) -> None:
-    """llama_backend_init once per process; route llama.cpp and mtmd logs through llama-cpp-python's logger.
-
-    That logger prints only errors unless the application configured it (as `Llama(verbose=False)`).
-    """
-    global _backend_ready
-    if _backend_ready:
-        return
-    import llama_cpp._logger as lg
-
-    if lg.logger.level == logging.NOTSET:
-        lg.set_verbose(False)
-    for setter in ("mtmd_log_set", "mtmd_helper_log_set"):
-        if hasattr(mtmd, setter):
-            getattr(mtmd, setter)(lg.llama_log_callback, ctypes.c_void_p(0))
-    lib.llama_backend_init()
-    _backend_ready = True
 
 
 def _gpu_offload(device: Device, lib) -> bool:
@@ -193,14 +93,12 @@ class LlamaCppRuntime(Runtime):
     @classmethod
     def availability(cls) -> Availability:
         try:
-            llama_cpp, lib, _mtmd = _import_llama()
+            lib = require_patched_llama_cpp()
         except RuntimeUnavailable as e:
             return Availability(False, str(e))
-        ok, version = _patched(llama_cpp, lib)
-        if not ok:
-            return Availability(False, unpatched_message(version))
+        llama_cpp, _lib, _mtmd = import_llama()
         gpu = "GPU offload" if lib.llama_supports_gpu_offload() else "CPU only"
-        return Availability(True, f"llama-cpp-python {version} (Med-MoE patch), {gpu}")
+        return Availability(True, f"llama-cpp-python {llama_cpp.__version__} (Med-MoE patch), {gpu}")
 
     def _load(self, model: str | Path, options: ResolvedOptions) -> None:
         self._lib = self._mtmd = None
@@ -209,7 +107,7 @@ class LlamaCppRuntime(Runtime):
         self._n_past: int | None = None
 
         lib = require_patched_llama_cpp()
-        _llama_cpp, _lib, mtmd = _import_llama()
+        _llama_cpp, _lib, mtmd = import_llama()
         gpu = _gpu_offload(options.device, lib)
         gpu_index = options.device.index or 0
         self._lib, self._mtmd = lib, mtmd
@@ -451,4 +349,6 @@ class LlamaCppRuntime(Runtime):
             pass
 
 
-__all__ = ["ARCH_NAMES", "LlamaCppRuntime", "library_has_archs", "pixels_to_rgb8", "require_patched_llama_cpp", "unpatched_message"]
+# ARCH_NAMES, library_has_archs, loaded_library_path, require_patched_llama_cpp and unpatched_message
+# live in medmoe_edge.llamacpp_lib (shared with the GGUF exporter) and stay importable from here.
+__all__ = ["ARCH_NAMES", "LlamaCppRuntime", "library_has_archs", "loaded_library_path", "pixels_to_rgb8", "require_patched_llama_cpp", "unpatched_message"]

@@ -37,7 +37,7 @@ from medmoe_edge.vocab import ArtifactKind, Device, DeviceKind, Precision
 MODELS = ["tiny-phi", "tiny-stablelm", "demo"]
 TEXT_IDS = [[11, 42, 7, 300, 5, 99, 123, 64, 201, 17, 3, 250], [5, 17, 230, 8, 8, 61, 140]]  # text-only prompts, valid in every vocabulary here
 QUESTIONS = ["Is there a lesion?", "Which organ is shown in this image, and what is abnormal about it?"]  # two lengths: right padding in a batch
-NEW_TOKENS = 8
+NEW_TOKENS = 16  # greedy steps compared (test_gguf compared 16 on the tiny checkpoints)
 
 
 @dataclass(frozen=True)
@@ -83,23 +83,34 @@ def sources(tiny_ckpts) -> dict[str, object]:
     return {"tiny-phi": tiny_ckpts[Preset.TINY_PHI], "tiny-stablelm": tiny_ckpts[Preset.TINY_STABLELM], "demo": "demo"}
 
 
+def exporter_for(cls: type[Runtime]) -> str | None:
+    """The --format whose bundles `cls` loads: the exporter naming it, else the one of its artifact kind (None: none installed)."""
+    from medmoe_edge.exporter import registered
+
+    exporters = registered()
+    named = [name for name, e in exporters.items() if e.runtime == cls.name]
+    return next(iter(named), None) or next((name for name, e in exporters.items() if e.artifact_kind is cls.artifact_kind and e.runtime is None), None)
+
+
 @pytest.fixture(scope="session")
 def artifacts(sources, tmp_path_factory):
-    """artifact(kind, model) -> the path a runtime of that kind loads (exported once per session, default fp32 / F32)."""
+    """artifact(runtime class, model) -> what that runtime loads (bundles exported once per session, default fp32 / F32)."""
     from medmoe_edge.workflows import export_bundle
 
     root = tmp_path_factory.mktemp("contract")
-    cache: dict[tuple[ArtifactKind, str], object] = {}
+    cache: dict[tuple[str, str], object] = {}
 
-    def artifact(kind: ArtifactKind, model: str):
-        if kind is ArtifactKind.CHECKPOINT:
+    def artifact(cls: type[Runtime], model: str):
+        if cls.artifact_kind is ArtifactKind.CHECKPOINT:
             return sources[model]
-        if (kind, model) not in cache:
-            out = root / f"{kind.value}-{model}"
-            manifest = export_bundle(kind.value, sources[model], out, trace_questions=0)
+        fmt = exporter_for(cls)
+        assert fmt is not None
+        if (fmt, model) not in cache:
+            out = root / f"{fmt}-{model}"
+            manifest = export_bundle(fmt, sources[model], out, trace_questions=0)
             assert manifest.precision is Precision.FP32, "the contract suite compares full-precision artifacts"
-            cache[kind, model] = out
-        return cache[kind, model]
+            cache[fmt, model] = out
+        return cache[fmt, model]
 
     return artifact
 
@@ -123,10 +134,8 @@ def runtime_cls(request) -> type[Runtime]:
     av = entry.availability()
     if not av.available or entry.cls is None:
         pytest.skip(f"runtime {request.param} is not available here: {av.reason}")
-    from medmoe_edge.exporter import registered
-
     cls = entry.cls
-    if cls.artifact_kind is not ArtifactKind.CHECKPOINT and not any(e.artifact_kind is cls.artifact_kind for e in registered().values()):
+    if cls.artifact_kind is not ArtifactKind.CHECKPOINT and exporter_for(cls) is None:
         pytest.skip(f"no installed exporter writes {cls.artifact_kind.value} artifacts for runtime {request.param}")
     return cls
 
@@ -138,7 +147,7 @@ def loaded(artifacts):
 
     def get(cls: type[Runtime], model: str) -> Runtime:
         if (cls.name, model) not in cache:
-            cache[cls.name, model] = cls(artifacts(cls.artifact_kind, model))
+            cache[cls.name, model] = cls(artifacts(cls, model))
         return cache[cls.name, model]
 
     yield get
@@ -343,7 +352,7 @@ def test_prefill_and_generate_refuse_bad_batches_before_the_runtime_runs(guarded
 
 
 def test_decode_is_refused_before_the_runtime_runs(runtime_cls, artifacts, monkeypatch, sample_png):
-    rt = runtime_cls(artifacts(runtime_cls.artifact_kind, "tiny-phi"))
+    rt = runtime_cls(artifacts(runtime_cls, "tiny-phi"))
     try:
         spy = Spy()
         monkeypatch.setattr(rt, "_decode", spy)
@@ -383,7 +392,7 @@ def test_decode_is_refused_before_the_runtime_runs(runtime_cls, artifacts, monke
 def test_options_are_checked_and_parsed_once_before_load(runtime_cls, artifacts, monkeypatch):
     spy = Spy()
     monkeypatch.setattr(runtime_cls, "_load", spy)
-    artifact = artifacts(runtime_cls.artifact_kind, "tiny-phi")
+    artifact = artifacts(runtime_cls, "tiny-phi")
     caps = runtime_cls.capabilities
     refused = [key for key in OPTION_VALUES if key not in caps.options]
     for key in refused:
@@ -420,7 +429,7 @@ def test_options_are_checked_and_parsed_once_before_load(runtime_cls, artifacts,
 
 def test_timings_observer_and_close(runtime_cls, artifacts, sample_png, monkeypatch):
     closes = []
-    with runtime_cls(artifacts(runtime_cls.artifact_kind, "tiny-stablelm")) as rt:
+    with runtime_cls(artifacts(runtime_cls, "tiny-stablelm")) as rt:
         real_close = rt.close
         rt.close = lambda: (closes.append(1), real_close())[-1]
         assert isinstance(rt, runtime_cls)
