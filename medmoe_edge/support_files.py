@@ -24,7 +24,7 @@ def copy_support_files(loaded: LoadedModel, out: Path) -> dict[str, str]:
     cfg = dict(loaded.config, mm_image_tower=TOWER_DIRNAME)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     roles["config.json"] = "config"
-    (out / TOWER_DIRNAME).mkdir()
+    (out / TOWER_DIRNAME).mkdir(exist_ok=True)  # an exporter may have put tower files there
     src = loaded.tower_dir / "config.json"
     shutil.copyfile(src, out / TOWER_DIRNAME / "config.json")
     pre = out / TOWER_DIRNAME / "preprocessor_config.json"
