@@ -93,14 +93,15 @@ def main() -> None:
 
     from runtimes_bench import make_proxy
 
-    from medmoe_edge.export.gguf_export import GgufQuant, quantize
+    from medmoe_edge.export.gguf_export import quantize
     from medmoe_edge.export.gguf_text import write_text_gguf
+    from medmoe_edge.vocab import Precision
 
     work = a.work or Path(tempfile.mkdtemp(prefix="medmoe-layout-"))
     ckpt = work / "proxy-stablelm-4e"
     if not (ckpt / "config.json").is_file():
         make_proxy(ckpt, 4)
-    quant = GgufQuant(a.quant)
+    quant = Precision.parse(a.quant, option="--quant")
     f32 = work / "proxy-f32.gguf"
     if not f32.is_file():
         write_text_gguf(ckpt, f32, dtype="f32")
@@ -113,7 +114,7 @@ def main() -> None:
                 src = f32
             else:
                 with_experts_used(f32, src, used)
-            if quant is GgufQuant.F32:
+            if quant is Precision.FP32:
                 p = src
             else:
                 quantize(src, p, quant)

@@ -119,15 +119,16 @@ def main() -> None:
         return
 
     from medmoe_edge.checkpoint import resolve_model_dir
-    from medmoe_edge.export.onnx_export import OnnxPrecision, export_onnx
+    from medmoe_edge.export.onnx_export import export_onnx
     from medmoe_edge.info import checkpoint_info
     from medmoe_edge.runtimes.llamacpp_runtime import LlamaCppRuntime
+    from medmoe_edge.vocab import Precision
 
     gguf_ok = LlamaCppRuntime.availability().available and not a.skip_gguf
     if gguf_ok:
-        from medmoe_edge.export.gguf_export import GgufQuant, export_gguf
+        from medmoe_edge.export.gguf_export import export_gguf
 
-        GGUF_QUANTS = (GgufQuant.F32, GgufQuant.F16, GgufQuant.Q8_0, GgufQuant.Q4_K_M)
+        GGUF_QUANTS = (Precision.FP32, Precision.FP16, Precision.Q8_0, Precision.Q4_K_M)
 
     work = a.work or Path(tempfile.mkdtemp(prefix="medmoe-bench-"))
     models: list[tuple[str, Path]] = [("demo", resolve_model_dir("demo"))]
@@ -139,7 +140,7 @@ def main() -> None:
     for label, ckpt in models:
         info = checkpoint_info(str(ckpt))
         cands = [("torch fp32", "torch", ckpt)]
-        for prec in (OnnxPrecision.FP32, OnnxPrecision.FP16):
+        for prec in (Precision.FP32, Precision.FP16):
             b = work / f"{ckpt.name}-onnx-{prec.value}"
             if not (b / "manifest.json").is_file():
                 export_onnx(ckpt, b, prec)
