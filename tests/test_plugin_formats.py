@@ -20,14 +20,8 @@ runner = CliRunner()
 
 @pytest.fixture
 def plugins(tmp_path, monkeypatch):
-    install_entry_points(
-        tmp_path,
-        monkeypatch,
-        {
-            "medmoe_edge.exporters": {"ckpt-bundle": "checkpoint_bundle_exporter:CheckpointBundleExporter"},
-            "medmoe_edge.runtimes": {"ckpt-bundle": "checkpoint_bundle_runtime:CheckpointBundleRuntime"},
-        },
-    )
+    install_entry_points(tmp_path, monkeypatch, "medmoe_edge.exporters", "ckpt-bundle", "plugins.checkpoint_bundle_exporter:CheckpointBundleExporter")
+    install_entry_points(tmp_path, monkeypatch, "medmoe_edge.runtimes", "ckpt-bundle", "plugins.checkpoint_bundle_runtime:CheckpointBundleRuntime")
 
 
 def test_plugin_exporter_and_runtime_through_export_run_verify_and_runtimes(plugins, tiny_ckpts, sample_png, tmp_path):
@@ -41,7 +35,7 @@ def test_plugin_exporter_and_runtime_through_export_run_verify_and_runtimes(plug
 
     rows = {row["name"]: row for row in json.loads(runner.invoke(app, ["runtimes", "--json"]).stdout)}
     assert rows["ckpt-bundle"]["available"] and rows["ckpt-bundle"]["loads"] == "plugin"
-    assert rows["ckpt-bundle"]["plugin"] == "checkpoint_bundle_runtime:CheckpointBundleRuntime"
+    assert rows["ckpt-bundle"]["plugin"] == "plugins.checkpoint_bundle_runtime:CheckpointBundleRuntime"
 
     args = ["--image", str(sample_png), "--question", "Is it normal?", "--max-new-tokens", "8", "--json"]
     plug = runner.invoke(app, ["run", "--runtime", "ckpt-bundle", "--model", str(bundle), *args])
