@@ -6,6 +6,7 @@ of both variants and on the built-in demo model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -17,12 +18,14 @@ import torch
 from typer.testing import CliRunner
 
 from medmoe_edge import api
-from medmoe_edge.bundle import MANIFEST_NAME, open_bundle, read_manifest, sha256_file
+from medmoe_edge.bundle import MANIFEST_DIGEST_NAME, MANIFEST_NAME, open_bundle, read_manifest, sha256_file
 from medmoe_edge.cli.app import app
 from medmoe_edge.errors import CheckpointError, InputError, RuntimeUnavailable
 from medmoe_edge.export import onnx_export
-from medmoe_edge.export.onnx_export import OPSET, OnnxPrecision, export_onnx, tensor_group
+from medmoe_edge.export.onnx_export import OPSET, export_onnx
 from medmoe_edge.presets import Preset
+from medmoe_edge.tensor_ids import checkpoint_id
+from medmoe_edge.vocab import Precision
 from medmoe_edge.runtimes.base import ArtifactKind, RuntimeOptions
 from medmoe_edge.runtimes.onnxruntime_runtime import OnnxRuntimeRuntime
 from medmoe_edge.runtimes.torch_runtime import TorchRuntime
@@ -72,34 +75,38 @@ def test_manifest_lists_every_file_groups_and_interfaces(fp32_bundles):
     src, bundle = fp32_bundles["demo"]
     m = open_bundle(bundle, ArtifactKind.ONNX)
     files = {f.path: f for f in m.files}
-    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST_NAME}
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and p.name not in (MANIFEST_NAME, MANIFEST_DIGEST_NAME)}
     assert set(files) == on_disk
     for rel, f in files.items():
         assert f.sha256 == sha256_file(bundle / rel) and f.bytes == (bundle / rel).stat().st_size
     assert {"decoder.onnx", "decoder.onnx.data", "vision.onnx", "embed.onnx", "tokenizer.json", "config.json"} <= set(files)
-    assert m.toolchain["opset"] == OPSET and m.precision == "fp32"
+    assert m.toolchain["opset"] == OPSET and m.precision is Precision.FP32
     groups = {g.name: g for g in m.tensor_groups}
     # one group per routed expert and per meta expert of every MoE layer (ready for per-expert precision plans)
-    for layer in m.model["moe_layers"]:
+    for layer in m.model.moe_layers:
         assert {f"layers.{layer}.expert.{e}" for e in range(4)} | {f"layers.{layer}.router", f"layers.{layer}.meta"} <= set(groups)
     assert {"vision", "projector", "embed", "lm_head", "final_norm", "layers.1.ffn", "layers.1.attn"} <= set(groups)
     n_params = sum(p.numel() for p in TorchRuntime(src).model.parameters())
     assert sum(g.params for g in m.tensor_groups) == n_params
-    assert all(g.precision == "fp32" for g in m.tensor_groups)
+    assert all(g.precision is Precision.FP32 for g in m.tensor_groups)
+    assert len(groups) == len(m.tensor_groups)  # one type per group
+    assert m.model.layout == {"dtype": "float32", "moe_dispatch": "nonzero-gather-scatternd"}
     # the TensorRT optimisation profile bounds every dynamic input of the decoder
     mins, opts, maxs = m.graphs["decoder"].profile_shapes(m.extra["tensorrt_profiles"]["decoder"])
     assert mins["inputs_embeds"] == [1, 1, 256] and maxs["past_key_0"] == [4, 8, 2048, 32]
-    assert opts["inputs_embeds"][1] == m.model["image_tokens"] + 64
+    assert opts["inputs_embeds"][1] == m.model.image_tokens + 64
     assert m.source["sha256"] and m.prompt["template"].endswith("ASSISTANT:")
 
 
 def test_tensor_group_names():
-    assert tensor_group("lm.model.layers.2.mlp.deepspeed_moe.experts.deepspeed_experts.3.fc1.weight") == "layers.2.expert.3"
-    assert tensor_group("lm.model.layers.2.mlp.deepspeed_moe.gate.wg.bias") == "layers.2.router"
-    assert tensor_group("lm.model.layers.2.mlp.meta_moe.down_proj.weight") == "layers.2.meta"
-    assert tensor_group("lm.model.layers.1.mlp.fc2.bias") == "layers.1.ffn"
-    assert tensor_group("lm.model.layers.1.post_attention_layernorm.weight") == "layers.1.attn"
-    assert tensor_group("vision.vision_model.pre_layrnorm.weight") == "vision"
+    """Groups come from the TensorId table (medmoe_edge.tensor_ids; tests/test_tensor_ids.py covers every tensor)."""
+    group = lambda key: str(checkpoint_id(key).group)  # noqa: E731
+    assert group("model.layers.2.mlp.deepspeed_moe.experts.deepspeed_experts.3.fc1.weight") == "layers.2.expert.3"
+    assert group("model.layers.2.mlp.deepspeed_moe.gate.wg.bias") == "layers.2.router"
+    assert group("model.layers.2.mlp.meta_moe.down_proj.weight") == "layers.2.meta"
+    assert group("model.layers.1.mlp.fc2.bias") == "layers.1.ffn"
+    assert group("model.layers.1.post_attention_layernorm.weight") == "layers.1.attn"
+    assert group("vision_model.pre_layrnorm.weight") == "vision"
 
 
 def test_graphs_are_standard_opset_and_expert_sparse(fp32_bundles):
@@ -200,13 +207,20 @@ def test_one_flipped_byte_is_refused_by_run_and_verify(rel, fp32_bundles, sample
     assert r.exit_code == 2 and f"bundle file {rel} does not match its SHA-256" in r.output
 
 
+def _rewrite_manifest(work: Path, text: str) -> None:
+    """Replace the manifest and its digest together (an edit of the manifest alone is refused first)."""
+    (work / MANIFEST_NAME).write_text(text)
+    (work / MANIFEST_DIGEST_NAME).write_text(f"{hashlib.sha256(text.encode()).hexdigest()}  {MANIFEST_NAME}\n")
+
+
 def test_incomplete_or_mismatched_bundles_are_refused(fp32_bundles, tmp_path):
     _, bundle = fp32_bundles["tiny-phi"]
     work = tmp_path / "b"
     shutil.copytree(bundle, work)
     (work / MANIFEST_NAME).unlink()
+    (work / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no manifest.json: it is not a complete bundle"):
-        OnnxRuntimeRuntime(work)
+        read_manifest(work)
     shutil.rmtree(work)
     shutil.copytree(bundle, work)
     (work / "embed.onnx.data").unlink()
@@ -216,13 +230,16 @@ def test_incomplete_or_mismatched_bundles_are_refused(fp32_bundles, tmp_path):
     man = json.loads((work / MANIFEST_NAME).read_text())
     man["format"] = "gguf"
     (work / MANIFEST_NAME).write_text(json.dumps(man))
+    with pytest.raises(CheckpointError, match="does not match manifest.sha256"):
+        read_manifest(work)
+    _rewrite_manifest(work, json.dumps(man))
     with pytest.raises(CheckpointError, match="is a gguf bundle, not onnx"):
         OnnxRuntimeRuntime(work)
     man["format"], man["version"] = "onnx", 99
-    (work / MANIFEST_NAME).write_text(json.dumps(man))
+    _rewrite_manifest(work, json.dumps(man))
     with pytest.raises(CheckpointError, match="manifest version 99"):
         read_manifest(work)
-    (work / MANIFEST_NAME).write_text("{not json")
+    _rewrite_manifest(work, "{not json")
     with pytest.raises(CheckpointError, match="is corrupt"):
         read_manifest(work)
 
@@ -253,7 +270,7 @@ def test_export_refuses_non_empty_out_and_bad_precision(tiny_ckpts, tmp_path):
     with pytest.raises(InputError, match="already exists and is not empty"):
         export_onnx(tiny_ckpts[Preset.TINY_PHI], tmp_path / "x")
     r = runner.invoke(app, ["export", "--format", "onnx", "--precision", "int3", "--out", str(tmp_path / "y"), "--model", str(tiny_ckpts[Preset.TINY_PHI])])
-    assert r.exit_code == 2 and "use fp32 or fp16" in r.output and not (tmp_path / "y").exists()
+    assert r.exit_code == 2 and "--precision 'int3' is not supported here: use one of fp32, fp16" in r.output and not (tmp_path / "y").exists()
     assert (tmp_path / "x" / "f").read_text() == "keep"
 
 
@@ -264,29 +281,27 @@ def test_provider_and_option_errors_are_explicit(fp32_bundles):
             OnnxRuntimeRuntime(bundle, RuntimeOptions(provider="cuda"))
     with pytest.raises(InputError, match="--provider 'rocm' is not supported"):
         OnnxRuntimeRuntime(bundle, RuntimeOptions(provider="rocm"))
-    from medmoe_edge.runtimes.base import DType
-
     with pytest.raises(InputError, match="this bundle computes in float32"):
-        OnnxRuntimeRuntime(bundle, RuntimeOptions(dtype=DType.FLOAT16))
+        OnnxRuntimeRuntime(bundle, RuntimeOptions(dtype=Precision.FP16))
     with pytest.raises(InputError, match="is an exported bundle, not a checkpoint: run it with --runtime onnxruntime"):
         TorchRuntime(bundle)
-    with pytest.raises(InputError, match="--provider cuda is an option of the onnxruntime runtime"):
+    with pytest.raises(InputError, match="--provider cuda does not apply to the torch runtime: --provider is an option of the onnxruntime runtime"):
         TorchRuntime(fp32_bundles["tiny-phi"][0], RuntimeOptions(provider="cuda"))
 
 
-@pytest.mark.parametrize("precision", [OnnxPrecision.FP32, OnnxPrecision.FP16])
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.FP16])
 def test_demo_bundle_on_the_whole_eval_split(precision, fp32_bundles, tmp_path):
     """fp32: answers identical and routing 100 % on all 1,600 questions; fp16: answers ≥ 98 %."""
     from medmoe_edge.cli.verify_cmd import run_verify
     from medmoe_edge.imaging import PreprocessMode
 
-    bundle = fp32_bundles["demo"][1] if precision is OnnxPrecision.FP32 else tmp_path / "fp16"
-    if precision is OnnxPrecision.FP16:
+    bundle = fp32_bundles["demo"][1] if precision is Precision.FP32 else tmp_path / "fp16"
+    if precision is Precision.FP16:
         export_onnx("demo", bundle, precision)
     rep = run_verify(bundle, reference=None, set_name="eval", data=None, limit=None, provider=None, threads=None, max_new_tokens=32, preprocess=PreprocessMode.PAD)
     m = rep.metrics
     assert len(rep.samples) == 1600
-    if precision is OnnxPrecision.FP32:
+    if precision is Precision.FP32:
         assert m["answer_agreement"] == 1.0 and m["routing_agreement"] == 1.0 and m["token_agreement"] == 1.0
         assert m["logits_max_abs"] <= 1e-4
     else:
@@ -330,3 +345,21 @@ def test_grouped_query_attention_reads_the_buffer_without_repeating_kv(tmp_path,
         tok = a.logits.argmax(-1)
         a, b = ref.decode(tok), rt.decode(tok)
         assert (a.logits - b.logits).abs().max() <= 1e-4
+
+
+def test_onnx_takes_one_precision_and_its_own_options(tiny_ckpts, tmp_path):
+    from medmoe_edge.export.onnx_export import OnnxExporter
+    from medmoe_edge.quant_plan import QuantPlan, QuantRule, QuantSpec
+    from medmoe_edge.workflows import export_bundle
+
+    plan = QuantPlan(QuantSpec(Precision.FP32), (QuantRule("layers.*.expert.*", QuantSpec(Precision.FP16)),))
+    with pytest.raises(InputError, match=r"the plan gives layers.0.expert.0.fc1 fp16 .*per-group precisions for ONNX come with `medmoe-edge quantize`"):
+        export_bundle("onnx", tiny_ckpts[Preset.TINY_PHI], tmp_path / "p", plan=plan)
+    assert not (tmp_path / "p").exists()
+    with pytest.raises(InputError, match="--precision and a quantization plan contradict each other"):
+        OnnxExporter.request({"--precision": "fp16"}, plan=plan)
+    with pytest.raises(InputError, match="plan's default precision q8_0 is not one --format onnx writes"):
+        OnnxExporter.request({}, plan=QuantPlan.uniform(Precision.Q8_0))
+    with pytest.raises(InputError, match="--max-batch must be at least 1, got 0"):
+        OnnxExporter.request({"--max-batch": 0})
+    assert OnnxExporter.request({"--precision": "float16"}).precision is Precision.FP16
