@@ -86,12 +86,64 @@ class ResolvedOptions:
     provider: str | None
 
 
-def default_threads() -> int:
-    """CPU threads a runtime uses when the user gives none: the cores this process may use."""
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS
         return max(1, os.cpu_count() or 1)
+
+
+def physical_cores() -> int:
+    """Usable cores counted once per physical core (SMT siblings merged), from Linux's topology files."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return usable_cores()
+    seen = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            seen.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            return usable_cores()
+    return max(1, len(seen))
+
+
+def other_runnable() -> int:
+    """Tasks other than this one that are runnable right now (the kernel's instantaneous count in
+    /proc/loadavg, not the 1-minute average, which lags a load that just started)."""
+    try:
+        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return max(0, running - 1)
+
+
+THREAD_POLICIES = ("all", "all-1", "physical", "load-aware")
+
+
+def choose_threads(policy: str) -> int:
+    """CPU threads by policy: every usable core, one fewer, physical cores, or the usable cores
+    minus the other runnable tasks (at least 1). benchmarks/threads_under_load.py compares them."""
+    n = usable_cores()
+    if policy == "all":
+        return n
+    if policy == "all-1":
+        return max(1, n - 1)
+    if policy == "physical":
+        return physical_cores()
+    if policy == "load-aware":
+        return max(1, min(n, n - other_runnable()))
+    raise InputError(f"thread policy {policy!r} is not one of {', '.join(THREAD_POLICIES)}")
+
+
+DEFAULT_THREAD_POLICY = "all"
+
+
+def default_threads() -> int:
+    """CPU threads a runtime uses when the user gives none (`DEFAULT_THREAD_POLICY`)."""
+    return choose_threads(DEFAULT_THREAD_POLICY)
 
 
 @dataclass(frozen=True)
