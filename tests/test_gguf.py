@@ -18,9 +18,11 @@ from typer.testing import CliRunner
 from medmoe_edge import api
 from medmoe_edge.cli.app import app
 from medmoe_edge.errors import CheckpointError
-from medmoe_edge.export.gguf_export import GgufQuant, export_gguf, gguf_tensor_group, read_tensor_types
+from medmoe_edge.export.gguf_export import export_gguf, read_tensor_types
 from medmoe_edge.export.gguf_text import write_text_gguf
-from medmoe_edge.presets import Preset
+from medmoe_edge.presets import DEMO, PRESETS, Preset
+from medmoe_edge.tensor_ids import gguf_map
+from medmoe_edge.vocab import Precision
 from medmoe_edge.runtimes.torch_runtime import TorchRuntime
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: bash scripts/build_llamacpp.sh")
@@ -78,11 +80,14 @@ def test_demo_f32_and_f16_text_gguf(tmp_path):
 
 
 def test_gguf_tensor_groups():
-    assert gguf_tensor_group("blk.2.ffn_up_exps.weight") == "layers.2.experts"
-    assert gguf_tensor_group("blk.2.ffn_gate_inp.bias") == "layers.2.router"
-    assert gguf_tensor_group("blk.2.ffn_down_shexp.weight") == "layers.2.meta"
-    assert gguf_tensor_group("blk.1.ffn_up.weight") == "layers.1.ffn"
-    assert gguf_tensor_group("output.weight") == "lm_head" and gguf_tensor_group("token_embd.weight") == "embed"
+    """GGUF names ↔ TensorIds through the table (tests/test_tensor_ids.py covers every tensor)."""
+    names = ["blk.2.ffn_up_exps.weight", "blk.2.ffn_gate_inp.bias", "blk.2.ffn_down_shexp.weight", "blk.1.ffn_up.weight", "output.weight", "token_embd.weight", "v.blk.0.ln1.bias", "mm.2.weight"]
+    m = gguf_map(names, DEMO)
+    groups = {n: sorted({str(i.group) for i in m.ids(n)}) for n in names}
+    assert groups["blk.2.ffn_up_exps.weight"] == [f"layers.2.expert.{e}" for e in range(4)]  # stacked: one type for all experts of a layer
+    assert groups["blk.2.ffn_gate_inp.bias"] == ["layers.2.router"] and groups["blk.2.ffn_down_shexp.weight"] == ["layers.2.meta"]
+    assert groups["blk.1.ffn_up.weight"] == ["layers.1.ffn"] and groups["output.weight"] == ["lm_head"] and groups["token_embd.weight"] == ["embed"]
+    assert groups["v.blk.0.ln1.bias"] == ["vision"] and groups["mm.2.weight"] == ["projector"]
 
 
 def _greedy(rt, ids: list[int], n: int) -> list[int]:
@@ -105,7 +110,7 @@ def gguf_bundles(tiny_ckpts, tmp_path_factory) -> dict[str, tuple[object, Path]]
     root = tmp_path_factory.mktemp("gguf")
     srcs = {"tiny-phi": tiny_ckpts[Preset.TINY_PHI], "tiny-stablelm": tiny_ckpts[Preset.TINY_STABLELM], "demo": "demo"}
     for name, src in srcs.items():
-        export_gguf(src, root / name, GgufQuant.F32)
+        export_gguf(src, root / name, Precision.FP32)
     return {name: (src, root / name) for name, src in srcs.items()}
 
 
@@ -184,7 +189,7 @@ def test_one_flipped_byte_is_refused(rel, gguf_bundles, sample_png, tmp_path):
 def test_quantized_export_reports_types_fallbacks_and_overrides(tiny_ckpts, tmp_path):
     """q4_k_m on a 64-wide tiny model: k-quants need rows of 256, so llama.cpp falls back, and the manifest says so."""
     src = tiny_ckpts[Preset.TINY_PHI]
-    m = export_gguf(src, tmp_path / "q4", GgufQuant.Q4_K_M)
+    m = export_gguf(src, tmp_path / "q4", Precision.Q4_K_M)
     fb = m.extra["fallbacks"]
     assert fb and all(t not in ("q4_k", "q5_k", "q6_k") for t in fb.values())
     types = {n: t for n, t, _, _ in read_tensor_types(tmp_path / "q4" / "model.gguf")}
@@ -192,11 +197,14 @@ def test_quantized_export_reports_types_fallbacks_and_overrides(tiny_ckpts, tmp_
     r = runner.invoke(app, ["export", "--format", "gguf", "--quant", "q4_k_m", "--model", str(src), "--out", str(tmp_path / "cli"), "--no-verify"])
     assert r.exit_code == 0 and "not q4_k_m" in r.output, r.output
     # per-tensor overrides (the hook for per-expert precision plans)
-    m = export_gguf("demo", tmp_path / "ov", GgufQuant.Q4_K_M, overrides={r"blk\.0\.ffn_(up|down)_exps\.weight": "q8_0"})
+    m = export_gguf("demo", tmp_path / "ov", Precision.Q4_K_M, overrides={r"blk\.0\.ffn_(up|down)_exps\.weight": "q8_0"})
     types = {n: t for n, t, _, _ in read_tensor_types(tmp_path / "ov" / "model.gguf")}
     assert types["blk.0.ffn_up_exps.weight"] == "q8_0" and types["blk.2.ffn_up_exps.weight"] in ("q4_k", "q6_k")
     assert m.extra["fallbacks"] == {}  # the demo's 256/512 rows fit every k-quant; overridden tensors got their type
-    assert {g.name: g.precision for g in m.tensor_groups if g.name == "layers.0.experts" and g.precision != "f32"} == {"layers.0.experts": "q8_0"}
+    # one group per expert; a stacked tensor's type is every expert's (GGUF types are per layer x projection)
+    for e in range(4):
+        assert {g.precision for g in m.tensor_groups if g.name == f"layers.0.expert.{e}" and g.precision is not Precision.FP32} == {Precision.Q8_0}
+    assert m.precision is Precision.Q4_K_M and m.extra["tensor_overrides"] == {r"blk\.0\.ffn_(up|down)_exps\.weight": "q8_0"}
     # the same from the CLI, and the overrides' errors
     r = runner.invoke(app, ["export", "--format", "gguf", "--quant", "q4_k_m", "--tensor-type", r"blk\.2\.ffn_down_exps\.weight=q6_k", "--out", str(tmp_path / "cli-ov"), "--no-verify"])
     assert r.exit_code == 0, r.output
@@ -216,17 +224,17 @@ def test_bad_options_are_one_line_errors(gguf_bundles, tiny_ckpts, tmp_path):
     r = runner.invoke(app, ["export", "--format", "gguf", "--quant", "q3_xs", "--model", str(src), "--out", str(tmp_path / "a")])
     assert r.exit_code == 2 and "--quant 'q3_xs' is not supported" in r.output and not (tmp_path / "a").exists()
     r = runner.invoke(app, ["export", "--format", "gguf", "--precision", "fp16", "--model", str(src), "--out", str(tmp_path / "b")])
-    assert r.exit_code == 2 and "--precision applies to --format onnx" in r.output
+    assert r.exit_code == 2 and "--precision does not apply to --format gguf (it applies to --format onnx)" in r.output
     r = runner.invoke(app, ["export", "--format", "onnx", "--mmproj-dtype", "f16", "--model", str(src), "--out", str(tmp_path / "c")])
-    assert r.exit_code == 2 and "--mmproj-dtype applies to --format gguf" in r.output and not (tmp_path / "c").exists()
+    assert r.exit_code == 2 and "--mmproj-dtype does not apply to --format onnx (it applies to --format gguf)" in r.output and not (tmp_path / "c").exists()
     r = runner.invoke(app, ["export", "--format", "gguf", "--mmproj-dtype", "q8_0", "--model", str(src), "--out", str(tmp_path / "d")])
     assert r.exit_code == 2 and "--mmproj-dtype 'q8_0' is not f32 or f16" in r.output and not (tmp_path / "d").exists()
     _, bundle = gguf_bundles["tiny-phi"]
     from medmoe_edge.errors import InputError
-    from medmoe_edge.runtimes.base import DType, RuntimeOptions
+    from medmoe_edge.runtimes.base import RuntimeOptions
 
     with pytest.raises(InputError, match="--dtype float16 does not apply to the llamacpp runtime"):
-        LlamaCppRuntime(bundle, RuntimeOptions(dtype=DType.FLOAT16))
+        LlamaCppRuntime(bundle, RuntimeOptions(dtype=Precision.FP16))
     with pytest.raises(InputError, match="is an option of the onnxruntime runtime"):
         LlamaCppRuntime(bundle, RuntimeOptions(provider="cuda"))
     if not llama_cpp.llama_supports_gpu_offload():
@@ -240,7 +248,7 @@ def test_bad_options_are_one_line_errors(gguf_bundles, tiny_ckpts, tmp_path):
 
 def test_unpatched_library_is_refused_with_the_build_command():
     """A llama.cpp library without the medmoe arch names (here: the patched build's own ggml, which has none)."""
-    from medmoe_edge.runtimes import llamacpp_runtime as lr
+    from medmoe_edge import llamacpp_lib as lr
 
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
     ggml = next(p for p in sorted(lib_dir.iterdir()) if p.name.startswith("libggml-base"))
@@ -251,14 +259,14 @@ def test_unpatched_library_is_refused_with_the_build_command():
     assert lr.library_has_archs(lr.loaded_library_path())[0]
 
 
-@pytest.mark.parametrize("quant,min_answers", [(GgufQuant.F32, 0.95), (GgufQuant.Q8_0, 0.95), (GgufQuant.Q4_K_M, 0.85)])
+@pytest.mark.parametrize("quant,min_answers", [(Precision.FP32, 0.95), (Precision.Q8_0, 0.95), (Precision.Q4_K_M, 0.85)])
 def test_demo_gguf_on_the_whole_eval_split(quant, min_answers, gguf_bundles, tmp_path):
     """Image through mtmd + text through llama.cpp vs the reference on all 1,600 eval questions."""
     from medmoe_edge.cli.verify_cmd import run_verify
     from medmoe_edge.imaging import PreprocessMode
 
-    bundle = gguf_bundles["demo"][1] if quant is GgufQuant.F32 else tmp_path / quant.value
-    if quant is not GgufQuant.F32:
+    bundle = gguf_bundles["demo"][1] if quant is Precision.FP32 else tmp_path / quant.value
+    if quant is not Precision.FP32:
         export_gguf("demo", bundle, quant)
     rep = run_verify(bundle, reference=None, set_name="eval", data=None, limit=None, provider=None, threads=None, max_new_tokens=32, preprocess=PreprocessMode.PAD)
     m = rep.metrics
@@ -340,3 +348,35 @@ def test_bf16_checkpoint_exports_exact_weights_with_one_load(tmp_path):
     assert np.array_equal(mm["v.blk.0.attn_q.weight"], tower_q)
     txt = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(tmp_path / "out" / "model.gguf")).tensors}
     assert np.array_equal(txt["blk.1.attn_q.weight"], ref.model.lm.model.layers[1].self_attn.q_proj.weight.detach().numpy())
+
+
+def test_precision_plans_become_per_tensor_types(tmp_path):
+    """A plan's rules over TensorIds: float types written directly, quantized ones as llama.cpp overrides;
+    what GGUF cannot store (experts of one stack apart, quantized rules in an f32 file) is refused before writing."""
+    from medmoe_edge.errors import InputError
+    from medmoe_edge.quant_plan import QuantPlan, QuantRule, QuantSpec
+    from medmoe_edge.workflows import export_bundle
+
+    def plan(default, *rules):
+        return QuantPlan(QuantSpec(default), tuple(QuantRule(p, QuantSpec(q)) for p, q in rules))
+
+    def types(bundle):
+        return {n: t for n, t, _, _ in read_tensor_types(bundle / "model.gguf")}
+
+    m = export_bundle("gguf", "demo", tmp_path / "q", plan=plan(Precision.Q4_K_M, ("layers.0.expert.*", Precision.Q8_0), ("layers.2.meta", Precision.FP16)))
+    t = types(tmp_path / "q")
+    assert t["blk.0.ffn_up_exps.weight"] == t["blk.0.ffn_down_exps.weight"] == "q8_0" and t["blk.2.ffn_up_shexp.weight"] == "f16"
+    assert t["blk.2.ffn_up_exps.weight"] in ("q4_k", "q6_k") and t["blk.0.ffn_gate_inp.weight"] == "f32" and m.extra["fallbacks"] == {}
+    assert m.plan.rules and {g.precision for g in m.tensor_groups if g.name == "layers.0.expert.3"} == {Precision.Q8_0, Precision.FP32}  # + F32 biases
+    m = export_bundle("gguf", "demo", tmp_path / "f16", plan=plan(Precision.FP16, ("layers.*.expert.*.fc2", Precision.FP32)))
+    t = types(tmp_path / "f16")
+    assert t["blk.0.ffn_down_exps.weight"] == "f32" and t["blk.0.ffn_up_exps.weight"] == "f16" and t["blk.1.ffn_down.weight"] == "f16"
+    for p, msg in (
+        (plan(Precision.Q8_0, ("layers.0.expert.1", Precision.Q4_0)), "the plan gives the experts of layer 0 q4_0, q8_0 for blk.0.ffn_up_exps.weight"),
+        (plan(Precision.FP32, ("layers.*.meta", Precision.Q8_0)), "per-tensor quantized types need a quantized default"),
+        (plan(Precision.Q8_0, ("lm_head", Precision.Q4_K_M)), "q4_k_m, which is not a ggml tensor type"),
+        (plan(Precision.Q8_0, ("vision", Precision.Q8_0)), "written without llama.cpp, in f32 or f16"),
+    ):
+        with pytest.raises(InputError, match=msg):
+            export_bundle("gguf", "demo", tmp_path / "bad", plan=p)
+        assert not (tmp_path / "bad").exists()
