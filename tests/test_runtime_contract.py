@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from medmoe_edge import api
+from medmoe_edge import api, runtime_contract
 from medmoe_edge.errors import InputError
 from medmoe_edge.generation import GenerationConfig, LoopTimings, RowResult, StepOutput
 from medmoe_edge.model.medmoe import IMAGE_TOKEN_INDEX
 from medmoe_edge.presets import Preset
-from medmoe_edge.runtime_contract import DTYPE, PROVIDER, THREADS, VISION_TOWER, Capabilities, PreparedRequest, ResolvedOptions, Runtime, RuntimeOptions, default_threads, greedy_tokens
+from medmoe_edge.runtime_contract import DTYPE, PROVIDER, THREADS, VISION_TOWER, Capabilities, PreparedRequest, ResolvedOptions, Runtime, RuntimeOptions, greedy_tokens
 from medmoe_edge.runtimes.registry import discover
 from medmoe_edge.runtimes.torch_runtime import TorchRuntime
 from medmoe_edge.vocab import ArtifactKind, Device, DeviceKind, Precision
@@ -415,10 +415,11 @@ def test_options_are_checked_and_parsed_once_before_load(runtime_cls, artifacts,
     assert not spy.calls, "_load ran with options the base should have refused"
     # accepted options reach _load parsed: a Device, and a thread count that is always set
     runtime_cls(artifact, RuntimeOptions(device="CPU", num_threads=3))
+    monkeypatch.setattr(runtime_contract, "default_threads", lambda: 5)  # whatever the thread policy decides, once, in the base
     runtime_cls(artifact)
     (_, given), (_, default) = spy.calls
     assert isinstance(given, ResolvedOptions) and given.device == Device(DeviceKind.CPU) and given.num_threads == 3 and given.threads_given
-    assert default.num_threads == default_threads() and not default.threads_given
+    assert default.num_threads == 5 and not default.threads_given
     if DeviceKind.CUDA in caps.devices:  # parsing only: whether a GPU is there is the runtime's to check in _load
         assert runtime_cls.resolve_options(RuntimeOptions(device="cuda:1")).device == Device(DeviceKind.CUDA, 1)
     assert {f.name for f in fields(ResolvedOptions)} >= {"device", "num_threads", "threads_given"}
