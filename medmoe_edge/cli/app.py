@@ -9,7 +9,7 @@ import typer
 from .. import __version__
 
 from . import data_cmd, eval_cmd, export_cmd, info_cmd, init_random_cmd, run_cmd, runtimes_cmd, trace_cmd, train_cmd, verify_cmd
-from . import plan_cmd
+from . import doctor_cmd, plan_cmd
 
 app = typer.Typer(
     name="medmoe-edge",
@@ -43,6 +43,7 @@ app.command("eval")(eval_cmd.eval_model)
 app.command("export")(export_cmd.export)
 app.command("verify")(verify_cmd.verify_cmd)
 app.command("trace")(trace_cmd.trace)
+app.command("doctor")(doctor_cmd.doctor)
 app.command("plan")(plan_cmd.plan_cmd)
 
 
