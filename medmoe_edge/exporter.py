@@ -35,6 +35,7 @@ from .plugins import PluginGroup
 from .prompt import SYSTEM, build_prompt
 from .quant_plan import QuantPlan
 from .support_files import copy_support_files, source_files
+from .tensor_ids import TensorId
 from .verify import Tolerances
 from .vocab import ArtifactKind, Precision
 
