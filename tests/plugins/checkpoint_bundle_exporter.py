@@ -15,6 +15,7 @@ from medmoe_edge.bundle import GraphSpec, TensorGroup
 from medmoe_edge.checkpoint import LoadedModel
 from medmoe_edge.ckpt_writer import TOWER_DIRNAME
 from medmoe_edge.exporter import Exporter, ExportParts, ExportRequest
+from medmoe_edge.tensor_ids import checkpoint_map, released_state_dict
 from medmoe_edge.verify import Tolerances
 from medmoe_edge.vocab import ArtifactKind, Precision
 from medmoe_edge.weights import weight_files
@@ -43,5 +44,7 @@ class CheckpointBundleExporter(Exporter):
         if index.is_file():
             shutil.copyfile(index, out / index.name)
             roles[index.name] = "weights"
-        n = sum(p.numel() for p in loaded.model.parameters())
-        return ExportParts(roles=roles, graphs={"checkpoint": GraphSpec("config.json", (), ())}, tensor_groups=(TensorGroup("checkpoint", Precision.FP32, n),))
+        state = released_state_dict(loaded.model)
+        sizes = checkpoint_map(state, loaded.spec).group_sizes({k: v.numel() for k, v in state.items()})
+        groups = tuple(TensorGroup(str(g), Precision.FP32, n) for g, n in sizes.items())
+        return ExportParts(roles=roles, graphs={"checkpoint": GraphSpec("config.json", (), ())}, tensor_groups=groups)
