@@ -114,3 +114,25 @@ def init_backend(lib, mtmd) -> None:
 
 
 __all__ = ["ARCH_NAMES", "BUILD_COMMAND", "import_llama", "init_backend", "library_has_archs", "loaded_library_path", "require_patched_llama_cpp", "unpatched_message"]
+
+
+def model_meta(lib, model, key: str) -> str | None:
+    """A metadata value of a loaded llama.cpp model as text (None when the key is absent)."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)
+    n = lib.llama_model_meta_val_str(model, key.encode(), buf, ctypes.sizeof(buf))
+    return buf.value.decode() if n >= 0 else None
+
+
+def file_type_precision(code: int):
+    """The `Precision` of a llama.cpp file type (`general.file_type`), None for one we do not export."""
+    import llama_cpp
+
+    from .vocab import Precision
+
+    for p in Precision:
+        name = "LLAMA_FTYPE_ALL_F32" if p is Precision.FP32 else f"LLAMA_FTYPE_MOSTLY_{'F16' if p is Precision.FP16 else p.value.upper()}"
+        if getattr(llama_cpp, name, None) == code:
+            return p
+    return None

@@ -192,27 +192,30 @@ def verify_bundle(
     opts = options or RuntimeOptions()
     embedded = Trace.load(bundle) if (bundle / f"{TRACE_STEM}.json").is_file() else None
     h = embedded.header if embedded else None
-    covers = h is not None and h.set_name == set_name and data is None and h.max_new_tokens == max_new_tokens and h.preprocess == preprocess.value and (limit is not None and limit <= len(embedded.items))
+    covers = embedded is not None and h.set_name == set_name and data is None and h.max_new_tokens == max_new_tokens and h.preprocess == preprocess.value and (limit is not None and limit <= len(embedded.items))
     ref = None if (covers and reference is None) or trace_dir is not None else reference_dir(manifest, reference)
+    trace: Trace | None = None
     if trace_dir is not None:
         if reference is not None:
             raise InputError("--trace and --reference contradict each other: give one")
         trace, n = Trace.load(trace_dir), limit
         against = f"the reference trace in {trace_dir} ({len(trace.items[:n])} {trace.header.set_name} questions)"
     elif ref is not None:
-        trace = record_trace(ref, set_name=set_name, data=data, limit=limit, max_new_tokens=max_new_tokens, preprocess=preprocess, options=RuntimeOptions(num_threads=opts.num_threads), status=status)
-        against, n = f"the PyTorch reference {ref.name}", None
+        against, n = f"the PyTorch reference {ref.name}", None  # recorded below, once the bundle has loaded
     elif embedded is not None and (covers or not explicit_set):
         trace, n = embedded, (limit if covers else None)
-        against = f"the embedded reference trace ({len(trace.items[:n])} {h.set_name} questions)"
+        against = f"the embedded reference trace ({len(trace.items[:n])} {embedded.header.set_name} questions)"
     elif embedded is not None:
         raise InputError(f"the bundle's source checkpoint {manifest.source.get('path')} is not here: pass --reference CKPT, or drop --set/--limit/--all to use the embedded trace ({len(embedded.items)} questions)")
     else:
         raise CheckpointError(f"the bundle's source checkpoint {manifest.source.get('path')} is not here and the bundle has no embedded trace: pass --reference CKPT")
-    if trace.header.source_sha256 != manifest.source.get("sha256"):
-        raise CheckpointError(f"the reference trace was recorded from another checkpoint than this bundle's source: pass --reference CKPT")
+    if trace is not None and trace.header.source_sha256 != manifest.source.get("sha256"):
+        raise CheckpointError("the reference trace was recorded from another checkpoint than this bundle's source: pass --reference CKPT")
     runtime = manifest.runtime or runtime_for(manifest.format)
+    # The bundle loads first: a corrupt or inconsistent bundle is refused before minutes of reference work.
     with status(f"loading {bundle} ({runtime})"), load(bundle, runtime=runtime, options=opts) as pipe:
+        if trace is None:
+            trace = record_trace(ref, set_name=set_name, data=data, limit=limit, max_new_tokens=max_new_tokens, preprocess=preprocess, options=RuntimeOptions(num_threads=opts.num_threads), status=status)
         report = replay(pipe.runtime, trace, tolerances, limit=n, progress=progress)
     return VerifyOutcome(report, against, runtime)
 

@@ -45,7 +45,7 @@ from medmoe_edge.checkpoint import read_spec
 from medmoe_edge.errors import CheckpointError, InputError, RuntimeUnavailable
 from medmoe_edge.generation import StepOutput
 from medmoe_edge.imaging import ImageProcessorSpec
-from medmoe_edge.llamacpp_lib import ARCH_NAMES, BUILD_COMMAND, import_llama, library_has_archs, loaded_library_path, require_patched_llama_cpp, unpatched_message
+from medmoe_edge.llamacpp_lib import ARCH_NAMES, BUILD_COMMAND, file_type_precision, import_llama, library_has_archs, loaded_library_path, model_meta, require_patched_llama_cpp, unpatched_message
 from medmoe_edge.model.medmoe import IMAGE_TOKEN_INDEX
 from medmoe_edge.tokenizer import Tokenizer
 
@@ -184,6 +184,7 @@ class LlamaCppRuntime(Runtime):
         self.n_embd = int(lib.llama_model_n_embd(self._model))
         if self.n_embd != self.spec.text.hidden_size:
             raise CheckpointError(f"{text_path.name} has n_embd {self.n_embd} but config.json hidden_size {self.spec.text.hidden_size}: the bundle is inconsistent")
+        self._check_facts(text_path)
 
         mparams = mtmd.mtmd_context_params_default()
         mparams.use_gpu = gpu
@@ -197,6 +198,28 @@ class LlamaCppRuntime(Runtime):
 
         self._tok_batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self._emb_batch = lib.llama_batch_init(self.n_batch, self.n_embd, 1)
+
+    def _check_facts(self, text_path: Path) -> None:
+        """The manifest's model facts and precision against the GGUF file's own metadata.
+
+        Raises:
+            CheckpointError: naming the manifest field that disagrees with the file.
+        """
+        lib, mm = self._lib, self.manifest.model
+        arch = model_meta(lib, self._model, "general.architecture") or ""
+        experts = model_meta(lib, self._model, f"{arch}.expert_count")
+        ftype = model_meta(lib, self._model, "general.file_type")
+        found = {
+            "model.num_layers": int(lib.llama_model_n_layer(self._model)),
+            "model.hidden_size": self.n_embd,
+            "model.num_experts": int(experts) if experts is not None else None,
+            "precision": file_type_precision(int(ftype)) if ftype is not None else None,
+        }
+        expected = {"model.num_layers": mm.num_layers, "model.hidden_size": mm.hidden_size, "model.num_experts": mm.num_experts, "precision": self.manifest.precision}
+        for field, want in expected.items():
+            if found[field] != want:
+                got = getattr(found[field], "value", found[field])
+                raise CheckpointError(f"{self.dir / 'manifest.json'}: {field} is {getattr(want, 'value', want)} but {text_path.name} has {got}: the manifest does not describe this bundle; export it again")
 
     @property
     def model_info(self) -> ModelInfo:

@@ -124,6 +124,7 @@ class OnnxRuntimeRuntime(Runtime):
             so.intra_op_num_threads = options.num_threads
             so.inter_op_num_threads = 1
         self.sessions = {name: self._session(ort, so, name) for name in ("vision", "embed", "decoder")}
+        self._check_facts()
 
         spec, _cfg, tower = read_spec(self.dir)
         self.spec = spec
@@ -147,6 +148,45 @@ class OnnxRuntimeRuntime(Runtime):
         self._mask: torch.Tensor | None = None
         self._next_pos: torch.Tensor | None = None
         self._filled = 0
+
+    def _check_facts(self) -> None:
+        """The manifest's model facts and precision against what the graphs really take and give.
+
+        Raises:
+            CheckpointError: naming the manifest field that disagrees with the graphs.
+        """
+        mm, where = self.manifest.model, self.dir / "manifest.json"
+        dec = self.sessions["decoder"]
+        ins = {i.name: i for i in dec.get_inputs()}
+        outs = {o.name: o for o in dec.get_outputs()}
+        embed_out = self.sessions["embed"].get_outputs()[0]
+        found = {
+            "model.num_layers": sum(1 for n in ins if n.startswith("past_key_")),
+            "model.moe_layers": tuple(sorted(int(n.rsplit("_", 1)[1]) for n in outs if n.startswith("router_probs_"))),
+            "model.num_experts": {o.shape[-1] for n, o in outs.items() if n.startswith("router_probs_")},
+            "model.top_k": {o.shape[-1] for n, o in outs.items() if n.startswith("experts_")},
+            "model.num_kv_heads": {i.shape[1] for n, i in ins.items() if n.startswith("past_key_")},
+            "model.head_dim": {i.shape[3] for n, i in ins.items() if n.startswith("past_key_")},
+            "model.vocab_rows": outs["logits"].shape[-1] if "logits" in outs else None,
+            "model.hidden_size": embed_out.shape[-1],
+            "precision": {"tensor(float)": Precision.FP32, "tensor(float16)": Precision.FP16}.get(embed_out.type),
+        }
+        expected = {
+            "model.num_layers": mm.num_layers,
+            "model.moe_layers": tuple(sorted(mm.moe_layers)),
+            "model.num_experts": {mm.num_experts},
+            "model.top_k": {mm.top_k},
+            "model.num_kv_heads": {mm.num_kv_heads},
+            "model.head_dim": {mm.head_dim},
+            "model.vocab_rows": mm.vocab_rows,
+            "model.hidden_size": mm.hidden_size,
+            "precision": self.manifest.precision,
+        }
+        for field, want in expected.items():
+            got = found[field]
+            if got != want and not (isinstance(want, set) and not got and not mm.moe_layers):
+                shown = lambda v: ", ".join(map(str, sorted(v))) if isinstance(v, (set, tuple)) else getattr(v, "value", v)  # noqa: E731
+                raise CheckpointError(f"{where}: {field} is {shown(want)} but the graphs have {shown(got)}: the manifest does not describe this bundle; export it again")
 
     def _session(self, ort, so, name: str):
         graph = self.manifest.graphs[name]

@@ -170,3 +170,57 @@ def test_a_check_that_did_not_run_reads_not_checked():
     rep = VerifyReport(TOLERANCES[(ArtifactKind.GGUF, Precision.FP32)], [SampleResult("a", "x", "x", 0.0, 1.0, 3, 3, 0, 0)], reports_routing=False)
     value, bound, ok = rep.checks["routing_agreement"]
     assert value is None and ok is None and bound == "not reported by this runtime" and rep.passed
+
+
+@pytest.fixture(scope="module")
+def demo_bundles(tmp_path_factory):
+    from medmoe_edge.workflows import export_bundle
+
+    root = tmp_path_factory.mktemp("tamper")
+    export_bundle("onnx", "demo", root / "onnx", trace_questions=2)
+    export_bundle("gguf", "demo", root / "gguf", {"--quant": "q8_0"}, trace_questions=2)
+    return {"onnx": (root / "onnx", "onnxruntime"), "gguf": (root / "gguf", "llamacpp")}
+
+
+def _tampered(src: Path, dst: Path, edit, *, rehash: bool) -> Path:
+    import hashlib
+    import shutil
+
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    edit(m)
+    text = json.dumps(m, indent=2) + "\n"
+    (dst / "manifest.json").write_text(text)
+    if rehash:
+        (dst / "manifest.sha256").write_text(f"{hashlib.sha256(text.encode()).hexdigest()}  manifest.json\n")
+    return dst
+
+
+_EDITS = {
+    "model.num_experts": lambda m: m["model"].update(num_experts=8),
+    "model.num_layers": lambda m: m["model"].update(num_layers=m["model"]["num_layers"] + 1),
+    "model.hidden_size": lambda m: m["model"].update(hidden_size=m["model"]["hidden_size"] * 2),
+    "precision": lambda m: m.update(precision="fp16"),
+    "tensor_groups": lambda m: m["tensor_groups"][0].update(precision="q4_0"),
+    "files": lambda m: m["files"][0].update(sha256="0" * 64),
+}
+
+
+@pytest.mark.parametrize("field", list(_EDITS))
+@pytest.mark.parametrize("fmt", ["onnx", "gguf"])
+def test_an_edited_manifest_is_refused_by_run_and_verify(fmt, field, demo_bundles, sample_png, tmp_path):
+    src, runtime = demo_bundles[fmt]
+    bundle = _tampered(src, tmp_path / "b", _EDITS[field], rehash=False)
+    for args in (["run", "--runtime", runtime, "--model", str(bundle), "--image", str(sample_png), "--question", "q"], ["verify", str(bundle)]):
+        assert "manifest.json does not match manifest.sha256: the manifest was edited or corrupted after export" in _one_line_error(runner.invoke(app, args))
+
+
+@pytest.mark.parametrize("field", ["model.num_experts", "model.num_layers", "model.hidden_size", "precision", "files"])
+@pytest.mark.parametrize("fmt", ["onnx", "gguf"])
+def test_a_rehashed_manifest_that_lies_is_refused_naming_the_field(fmt, field, demo_bundles, sample_png, tmp_path):
+    """Even with its digest recomputed, a manifest is checked against the graphs / GGUF metadata and the files' hashes."""
+    src, runtime = demo_bundles[fmt]
+    bundle = _tampered(src, tmp_path / "b", _EDITS[field], rehash=True)
+    for args in (["run", "--runtime", runtime, "--model", str(bundle), "--image", str(sample_png), "--question", "q"], ["verify", str(bundle)]):
+        msg = _one_line_error(runner.invoke(app, args))
+        assert ("does not match its SHA-256" in msg) if field == "files" else (f"{field} is " in msg and "the manifest does not describe this bundle" in msg), msg
