@@ -224,3 +224,17 @@ def test_a_rehashed_manifest_that_lies_is_refused_naming_the_field(fmt, field, d
     for args in (["run", "--runtime", runtime, "--model", str(bundle), "--image", str(sample_png), "--question", "q"], ["verify", str(bundle)]):
         msg = _one_line_error(runner.invoke(app, args))
         assert ("does not match its SHA-256" in msg) if field == "files" else (f"{field} is " in msg and "the manifest does not describe this bundle" in msg), msg
+
+
+def test_ctrl_c_during_the_export_check_says_the_bundle_is_complete(tiny_ckpts, tmp_path, monkeypatch):
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("medmoe_edge.cli.export_cmd.run_verify", interrupted)
+    out = tmp_path / "b"
+    r = runner.invoke(app, ["export", "--format", "onnx", "--model", str(tiny_ckpts[Preset.TINY_PHI]), "--out", str(out)])
+    msg = _one_line_error(r, code=130)
+    assert f"the bundle in {out} is complete: run `medmoe-edge verify {out}`" in msg
+    assert (out / "manifest.json").is_file()
+    r = runner.invoke(app, ["verify", str(out), "--limit", "2", "--json"])
+    assert r.exit_code == 0, r.output

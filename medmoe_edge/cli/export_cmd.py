@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..exporter import ENTRY_POINT_GROUP
 from ..imaging import PreprocessMode
-from .common import err, out, user_errors
+from .common import err, fail, out, user_errors
 from .verify_cmd import print_report, run_verify
 
 EXPORT_VERIFY_LIMIT = 16
@@ -55,7 +55,10 @@ def export(
     out.print(t)
     if not check:
         return
-    report = run_verify(out_dir, reference=None, set_name="eval", data=None, limit=EXPORT_VERIFY_LIMIT, provider=None, threads=None, max_new_tokens=32, preprocess=PreprocessMode.PAD)
+    try:
+        report = run_verify(out_dir, reference=None, set_name="eval", data=None, limit=EXPORT_VERIFY_LIMIT, provider=None, threads=None, max_new_tokens=32, preprocess=PreprocessMode.PAD)
+    except KeyboardInterrupt:
+        fail(f"verification interrupted; the bundle in {out_dir} is complete: run `medmoe-edge verify {out_dir}` to check it", "KeyboardInterrupt", 130, False)
     print_report(report, f"fidelity vs the PyTorch reference ({len(report.samples)} eval questions; `medmoe-edge verify {out_dir}` for more)")
     if not report.passed:
         err.print(f"[bold red]the bundle was written to {out_dir} but is outside its fidelity tolerances[/]")
