@@ -154,6 +154,7 @@ class VerifyOutcome:
     report: VerifyReport
     against: str  # e.g. "the embedded reference trace (16 eval questions)"
     runtime: str
+    trace_source: str  # the reference checkpoint's hash, from the trace
 
 
 def verify_bundle(
@@ -217,7 +218,7 @@ def verify_bundle(
         if trace is None:
             trace = record_trace(ref, set_name=set_name, data=data, limit=limit, max_new_tokens=max_new_tokens, preprocess=preprocess, options=RuntimeOptions(num_threads=opts.num_threads), status=status)
         report = replay(pipe.runtime, trace, tolerances, limit=n, progress=progress)
-    return VerifyOutcome(report, against, runtime)
+    return VerifyOutcome(report, against, runtime, trace.header.source_sha256)
 
 
 def save_trace(trace: Trace, out: Path) -> list[Path]:

@@ -106,9 +106,10 @@ class OnnxRuntimeRuntime(Runtime):
         self.provider = _provider(options.provider, options.device)
         self.device_id = options.device.index or 0
         if self.provider.ort_name not in ort.get_available_providers():
+            asked = f"--provider {self.provider.value}" if options.provider is not None else f"--device {options.device}"
             raise RuntimeUnavailable(
-                f"--provider {self.provider.value}: this onnxruntime build has no {self.provider.ort_name} "
-                f"(it has {', '.join(ort.get_available_providers())}): install onnxruntime-gpu with CUDA/cuDNN (and TensorRT) for it, or use --provider cpu"
+                f"{asked}: this onnxruntime build has no {self.provider.ort_name} "
+                f"(it has {', '.join(ort.get_available_providers())}): install onnxruntime-gpu with CUDA/cuDNN (and TensorRT) for it, or use {'--provider' if options.provider is not None else '--device'} cpu"
             )
         if self.provider is Provider.CPU:
             self.device = torch.device("cpu")

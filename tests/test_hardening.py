@@ -238,3 +238,6 @@ def test_ctrl_c_during_the_export_check_says_the_bundle_is_complete(tiny_ckpts, 
     assert (out / "manifest.json").is_file()
     r = runner.invoke(app, ["verify", str(out), "--limit", "2", "--json"])
     assert r.exit_code == 0, r.output
+    prov = json.loads(r.stdout)["provenance"]  # verify's JSON says what was compared, by hash
+    assert prov["model"]["kind"] == "onnx" and len(prov["model"]["bundle_id"]) == 16 and prov["precision"] == "fp32"
+    assert prov["trace_source_sha256"] == prov["model"]["source_sha256"] and "onnxruntime" in prov["libraries"]

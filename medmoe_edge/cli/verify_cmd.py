@@ -13,7 +13,8 @@ from ..errors import InputError
 from ..imaging import PreprocessMode
 from ..verify import VerifyReport
 from ..workflows import VerifyOutcome, verify_bundle
-from .common import err, out, print_json, runtime_options, user_errors
+from ..provenance import provenance
+from .common import DeviceOption, DtypeOption, ProviderOption, ThreadsOption, err, out, print_json, runtime_options, user_errors
 
 DEFAULT_LIMIT = 64
 
@@ -53,12 +54,12 @@ def run_verify(
     return outcome.report
 
 
-def _run(bundle: Path, *, provider: str | None, threads: int | None, **kw) -> VerifyOutcome:
+def _run(bundle: Path, *, provider: str | None, threads: int | None, device: str = "cpu", dtype: str | None = None, **kw) -> VerifyOutcome:
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("comparing", total=None)
         return verify_bundle(
             bundle,
-            options=runtime_options(threads=threads, provider=provider),
+            options=runtime_options(device=device, dtype=dtype, threads=threads, provider=provider),
             status=err.status,
             progress=lambda i, n: bar.update(task, completed=i, total=n),
             **kw,
@@ -74,8 +75,10 @@ def verify_cmd(
     limit: Annotated[int | None, typer.Option("--limit", help=f"Compare the first N questions [default: {DEFAULT_LIMIT}; --all for the whole set].")] = None,
     all_samples: Annotated[bool, typer.Option("--all", help="Compare every question of the set.")] = False,
     trace: Annotated[Path | None, typer.Option("--trace", help="Replay a reference trace saved by `medmoe-edge trace` instead (no checkpoint needed).")] = None,
-    provider: Annotated[str | None, typer.Option("--provider", help="onnxruntime execution provider: cpu, cuda or tensorrt.")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for both runtimes.")] = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
+    provider: ProviderOption = None,
+    threads: ThreadsOption = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens generated per question.")] = 32,
     preprocess: Annotated[PreprocessMode, typer.Option("--preprocess", help="pad (default) or crop.")] = PreprocessMode.PAD,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -89,10 +92,11 @@ def verify_cmd(
     explicit = all_samples or limit is not None or set_name is not None or data is not None
     n = None if all_samples or (trace is not None and limit is None) else (limit if limit is not None else DEFAULT_LIMIT)
     name = set_name or "eval"
-    outcome = _run(bundle, reference=reference, set_name=name, data=data, limit=n, provider=provider, threads=threads, max_new_tokens=max_new_tokens, preprocess=preprocess, explicit_set=explicit, trace_dir=trace)
+    outcome = _run(bundle, reference=reference, set_name=name, data=data, limit=n, provider=provider, threads=threads, device=device, dtype=dtype, max_new_tokens=max_new_tokens, preprocess=preprocess, explicit_set=explicit, trace_dir=trace)
     report = outcome.report
     if as_json:
-        print_json(report.to_json() | {"against": outcome.against, "runtime": outcome.runtime})
+        prov = provenance(bundle, runtime=outcome.runtime, data_set={"name": name, "questions": str(len(report.samples))}, reference=outcome.against, trace_source_sha256=outcome.trace_source)
+        print_json(report.to_json() | {"against": outcome.against, "runtime": outcome.runtime, "provenance": prov})
     else:
         print_report(report, f"{bundle} vs {outcome.against}: {len(report.samples)} questions, {outcome.runtime} runtime")
         for r in report.samples:
