@@ -44,7 +44,8 @@ def main() -> None:
 
     from medmoe_edge.checkpoint import resolve_model_dir
     from medmoe_edge.cli.verify_cmd import run_verify
-    from medmoe_edge.export.gguf_export import TEXT_FILE, GgufQuant, export_gguf
+    from medmoe_edge.export.gguf_export import TEXT_FILE, export_gguf
+    from medmoe_edge.vocab import Precision
     from medmoe_edge.imaging import PreprocessMode
 
     work = a.work or Path(tempfile.mkdtemp(prefix="medmoe-gguf-fid-"))
@@ -60,7 +61,7 @@ def main() -> None:
         for q in QUANTS:
             bundle = work / f"{ckpt.name}-gguf-{q}"
             if not (bundle / "manifest.json").is_file():
-                export_gguf(ckpt, bundle, GgufQuant(q))
+                export_gguf(ckpt, bundle, Precision.parse(q, option="--quant"))
             rep = run_verify(bundle, reference=None, set_name="eval", data=None, limit=limit, provider=None, threads=a.threads, max_new_tokens=32, preprocess=PreprocessMode.PAD)
             m = rep.metrics
             agreed = sum(s.reference_answer == s.bundle_answer for s in rep.samples)

@@ -167,7 +167,7 @@ def resolve_tower_dir(mm_image_tower: str, checkpoint_dir: Path, override: str |
             return cand
     hub_id = CLIP_L14_336_ID if "clip-vit-large-patch14-336" in mm_image_tower else mm_image_tower
     if hub_id.startswith(("openai/", "laion/")):
-        return Path(_hub_download(hub_id))
+        return _hub_snapshot(hub_id, None)
     raise CheckpointError(
         f"vision tower {mm_image_tower!r} (config.json mm_image_tower) was not found: pass --vision-tower DIR with an HF CLIP directory"
     )

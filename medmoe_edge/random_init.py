@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from .ckpt_writer import atomic_dir, full_tower_names, write_checkpoint
-from .errors import InputError
 from .model.medmoe import MedMoELM
 from .spec import ModelSpec, Variant
 from .vocab import FLOAT_PRECISIONS, Precision
