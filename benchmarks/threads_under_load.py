@@ -78,10 +78,10 @@ def main() -> None:
     if a.child:
         child(*a.child)
         return
-    from medmoe_edge.runtime_contract import THREAD_POLICIES, default_threads
+    from medmoe_edge.runtime_contract import THREAD_POLICIES, usable_cores
     from medmoe_edge.workflows import export_bundle
 
-    cores = default_threads()
+    cores = usable_cores()
     load = a.load if a.load is not None else 2 * cores
     tmp = Path(tempfile.mkdtemp(prefix="threads-bench-"))
     models = {"torch": "demo", "onnxruntime": tmp / "onnx", "llamacpp": tmp / "gguf-q8"}

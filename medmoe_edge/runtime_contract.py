@@ -138,7 +138,10 @@ def choose_threads(policy: str) -> int:
     raise InputError(f"thread policy {policy!r} is not one of {', '.join(THREAD_POLICIES)}")
 
 
-DEFAULT_THREAD_POLICY = "all"
+# Measured by benchmarks/threads_under_load.py (docs/BENCHMARKS.md): on an idle machine load-aware
+# is every core; with other work on the cores, spinning one thread per core waits for the slowest
+# at every barrier, and fewer threads are several times faster (llama.cpp most of all).
+DEFAULT_THREAD_POLICY = "load-aware"
 
 
 def default_threads() -> int:

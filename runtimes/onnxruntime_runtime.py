@@ -121,9 +121,9 @@ class OnnxRuntimeRuntime(Runtime):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        if options.threads_given:  # otherwise ONNX Runtime keeps its own default
-            so.intra_op_num_threads = options.num_threads
-            so.inter_op_num_threads = 1
+        # the user's count, else the contract's default (which leaves room for other work on the cores)
+        so.intra_op_num_threads = options.num_threads
+        so.inter_op_num_threads = 1
         self.sessions = {name: self._session(ort, so, name) for name in ("vision", "embed", "decoder")}
         self._check_facts()
 

@@ -56,8 +56,8 @@ class TorchRuntime(Runtime):
     def _load_checkpoint(self, model: str | Path, options: ResolvedOptions) -> None:
         """Load a checkpoint directory or hub id (for subclasses that find one inside their artifact)."""
         device = _torch_device(options.device)
-        if options.threads_given:  # otherwise torch keeps its own default
-            torch.set_num_threads(options.num_threads)
+        # the user's count, else the contract's default (which leaves room for other work on the cores)
+        torch.set_num_threads(options.num_threads)
         dtype = options.dtype or Precision.FP32
         self.loaded: LoadedModel = load_model(model, dtype=dtype.torch, device=device, vision_tower=options.vision_tower)
         self.model = self.loaded.model

@@ -241,3 +241,17 @@ def test_ctrl_c_during_the_export_check_says_the_bundle_is_complete(tiny_ckpts, 
     prov = json.loads(r.stdout)["provenance"]  # verify's JSON says what was compared, by hash
     assert prov["model"]["kind"] == "onnx" and len(prov["model"]["bundle_id"]) == 16 and prov["precision"] == "fp32"
     assert prov["trace_source_sha256"] == prov["model"]["source_sha256"] and "onnxruntime" in prov["libraries"]
+
+
+def test_the_default_thread_count_leaves_room_for_other_work(monkeypatch):
+    from medmoe_edge import runtime_contract as rc
+
+    monkeypatch.setattr(rc, "usable_cores", lambda: 4)
+    monkeypatch.setattr(rc, "other_runnable", lambda: 0)
+    assert rc.DEFAULT_THREAD_POLICY == "load-aware" and rc.default_threads() == 4  # an idle machine: every core
+    monkeypatch.setattr(rc, "other_runnable", lambda: 3)
+    assert rc.default_threads() == 1  # three other runnable tasks on four cores
+    monkeypatch.setattr(rc, "other_runnable", lambda: 9)
+    assert rc.default_threads() == 1 and rc.choose_threads("all") == 4 and rc.choose_threads("all-1") == 3
+    with pytest.raises(InputError, match="thread policy 'most' is not one of all, all-1, physical, load-aware"):
+        rc.choose_threads("most")
