@@ -309,7 +309,7 @@ def open_bundle(bundle: str | Path, expected: ArtifactKind) -> Manifest:
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     if manifest.format is not expected:
-        raise CheckpointError(f"{bundle} is a {manifest.format.value} bundle, not {expected.value}: run it with --runtime {manifest.runtime or manifest.format.runtime}, or export with --format {expected.value}")
+        raise CheckpointError(f"{bundle} is a bundle of kind {manifest.format.value}, not {expected.value}: run it with --runtime {manifest.runtime or manifest.format.runtime}, or export with --format {expected.value}")
     verify_files(bundle, manifest)
     return manifest
 

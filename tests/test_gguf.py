@@ -212,7 +212,7 @@ def test_bad_options_are_one_line_errors(gguf_bundles, tiny_ckpts, tmp_path):
     if not llama_cpp.llama_supports_gpu_offload():
         with pytest.raises(InputError, match="built without GPU support.*build_llamacpp.sh cuda"):
             LlamaCppRuntime(bundle, RuntimeOptions(device="cuda"))
-    with pytest.raises(CheckpointError, match="is a gguf bundle, not onnx"):
+    with pytest.raises(CheckpointError, match="is a bundle of kind gguf, not onnx"):
         from medmoe_edge.runtimes.onnxruntime_runtime import OnnxRuntimeRuntime
 
         OnnxRuntimeRuntime(bundle)

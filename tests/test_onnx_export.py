@@ -212,7 +212,7 @@ def test_incomplete_or_mismatched_bundles_are_refused(fp32_bundles, tmp_path):
     with pytest.raises(CheckpointError, match="does not match manifest.sha256"):
         read_manifest(work)
     _rewrite_manifest(work, json.dumps(man))
-    with pytest.raises(CheckpointError, match="is a gguf bundle, not onnx"):
+    with pytest.raises(CheckpointError, match="is a bundle of kind gguf, not onnx"):
         OnnxRuntimeRuntime(work)
     man["format"], man["version"] = "onnx", 99
     _rewrite_manifest(work, json.dumps(man))

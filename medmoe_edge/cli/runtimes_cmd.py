@@ -43,12 +43,12 @@ def runtimes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON fo
         print_json(rows)
         return
     table = Table(title="medmoe-edge runtimes")
-    for col in ("runtime", "available", "loads", "routing", "batch", "devices", "details", "plugin"):
+    for col in ("runtime", "available", "loads", "can", "details", "plugin"):
         table.add_column(col)
     for r in rows:
-        c = r["capabilities"] or {}
-        batch = "-" if not c else ("any" if c["max_batch"] is None else str(c["max_batch"]))
-        routing = "-" if not c else ("yes" if c["reports_routing"] else "no")
-        devices = ", ".join(c.get("devices", [])) or "-"
-        table.add_row(r["name"], "[green]yes[/]" if r["available"] else "[red]no[/]", r["loads"], routing, batch, devices, f"{r['description']}\n[dim]{r['reason']}[/]", r["plugin"])
+        c = r["capabilities"]
+        can = "-" if not c else "\n".join(
+            [("routing" if c["reports_routing"] else "no routing"), f"batch {'any' if c['max_batch'] is None else c['max_batch']}", "+".join(c["devices"])]
+        )
+        table.add_row(r["name"], "[green]yes[/]" if r["available"] else "[red]no[/]", r["loads"], can, f"{r['description']}\n[dim]{r['reason']}[/]", r["plugin"])
     out.print(table)
