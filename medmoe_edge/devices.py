@@ -197,7 +197,7 @@ PROFILES: dict[str, DeviceProfile] = {
         DeviceProfile(
             "cpu-x86", "x86-64 CPU server (this development machine class: 2 cores, AVX2/FMA/F16C)", DeviceKind.CPU,
             Figure(24, M, "measured: MemTotal 23.5 GiB on this machine class (/proc/meminfo)"), MemoryKind.HOST,
-            Figure(35, M, "measured: C read reduction over 2 GiB, 2 threads, about 35 GB/s (toolchain-facts §5; some processes get 54)"),
+            Figure(35, M, "measured: C read reduction over 2 GiB, 2 threads, about 35 GB/s on the 2-core x86 development machine (some processes get 54)"),
             Figure(0.051, M, "measured: torch 2.13 fp32 2048×2048 GEMM, 2 threads, 51 GFLOPS (bf16 GEMM: 0.2 GFLOPS, no AVX512-BF16)"),
             None, None, _CPU_RUNTIMES, (P.FP32, P.FP16, P.BF16, *_GGML),
             Figure(1.0, E, "estimate: the OS and other processes"),

@@ -74,7 +74,7 @@ def plan_cmd(
     for n in p.notes:
         out.print(f"[dim]note: {n}[/]", highlight=False)
     out.print(
-        f"[dim]estimates: decode = efficiency × bandwidth / activated bytes per token (efficiencies measured on a 2-core x86, toolchain-facts §5); "
+        f"[dim]estimates: decode = efficiency × bandwidth / activated bytes per token (efficiencies measured on a 2-core x86 development machine); "
         f"TTFT from FLOPs at {COMPUTE_EFFICIENCY:.0%} of the datasheet peak (assumed) or the measured CPU GEMM rate[/]",
         highlight=False,
     )
