@@ -255,3 +255,20 @@ def test_the_default_thread_count_leaves_room_for_other_work(monkeypatch):
     assert rc.default_threads() == 1 and rc.choose_threads("all") == 4 and rc.choose_threads("all-1") == 3
     with pytest.raises(InputError, match="thread policy 'most' is not one of all, all-1, physical, load-aware"):
         rc.choose_threads("most")
+
+
+def test_messages_name_the_right_runtime_and_describe_bundles(demo_bundles, sample_png):
+    import onnxruntime as ort
+
+    onnx_bundle, gguf_bundle = demo_bundles["onnx"][0], demo_bundles["gguf"][0]
+    r = runner.invoke(app, ["run", "--runtime", "llamacpp", "--model", str(onnx_bundle), "--image", str(sample_png), "--question", "q"])
+    assert "is a bundle of kind onnx, not gguf: run it with --runtime onnxruntime" in _one_line_error(r)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        r = runner.invoke(app, ["run", "--runtime", "onnxruntime", "--device", "cuda", "--model", str(onnx_bundle), "--image", str(sample_png), "--question", "q"])
+        msg = _one_line_error(r)
+        assert msg.startswith("error: --device cuda: this onnxruntime build has no CUDAExecutionProvider") and "or use --device cpu" in msg and "--provider" not in msg
+    info = json.loads(runner.invoke(app, ["info", str(gguf_bundle), "--json"]).stdout)
+    assert info["format"] == "gguf" and info["precision"] == "q8_0" and info["runtime"] == "llamacpp" and info["embedded_trace"]
+    assert sum(info["parameters_by_precision"].values()) > 1_000_000
+    table = runner.invoke(app, ["info", str(onnx_bundle)], terminal_width=200)
+    assert table.exit_code == 0 and "run it with --runtime onnxruntime" in table.stdout and "no weights" not in table.stdout
