@@ -115,7 +115,7 @@ class OnnxExporter(Exporter):
             if p is not request.precision:
                 raise InputError(
                     f"the plan gives {tid} {p.value} but the bundle is {request.precision.value}: "
-                    "per-group precisions for ONNX come with `medmoe-edge quantize`; `export --format onnx` takes one --precision"
+                    "ONNX bundles take one precision for every group (per-expert plans are not supported for ONNX yet); export with one --precision"
                 )
 
     def write(self, loaded: LoadedModel, out: Path, request: ExportRequest) -> ExportParts:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import MIN_RATE_TOKENS  # decode steps below which a tokens/s figure is noise
+from .errors import MedmoeError
 
 MARKER = "@@medmoe-perf "
 
@@ -231,7 +232,7 @@ def roofline_fraction(steps_per_s: float | None, bytes_per_step: int | None, bw:
 # --- the worker process ----------------------------------------------------------------------------
 
 
-class WorkerError(RuntimeError):
+class WorkerError(MedmoeError):
     """A worker that failed to start, load, or answer (the message ends with its stderr's last lines)."""
 
 
@@ -492,7 +493,6 @@ def _worker_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs of the first traced question after loading")
     a = ap.parse_args(argv)
     from .api import load
-    from .errors import MedmoeError
 
     try:
         t0 = time.perf_counter()

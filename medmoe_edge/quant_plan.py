@@ -92,8 +92,8 @@ class QuantPlan:
 
     def __post_init__(self) -> None:
         for rule in self.rules:
-            # a router TensorId is "layers.<i>.router": probe the pattern with one
-            if not rule.spec.precision.is_float and fnmatch.fnmatchcase("layers.0.router", rule.pattern):
+            # a router TensorId is "layers.<i>.router": probe the pattern with every layer index a model may have
+            if not rule.spec.precision.is_float and any(fnmatch.fnmatchcase(f"layers.{i}.router", rule.pattern) for i in range(256)):
                 raise InputError(f"plan rule {rule.pattern!r} would quantize the router to {rule.spec.precision.value}: routers stay in floating point")
 
     @classmethod

@@ -19,8 +19,8 @@ from .bundle import Manifest, read_manifest
 from .calibration.sets import resolve_set
 from .checkpoint import resolve_model_dir
 from .ckpt_writer import atomic_dir, check_new_dir
-from .errors import CheckpointError, InputError
-from .exporter import get_exporter
+from .errors import CheckpointError, InputError, RuntimeUnavailable
+from .exporter import get_exporter, registered
 from .imaging import PreprocessMode
 from .quant_plan import QuantPlan
 from .runtime_contract import RuntimeOptions
@@ -113,6 +113,9 @@ def export_bundle(
     """
     exporter = get_exporter(fmt)
     request = exporter.request(dict(given or {}), plan=plan, vision_tower=vision_tower)
+    ok, why = exporter.availability()
+    if not ok:  # before minutes of tracing
+        raise RuntimeUnavailable(f"--format {fmt} cannot export here: {why}")
     check_new_dir(out)  # before minutes of tracing and exporting
     trace = None
     if trace_questions:
@@ -155,6 +158,7 @@ class VerifyOutcome:
     against: str  # e.g. "the embedded reference trace (16 eval questions)"
     runtime: str
     trace_source: str  # the reference checkpoint's hash, from the trace
+    set_name: str  # the question set the trace was recorded on
 
 
 def verify_bundle(
@@ -184,10 +188,15 @@ def verify_bundle(
         InputError: no tolerances for the bundle, or a set that needs the absent checkpoint.
         CheckpointError: not a bundle, corrupt, or a --reference that is not its source.
     """
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}")
     manifest = read_manifest(bundle)  # the runtime verifies every file's SHA-256 when it loads the bundle
     tolerances = tolerances_for(manifest.format, manifest.precision)
     if tolerances is None and manifest.format is ArtifactKind.PLUGIN:
-        tolerances = get_exporter(str(manifest.toolchain.get("exporter"))).tolerances
+        maker = str(manifest.toolchain.get("exporter"))
+        if maker not in registered():
+            raise RuntimeUnavailable(f"{bundle} was written by the {maker!r} exporter plugin, which is not installed here: install it to verify its bundles")
+        tolerances = registered()[maker].tolerances
     if tolerances is None:
         raise InputError(f"no fidelity tolerances are defined for {manifest.format.value} {manifest.precision.value} bundles")
     opts = options or RuntimeOptions()
@@ -218,7 +227,7 @@ def verify_bundle(
         if trace is None:
             trace = record_trace(ref, set_name=set_name, data=data, limit=limit, max_new_tokens=max_new_tokens, preprocess=preprocess, options=RuntimeOptions(num_threads=opts.num_threads), status=status)
         report = replay(pipe.runtime, trace, tolerances, limit=n, progress=progress)
-    return VerifyOutcome(report, against, runtime, trace.header.source_sha256)
+    return VerifyOutcome(report, against, runtime, trace.header.source_sha256, trace.header.set_name)
 
 
 def save_trace(trace: Trace, out: Path) -> list[Path]:

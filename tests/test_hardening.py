@@ -97,7 +97,7 @@ def test_run_checks_inputs_before_the_model_loads(args, message, sample_png, mon
 def test_help_keeps_its_defaults_and_flags_and_there_is_a_version():
     r = runner.invoke(app, ["run", "--help"], terminal_width=200)
     assert r.exit_code == 0
-    assert "[default: the middle DICOM frame, else 0]" in r.stdout and "[default: the cores this process may use]" in r.stdout
+    assert "[default: the middle DICOM frame, else 0]" in r.stdout and "[default: the usable cores minus the other runnable tasks, at least 1]" in r.stdout
     assert "<bool>" not in r.stdout and "--json " in r.stdout
     e = runner.invoke(app, ["eval", "--help"], terminal_width=200)
     assert "Maximum tokens per answer." in e.stdout and "--threads" in e.stdout and "--device" in e.stdout

@@ -76,7 +76,7 @@ def user_errors(fn: F) -> F:
 # The runtime options every command that runs a model takes, declared once.
 DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 DtypeOption = Annotated[str | None, typer.Option("--dtype", help="Compute precision of the torch runtime: float32 (default), float16 or bfloat16; a bundle computes in its own.")]
-ThreadsOption = Annotated[int | None, typer.Option("--threads", help="CPU threads [default: the cores this process may use].")]
+ThreadsOption = Annotated[int | None, typer.Option("--threads", help="CPU threads [default: the usable cores minus the other runnable tasks, at least 1].")]
 ProviderOption = Annotated[str | None, typer.Option("--provider", help="onnxruntime execution provider: cpu, cuda or tensorrt (never a silent fallback).")]
 VisionTowerOption = Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")]
 

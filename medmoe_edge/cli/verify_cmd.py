@@ -89,13 +89,15 @@ def verify_cmd(
     """
     if all_samples and limit is not None:
         raise InputError("--all and --limit contradict each other: give one")
+    if trace is not None and (set_name is not None or data is not None):
+        raise InputError("--trace replays the questions its trace was recorded on: drop --set/--data")
     explicit = all_samples or limit is not None or set_name is not None or data is not None
     n = None if all_samples or (trace is not None and limit is None) else (limit if limit is not None else DEFAULT_LIMIT)
     name = set_name or "eval"
     outcome = _run(bundle, reference=reference, set_name=name, data=data, limit=n, provider=provider, threads=threads, device=device, dtype=dtype, max_new_tokens=max_new_tokens, preprocess=preprocess, explicit_set=explicit, trace_dir=trace)
     report = outcome.report
     if as_json:
-        prov = provenance(bundle, runtime=outcome.runtime, data_set={"name": name, "questions": str(len(report.samples))}, reference=outcome.against, trace_source_sha256=outcome.trace_source)
+        prov = provenance(bundle, runtime=outcome.runtime, data_set={"name": outcome.set_name, "questions": len(report.samples)}, reference=outcome.against, trace_source_sha256=outcome.trace_source)
         print_json(report.to_json() | {"against": outcome.against, "runtime": outcome.runtime, "provenance": prov})
     else:
         print_report(report, f"{bundle} vs {outcome.against}: {len(report.samples)} questions, {outcome.runtime} runtime")
