@@ -27,7 +27,7 @@ from typing import Any
 
 from . import __version__
 from .errors import InputError
-from .perf import Bandwidth, Worker, WorkerError, decode_bytes, merge_bandwidth, model_size_bytes, probe_bandwidth, roofline_fraction, tails, worker_argv
+from .perf import Bandwidth, Worker, WorkerError, checkpoint_decode_bytes, decode_bytes, merge_bandwidth, model_size_bytes, probe_bandwidth, roofline_fraction, tails, worker_argv
 from .vocab import FLOAT_PRECISIONS, Precision
 
 SCHEMA_ID = "medmoe-edge/bench/1"
@@ -206,6 +206,9 @@ def bench(
                         if n == 0:  # the first configuration: the model or an option is the problem
                             raise InputError(f"the {name} runtime cannot run {model}: {w.hello.get('error')}")
                         raise WorkerError(str(w.hello.get("error")))
+                    if fmt == "checkpoint" and w.hello.get("vocab_rows"):  # the lm_head rows the loader really kept
+                        dec = checkpoint_decode_bytes(model, precision, int(w.hello["vocab_rows"]))
+                        result.decode_bytes, result.decode_bytes_detail = dec.weights, dec.detail
                     cmd = {"cmd": "bench", "batch": b, "decode_tokens": decode_tokens, "warmup": warmup, "reps": reps, "image": str(image) if image else None, "question": question}
                     reply = w.request(cmd)
                     result.configs.append(_summarise(reply, b, dec.weights, bw0, w.hello))

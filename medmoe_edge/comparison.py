@@ -43,7 +43,7 @@ from . import __version__
 from .api import MIN_RATE_TOKENS
 from .errors import InputError, MedmoeError
 from .imaging import PreprocessMode
-from .perf import Bandwidth, DecodeBytes, Worker, WorkerError, decode_bytes, is_jetson, merge_bandwidth, model_size_bytes, probe_bandwidth, roofline_fraction, spread, worker_argv
+from .perf import Bandwidth, DecodeBytes, Worker, WorkerError, checkpoint_decode_bytes, decode_bytes, is_jetson, merge_bandwidth, model_size_bytes, probe_bandwidth, roofline_fraction, spread, worker_argv
 from .trace import Trace
 from .verify import SampleResult, Tolerances, VerifyReport, tolerances_for
 from .vocab import ArtifactKind, Precision
@@ -248,6 +248,8 @@ def _start(c: Candidate, log_dir: Path) -> RowResult:
         return res
     res.hello = w.hello
     res.worker = w  # type: ignore[attr-defined]
+    if c.format == "checkpoint" and w.hello.get("vocab_rows"):  # the rows the loader really kept
+        c.decode = checkpoint_decode_bytes(c.model, Precision.FP32, int(w.hello["vocab_rows"]))
     return res
 
 

@@ -171,9 +171,14 @@ def bundle_decode_bytes(manifest) -> DecodeBytes:
     return DecodeBytes(round(total), detail)
 
 
-def checkpoint_decode_bytes(model: str | Path, precision=None) -> DecodeBytes:
+def checkpoint_decode_bytes(model: str | Path, precision=None, vocab_rows: int | None = None) -> DecodeBytes:
     """Activated weight bytes per token of a checkpoint at its compute precision (default fp32),
-    from `planning.model_sizes` (activated LLM parameters minus the embedding table)."""
+    from `planning.model_sizes` (activated LLM parameters minus the embedding table).
+
+    Args:
+        vocab_rows: the lm_head rows the loaded model really has (the loader truncates embedding and
+            lm_head to a smaller tokenizer, as the official one does); None: the config's vocab_size.
+    """
     from .checkpoint import read_spec, resolve_model_dir
     from .planning import model_sizes
     from .vocab import Precision
@@ -182,7 +187,11 @@ def checkpoint_decode_bytes(model: str | Path, precision=None) -> DecodeBytes:
     spec, _cfg, _tower = read_spec(resolve_model_dir(model))
     sizes = model_sizes(spec)
     params = sizes.counts.llm_activated - sizes.embed
-    return DecodeBytes(round(params * p.bits / 8), f"{params:,} activated LLM parameters (top-{spec.moe.top_k} routed + meta experts, no embedding table) × {p.bits:g} bits ({p.value})")
+    note = ""
+    if vocab_rows is not None and vocab_rows < spec.text.vocab_size:
+        params -= (spec.text.vocab_size - vocab_rows) * spec.text.hidden_size
+        note = f", lm_head truncated to the tokenizer's {vocab_rows:,} rows"
+    return DecodeBytes(round(params * p.bits / 8), f"{params:,} activated LLM parameters (top-{spec.moe.top_k} routed + meta experts, no embedding table{note}) × {p.bits:g} bits ({p.value})")
 
 
 def decode_bytes(model: str | Path, precision=None) -> DecodeBytes:
@@ -326,11 +335,19 @@ def _options(d: dict[str, Any]):
 
 class _Recorder:
     """A runtime seen through `verify.replay_one`, keeping the logits of the passes it makes itself
-    (teacher forcing) for KL; generation it starts goes straight to the runtime."""
+    (teacher forcing) for KL. When the teacher-forced argmax disagrees somewhere, replay_one runs the
+    runtime free for its own answer; this hands back the timed free run's tokens instead (greedy
+    decoding is deterministic: the same tokens), so no question is generated twice."""
 
-    def __init__(self, runtime) -> None:
+    def __init__(self, runtime, own_tokens: list[int]) -> None:
         self._rt = runtime
+        self._own = list(own_tokens)
         self.logits: list = []
+
+    def generate(self, requests, cfg, timings=None, on_step=None):
+        from .generation import FinishReason, RowResult
+
+        yield [RowResult(list(self._own), FinishReason.EOS, [], {})]
 
     def prefill(self, requests, max_new_tokens):
         out = self._rt.prefill(requests, max_new_tokens)
@@ -431,7 +448,7 @@ class _Session:
         mnt = self.trace.header.max_new_tokens
         answers, timing = self.timed_generate([item.request], mnt)
         answer = self.rt.model_info.tokenizer.decode(answers[0]).strip()
-        rec = _Recorder(self.rt)
+        rec = _Recorder(self.rt, answers[0])
         sample = replay_one(rec, item, mnt)
         kl = kl_per_step(item, rec.logits)
         timing.pop("step_s")
@@ -514,7 +531,7 @@ def _worker_main(argv: list[str] | None = None) -> int:
     if trace is not None and trace.items:
         for _ in range(a.warmup):
             s.timed_generate([trace.items[0].request], min(4, trace.header.max_new_tokens))
-    _send({"ok": True, "load_s": rt.timings.load_s, "load_wall_s": wall, "threads": rt.options.num_threads, "reports_routing": rt.capabilities.reports_routing, "max_batch": rt.capabilities.max_batch, **s.memory()})
+    _send({"ok": True, "load_s": rt.timings.load_s, "load_wall_s": wall, "threads": rt.options.num_threads, "vocab_rows": rt.model_info.vocab_rows, "reports_routing": rt.capabilities.reports_routing, "max_batch": rt.capabilities.max_batch, **s.memory()})
     for line in sys.stdin:
         if not line.strip():
             continue
