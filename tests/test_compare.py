@@ -137,7 +137,12 @@ def test_a_worker_that_cannot_load_becomes_a_row_with_its_error(tmp_path):
     assert res.status == "unavailable" and "missing" in res.reason
 
 
-def test_cli_errors_are_one_line(bundles):
+def test_cli_errors_are_one_line(bundles, tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    r = CliRunner().invoke(app, ["compare", "--out", str(full)])
+    assert r.exit_code == 2 and "is not empty" in " ".join(r.output.split())  # refused before any work
     r = CliRunner().invoke(app, ["compare", "--limit", "0"])
     assert r.exit_code == 2 and "--limit must be at least 1" in r.output
     r = CliRunner().invoke(app, ["compare", "--model", str(bundles["onnx fp32"])])
