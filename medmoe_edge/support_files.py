@@ -41,7 +41,12 @@ def copy_support_files(loaded: LoadedModel, out: Path) -> dict[str, str]:
 
 def source_files(loaded: LoadedModel) -> list[Path]:
     """The files that identify the source checkpoint (config and weights, tower weights)."""
-    return [loaded.checkpoint_dir / "config.json", *weight_files(loaded.checkpoint_dir), *weight_files(loaded.tower_dir)]
+    return identity_files(loaded.checkpoint_dir, loaded.tower_dir)
+
+
+def identity_files(checkpoint_dir: Path, tower_dir: Path) -> list[Path]:
+    """The files a source hash covers, in order: one list for exports and for checks against them."""
+    return [checkpoint_dir / "config.json", *weight_files(checkpoint_dir), *weight_files(tower_dir)]
 
 
 def checkpoint_source_sha256(checkpoint_dir: Path, vision_tower: str | Path | None = None) -> str:
@@ -50,4 +55,4 @@ def checkpoint_source_sha256(checkpoint_dir: Path, vision_tower: str | Path | No
     from medmoe_edge.checkpoint import read_spec
 
     _spec, _cfg, tower = read_spec(checkpoint_dir, vision_tower)
-    return checkpoint_sha256([checkpoint_dir / "config.json", *weight_files(checkpoint_dir), *weight_files(tower.directory)])
+    return checkpoint_sha256(identity_files(checkpoint_dir, tower.directory))

@@ -12,9 +12,11 @@ from rich.table import Table
 from ..exporter import ENTRY_POINT_GROUP
 from ..imaging import PreprocessMode
 from .common import err, fail, out, user_errors
+from ..workflows import EMBEDDED_TRACE_QUESTIONS, TRACE_MAX_NEW_TOKENS, export_bundle
 from .verify_cmd import print_report, run_verify
 
-EXPORT_VERIFY_LIMIT = 16
+# the embedded trace's own size and length, so export's check replays it instead of re-running the reference
+EXPORT_VERIFY_LIMIT = EMBEDDED_TRACE_QUESTIONS
 
 
 def _installed_formats() -> str:
@@ -36,8 +38,6 @@ def export(
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {EXPORT_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
     """Export a checkpoint to a deployment bundle with a manifest (SHA-256 of every file)."""
-    from ..workflows import export_bundle
-
     # The format's own flags, as given: the exporter checks them (an option of another format is an error naming it).
     flags = {"--precision": precision, "--quant": quant, "--mmproj-dtype": mmproj_dtype, "--tensor-type": tensor_types or None, "--max-batch": max_batch}
     given = {flag: value for flag, value in flags.items() if value is not None}
@@ -56,7 +56,7 @@ def export(
     if not check:
         return
     try:
-        report = run_verify(out_dir, reference=None, set_name="eval", data=None, limit=EXPORT_VERIFY_LIMIT, provider=None, threads=None, max_new_tokens=32, preprocess=PreprocessMode.PAD)
+        report = run_verify(out_dir, reference=None, set_name="eval", data=None, limit=EXPORT_VERIFY_LIMIT, provider=None, threads=None, max_new_tokens=TRACE_MAX_NEW_TOKENS, preprocess=PreprocessMode.PAD)
     except KeyboardInterrupt:
         fail(f"verification interrupted; the bundle in {out_dir} is complete: run `medmoe-edge verify {out_dir}` to check it", "KeyboardInterrupt", 130, False)
     print_report(report, f"fidelity vs the PyTorch reference ({len(report.samples)} eval questions; `medmoe-edge verify {out_dir}` for more)")
