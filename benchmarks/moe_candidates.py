@@ -11,6 +11,10 @@ ONNX Runtime on the CPU. For 4 and 8 experts:
                  (at N=512 about 100 GB), so it cannot prefill.
 * `ort-moe`    - ONNX Runtime's `com.microsoft.MoE` contrib op (k=1, no renormalisation,
                  router bias added before it) + the meta expert in standard ops.
+* `if`         - what `medmoe-edge export --moe-dispatch if` (and `--format tensorrt`) emits:
+                 every expert weighted by its per-row routing weight (MoEFFN._dispatch_masked),
+                 each expert inside an ONNX `If` that runs it only when some row chose it
+                 (export/onnx_moe_cond.py). No NonZero, no data-dependent shape: TensorRT builds it.
 * `dense`      - every expert on every token, combined with one-hot weights: the
                  non-sparse form the graph must avoid, as the yardstick.
 
@@ -35,12 +39,14 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from medmoe_edge.model.moe import MoEFFN
+from medmoe_edge.export.onnx_moe_cond import wrap_experts_in_if
+from medmoe_edge.model.moe import Dispatch, MoEFFN
 from medmoe_edge.spec import MoESpec, TextSpec, Variant
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "MOE_DISPATCH.md"
 NOTES = {
-    "dispatch": "chosen: standard ops, expert-sparse",
+    "dispatch": "ONNX default: standard ops, expert-sparse; NonZero, which TensorRT-RTX cannot build",
+    "if": "TensorRT graphs: expert-sparse in decode, every chosen expert on all rows in prefill",
     "gather": "decode only: prefill would copy an expert per token",
     "ort-moe": "ORT contrib op: TensorRT cannot parse it",
     "dense": "all experts on all tokens: not expert-sparse",
@@ -104,9 +110,11 @@ class _Dense(nn.Module):
         return (onehot[..., None] * outs).sum(1) + self.m.meta_moe(x)
 
 
-def export(module: nn.Module, hidden: int, path: Path) -> None:
+def export(module: nn.Module, hidden: int, path: Path, rewrite=None) -> None:
     torch.onnx.export(module, (torch.randn(3, hidden),), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
     proto = onnx.load(str(path))
+    if rewrite is not None:
+        rewrite(proto)
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
 
 
@@ -177,16 +185,16 @@ def main() -> None:
         xs = {"decode": torch.randn(1, a.hidden), "prefill": torch.randn(a.prefill, a.hidden)}
         with torch.no_grad():
             refs = {k: block(v[None])[0][0] for k, v in xs.items()}
-        for name in ("dispatch", "gather", "ort-moe", "dense"):
+        for name in ("dispatch", "if", "gather", "ort-moe", "dense"):
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"{name}.onnx"
                 try:
                     if name == "ort-moe":
                         ort_moe_graph(block, path)
                     else:
-                        block.static_dispatch = True
-                        export({"dispatch": _Dispatch, "gather": _Gather, "dense": _Dense}[name](block), a.hidden, path)
-                        block.static_dispatch = False
+                        block.dispatch = Dispatch.MASKED if name == "if" else Dispatch.SCATTER
+                        export({"dispatch": _Dispatch, "if": _Dispatch, "gather": _Gather, "dense": _Dense}[name](block), a.hidden, path, wrap_experts_in_if if name == "if" else None)
+                        block.dispatch = Dispatch.EAGER
                     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
                 except Exception as e:  # report a candidate that does not run here instead of stopping
                     rows.append((n_exp, name, None, None, None, f"does not run: {str(e).splitlines()[0][:120]}"))
@@ -225,8 +233,9 @@ def write_doc(a, rows) -> None:
     for n, name, d, p, err, note in rows:
         ratio = "-" if d is None else f"{d / base[(n, 'dispatch')][0]:.2f}×"
         lines.append(f"| {n} | {name} | {ms(d)} | {ms(p)} | {ratio} | {'-' if err is None else f'{err:.1e}'} | {note} |")
-    d4, d8 = base[(4, "dispatch")][0], base[(8, "dispatch")][0]
-    lines += ["", f"Dispatch decode with 8 experts / with 4: **{d8 / d4:.2f}×** (activated parameters are the same; total parameters nearly double)."]
+    for cand in ("dispatch", "if"):
+        d4, d8 = (next(d for n, name, d, *_ in rows if n == k and name == cand) for k in (4, 8))
+        lines += ["", f"`{cand}` decode with 8 experts / with 4: **{d8 / d4:.2f}×** (activated parameters are the same; total parameters nearly double)."]
     a.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {a.out}")
 

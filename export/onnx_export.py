@@ -21,7 +21,7 @@ from __future__ import annotations
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,11 +32,18 @@ from medmoe_edge.exporter import ExportOption, ExportParts, Exporter, ExportRequ
 from medmoe_edge.tensor_ids import checkpoint_id, checkpoint_map, onnx_map, plan_spec, released_state_dict
 from medmoe_edge.vocab import ArtifactKind, Precision
 
-from .onnx_graphs import DecoderGraph, EmbedGraph, VisionGraph, decoder_io_names, use_buffer_attention, use_static_dispatch
+from medmoe_edge.model.moe import Dispatch
+
+from .onnx_graphs import DecoderGraph, EmbedGraph, VisionGraph, decoder_io_names, use_buffer_attention, use_dispatch
+from .onnx_moe_cond import wrap_experts_in_if
 
 OPSET = 17
 GRAPH_FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
-MOE_DISPATCH = "nonzero-gather-scatternd"  # ModelFacts.layout["moe_dispatch"]
+# --moe-dispatch → (the traced dispatch, ModelFacts.layout["moe_dispatch"]); docs/MOE_DISPATCH.md measures both
+MOE_DISPATCHES = {
+    "scatter": (Dispatch.SCATTER, "nonzero-gather-scatternd"),
+    "if": (Dispatch.MASKED, "if-per-expert"),
+}
 # onnx.TensorProto element types of the weights an export stores
 _ONNX_PRECISION = {1: Precision.FP32, 10: Precision.FP16, 16: Precision.BF16}
 
@@ -49,8 +56,8 @@ def _require_onnx():
     return onnx
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict[str, dict[int, str]]) -> None:
-    """Trace `module` to `path` (weights in `path.name + '.data'`)."""
+def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict[str, dict[int, str]], rewrite: Callable[[Any], Any] | None = None) -> None:
+    """Trace `module` to `path` (weights in `path.name + '.data'`), passing the graph through `rewrite` first."""
     onnx = _require_onnx()
     scratch = path.parent / f".{path.stem}-trace"
     scratch.mkdir()
@@ -69,12 +76,20 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
             do_constant_folding=True,
         )
     proto = onnx.load(str(scratch / path.name), load_external_data=True)
+    if rewrite is not None:
+        rewrite(proto)
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=0)
     shutil.rmtree(scratch)
 
 
 def _io(names: list[str], dtypes: list[str], shapes: list[tuple]) -> tuple[GraphIO, ...]:
     return tuple(GraphIO(n, d, s) for n, d, s in zip(names, dtypes, shapes))
+
+
+def _moe_dispatch(value: Any) -> str:
+    if value not in MOE_DISPATCHES:
+        raise InputError(f"--moe-dispatch {value!r} is not one of {', '.join(MOE_DISPATCHES)}")
+    return str(value)
 
 
 def _positive_batch(value: Any) -> int:
@@ -95,7 +110,7 @@ class OnnxExporter(Exporter):
     description = "ONNX opset 17: vision, embed and one decoder graph (preallocated KV), expert-sparse MoE in standard ops"
     precisions = (Precision.FP32, Precision.FP16)
     default_precision = Precision.FP32
-    options = (ExportOption("max_batch", "--max-batch", _positive_batch, 4),)
+    options = (ExportOption("max_batch", "--max-batch", _positive_batch, 4), ExportOption("moe_dispatch", "--moe-dispatch", _moe_dispatch, "scatter"))
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -121,7 +136,8 @@ class OnnxExporter(Exporter):
     def write(self, loaded: LoadedModel, out: Path, request: ExportRequest) -> ExportParts:
         onnx = _require_onnx()
         m = loaded.model
-        use_static_dispatch(m)
+        dispatch, dispatch_name = MOE_DISPATCHES[request.options["moe_dispatch"]]
+        use_dispatch(m, dispatch)
         use_buffer_attention(m)
         spec, t = loaded.spec, loaded.spec.text
         dt = request.precision.torch
@@ -145,7 +161,7 @@ class OnnxExporter(Exporter):
             dyn[name] = {0: "batch", 2: "capacity"}
         for name in outs[1:]:
             dyn[name] = {0: "batch", 1: "new"} if name.startswith(("experts_", "router_probs_")) else {0: "batch", 2: "new"}
-        _export(DecoderGraph(m), tuple(args), out / GRAPH_FILES["decoder"], ins, outs, dyn)
+        _export(DecoderGraph(m), tuple(args), out / GRAPH_FILES["decoder"], ins, outs, dyn, wrap_experts_in_if if dispatch is Dispatch.MASKED else None)
 
         graphs = {
             "vision": GraphSpec(GRAPH_FILES["vision"], _io(["pixel_values"], ["float32"], [("images", 3, size, size)]), _io(["image_embeds"], [dname], [("images", spec.image_tokens, h)])),
@@ -165,7 +181,7 @@ class OnnxExporter(Exporter):
             graphs=graphs,
             tensor_groups=tensor_groups(out, loaded),
             toolchain=_toolchain(onnx),
-            layout={"dtype": dname, "moe_dispatch": MOE_DISPATCH},
+            layout={"dtype": dname, "moe_dispatch": dispatch_name},
             extra={"tensorrt_profiles": tensorrt_profiles(spec.image_tokens, t.max_position_embeddings, request.options["max_batch"])},
         )
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from medmoe_edge.model.medmoe import MedMoE
-from medmoe_edge.model.moe import MoEFFN
+from medmoe_edge.model.moe import Dispatch, MoEFFN
 from medmoe_edge.model.text import Attention, apply_partial_rotary
 from medmoe_edge.spec import Variant
 
@@ -111,11 +111,11 @@ def use_buffer_attention(model: MedMoE) -> None:
         layer.self_attn.forward = types.MethodType(attention_past_and_new, layer.self_attn)
 
 
-def use_static_dispatch(model: MedMoE) -> None:
-    """Switch every MoE block to the traceable dispatch (same results as the eager one)."""
+def use_dispatch(model: MedMoE, dispatch: Dispatch) -> None:
+    """Switch every MoE block to a traceable dispatch (same results as the eager one)."""
     for layer in model.lm.model.layers:
         if isinstance(layer.mlp, MoEFFN):
-            layer.mlp.static_dispatch = True
+            layer.mlp.dispatch = dispatch
 
 
 class VisionGraph(nn.Module):

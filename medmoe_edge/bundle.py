@@ -300,16 +300,17 @@ def verify_files(bundle: Path, manifest: Manifest) -> None:
             raise CheckpointError(f"bundle file {f.path} does not match its SHA-256 in the manifest: the bundle is corrupt; export it again")
 
 
-def open_bundle(bundle: str | Path, expected: ArtifactKind) -> Manifest:
-    """Read the manifest, check it is a bundle of `expected` format, verify every file.
+def open_bundle(bundle: str | Path, expected: ArtifactKind | tuple[ArtifactKind, ...]) -> Manifest:
+    """Read the manifest, check it is a bundle of an `expected` format, verify every file.
 
     Raises:
         CheckpointError: not a bundle, wrong format, or corrupt.
     """
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    if manifest.format is not expected:
-        raise CheckpointError(f"{bundle} is a bundle of kind {manifest.format.value}, not {expected.value}: run it with --runtime {manifest.runtime or manifest.format.runtime}, or export with --format {expected.value}")
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    if manifest.format not in kinds:
+        raise CheckpointError(f"{bundle} is a bundle of kind {manifest.format.value}, not {' or '.join(k.value for k in kinds)}: run it with --runtime {manifest.runtime or manifest.format.runtime}, or export with --format {kinds[0].value}")
     verify_files(bundle, manifest)
     return manifest
 

@@ -499,7 +499,7 @@ def onnx_map(graph: str, model: Any, spec: ModelSpec | None = None) -> TensorMap
             or (with `spec`) of a group the model does not have.
     """
     direct: dict[str, list[Any]] = {}
-    for node in model.graph.node:
+    for node in _all_nodes(model.graph):
         for name in node.input:
             direct.setdefault(name, []).append(node)
 
@@ -524,6 +524,18 @@ def onnx_map(graph: str, model: Any, spec: ModelSpec | None = None) -> TensorMap
             raise UnmappedTensor(f"ONNX initializer {init.name} of the {graph} graph is not named by medmoe_edge.tensor_ids.ONNX_NAMES and no node reads it")
         out[init.name] = _check_in_model("ONNX", init.name, tuple(sorted(found)), spec)
     return TensorMap("ONNX", out)
+
+
+def _all_nodes(graph: Any) -> list[Any]:
+    """The nodes of an ONNX graph and of the subgraphs in their attributes (an `If` per expert reads
+    the expert's initializers from inside its branch)."""
+    out = []
+    for node in graph.node:
+        out.append(node)
+        for attr in getattr(node, "attribute", ()):
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                out += _all_nodes(sub)
+    return out
 
 
 _CALL_SUFFIX = re.compile(r"_\d+$")

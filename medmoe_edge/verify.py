@@ -53,6 +53,9 @@ _K, _P = ArtifactKind, Precision
 TOLERANCES: dict[tuple[ArtifactKind, Precision], Tolerances] = {
     (_K.ONNX, _P.FP32): Tolerances(logits_max_abs=1e-4, logits_cosine_min=0.99999, token_agreement_min=1.0, routing_agreement_min=1.0, answer_agreement_min=1.0),
     (_K.ONNX, _P.FP16): Tolerances(logits_max_abs=0.5, logits_cosine_min=0.999, token_agreement_min=0.98, routing_agreement_min=0.98, answer_agreement_min=0.98),
+    # TensorRT bundles: the same bounds as ONNX (the engines are built from those graphs)
+    (_K.TENSORRT, _P.FP32): Tolerances(logits_max_abs=1e-4, logits_cosine_min=0.99999, token_agreement_min=1.0, routing_agreement_min=1.0, answer_agreement_min=1.0),
+    (_K.TENSORRT, _P.FP16): Tolerances(logits_max_abs=0.5, logits_cosine_min=0.999, token_agreement_min=0.98, routing_agreement_min=0.98, answer_agreement_min=0.98),
     (_K.GGUF, _P.FP32): Tolerances(logits_max_abs=0.25, logits_cosine_min=0.999, token_agreement_min=0.95, routing_agreement_min=1.0, answer_agreement_min=0.95),
     (_K.GGUF, _P.FP16): Tolerances(logits_max_abs=0.5, logits_cosine_min=0.999, token_agreement_min=0.95, routing_agreement_min=1.0, answer_agreement_min=0.95),
     (_K.GGUF, _P.Q8_0): Tolerances(logits_max_abs=2.0, logits_cosine_min=0.99, token_agreement_min=0.95, routing_agreement_min=1.0, answer_agreement_min=0.95),

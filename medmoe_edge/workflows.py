@@ -173,6 +173,7 @@ def verify_bundle(
     max_new_tokens: int = TRACE_MAX_NEW_TOKENS,
     preprocess: PreprocessMode = PreprocessMode.PAD,
     options: RuntimeOptions | None = None,
+    runtime: str | None = None,
     status: Status = _quiet,
     progress: Progress | None = None,
 ) -> VerifyOutcome:
@@ -183,6 +184,7 @@ def verify_bundle(
     from the reference checkpoint (--reference, or the manifest's source when it is here); else,
     when the user did not ask for a particular set or size (`explicit_set`), the embedded one.
     `trace_dir` replays a trace saved by `medmoe-edge trace` instead (its first `limit` questions).
+    `runtime` overrides the bundle's own runtime (onnxruntime for a TensorRT bundle's graphs).
 
     Raises:
         InputError: no tolerances for the bundle, or a set that needs the absent checkpoint.
@@ -221,7 +223,7 @@ def verify_bundle(
         raise CheckpointError(f"the bundle's source checkpoint {manifest.source.get('path')} is not here and the bundle has no embedded trace: pass --reference CKPT")
     if trace is not None and trace.header.source_sha256 != manifest.source.get("sha256"):
         raise CheckpointError("the reference trace was recorded from another checkpoint than this bundle's source: pass --reference CKPT")
-    runtime = manifest.runtime or runtime_for(manifest.format)
+    runtime = runtime or manifest.runtime or runtime_for(manifest.format)
     # The bundle loads first: a corrupt or inconsistent bundle is refused before minutes of reference work.
     with status(f"loading {bundle} ({runtime})"), load(bundle, runtime=runtime, options=opts) as pipe:
         if trace is None:

@@ -26,13 +26,10 @@ import numpy as np
 import torch
 
 from medmoe_edge.bundle import Manifest, open_bundle
-from medmoe_edge.checkpoint import read_spec
 from medmoe_edge.errors import CheckpointError, InputError, RuntimeUnavailable
-from medmoe_edge.generation import StepOutput
-from medmoe_edge.model.medmoe import IMAGE_TOKEN_INDEX, pad_batch
-from medmoe_edge.tokenizer import Tokenizer
 
-from .base import DTYPE, PROVIDER, THREADS, ArtifactKind, Availability, Capabilities, Device, DeviceKind, ModelInfo, Precision, PreparedRequest, ResolvedOptions, Runtime, prompt_routing_counts, token_kinds
+from .base import DTYPE, PROVIDER, THREADS, ArtifactKind, Availability, Capabilities, Device, DeviceKind, Precision, ResolvedOptions
+from .graph_runtime import GraphRuntime
 
 COMPUTE_PRECISIONS = (Precision.FP32, Precision.FP16)  # what an ONNX bundle computes in (`--precision` of the export)
 
@@ -78,7 +75,7 @@ def _compute_precision(manifest: Manifest, bundle: Path) -> Precision:
         raise CheckpointError(f"{bundle / 'manifest.json'} does not describe an fp32 or fp16 embed graph: export the bundle again") from None
 
 
-class OnnxRuntimeRuntime(Runtime):
+class OnnxRuntimeRuntime(GraphRuntime):
     """Runs an ONNX bundle with ONNX Runtime (CPU, CUDA or TensorRT execution provider)."""
 
     name = "onnxruntime"
@@ -98,8 +95,8 @@ class OnnxRuntimeRuntime(Runtime):
     def _load(self, model: str | Path, options: ResolvedOptions) -> None:
         ort = _import_ort()
         self.dir = Path(model)
-        self.manifest: Manifest = open_bundle(self.dir, ArtifactKind.ONNX)
-        mm = self.manifest.model
+        # a TensorRT bundle holds the ONNX graphs its engines were built from: they run here too
+        self.manifest: Manifest = open_bundle(self.dir, (ArtifactKind.ONNX, ArtifactKind.TENSORRT))
         self.compute = _compute_precision(self.manifest, self.dir)
         if options.dtype is not None and options.dtype is not self.compute:
             raise InputError(f"this bundle computes in {self.compute.torch_name}; --dtype {options.dtype.torch_name} needs a bundle exported with that precision (medmoe-edge export --precision)")
@@ -127,28 +124,7 @@ class OnnxRuntimeRuntime(Runtime):
         self.sessions = {name: self._session(ort, so, name) for name in ("vision", "embed", "decoder")}
         self._check_facts()
 
-        spec, _cfg, tower = read_spec(self.dir)
-        self.spec = spec
-        self.moe_layers = list(mm.moe_layers)
-        self.n_layers = mm.num_layers
-        self.vocab_rows = mm.vocab_rows
-        self.kv_shape = (mm.num_kv_heads, mm.head_dim)
-        self.hidden = mm.hidden_size
-        self.top_k = mm.top_k
-        self.n_experts = mm.num_experts
-        self.torch_dtype = self.compute.torch
-        self._info = ModelInfo(
-            spec=spec,
-            tokenizer=Tokenizer.from_dir(self.dir),
-            processor=tower.processor,
-            label=f"{self.manifest.source.get('label', self.dir.name)} (onnx {self.manifest.precision.value}, {self.provider.value})",
-            context_length=mm.context_length,
-            vocab_rows=mm.vocab_rows,
-        )
-        self._kv: list[torch.Tensor] = []
-        self._mask: torch.Tensor | None = None
-        self._next_pos: torch.Tensor | None = None
-        self._filled = 0
+        self._setup_model(f"{self.manifest.format.value} graphs {self.manifest.precision.value}, {self.provider.value}")
 
     def _check_facts(self) -> None:
         """The manifest's model facts and precision against what the graphs really take and give.
@@ -230,11 +206,13 @@ class OnnxRuntimeRuntime(Runtime):
             "trt_profile_max_shapes": fmt(maxs),
         }
 
-    @property
-    def model_info(self) -> ModelInfo:
-        return self._info
-
-    # ---- graph calls -------------------------------------------------------------------
+    def _check_batch(self, batch: int) -> None:
+        """TensorRT engines are built for the manifest's optimisation profile: refuse a batch above its bound."""
+        if self.provider is not Provider.TENSORRT:
+            return
+        bound = self.manifest.extra.get("tensorrt_profiles", {}).get("decoder", {}).get("batch")
+        if bound and batch > int(bound[2]):
+            raise InputError(f"the TensorRT profile of this bundle takes at most {bound[2]} request(s) at a time, got a batch of {batch}: export with a larger --max-batch")
 
     def _run(self, name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         """Run graph `name` reading `inputs` and writing into the preallocated `outputs` (I/O binding)."""
@@ -247,91 +225,6 @@ class OnnxRuntimeRuntime(Runtime):
         for key, t in outputs.items():
             io.bind_output(key, dev, idx, _np_dtype(t), list(t.shape), t.data_ptr())
         self.sessions[name].run_with_iobinding(io)
-
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(ids.shape[0], self.hidden, dtype=self.torch_dtype, device=self.device)
-        if ids.shape[0]:
-            self._run("embed", {"input_ids": ids.to(self.device)}, {"embeds": out})
-        return out
-
-    def _decoder(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """One decoder pass; writes the new keys/values into the cache buffers. Returns (logits [B,V], experts {layer: [B,T,k]})."""
-        b, t = embeds.shape[0], embeds.shape[1]
-        kv, d = self.kv_shape
-        inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, "last_index": last}
-        for i in range(self.n_layers):
-            inputs[f"past_key_{i}"], inputs[f"past_value_{i}"] = self._kv[2 * i], self._kv[2 * i + 1]
-        outputs = {"logits": torch.empty(b, self.vocab_rows, dtype=torch.float32, device=self.device)}
-        experts = {}
-        for m in self.moe_layers:
-            experts[m] = outputs[f"experts_{m}"] = torch.empty(b, t, self.top_k, dtype=torch.int64, device=self.device)
-            outputs[f"router_probs_{m}"] = torch.empty(b, t, self.n_experts, dtype=torch.float32, device=self.device)
-        new = [torch.empty(b, kv, t, d, dtype=self.torch_dtype, device=self.device) for _ in range(2 * self.n_layers)]
-        for i in range(self.n_layers):
-            outputs[f"new_key_{i}"], outputs[f"new_value_{i}"] = new[2 * i], new[2 * i + 1]
-        start = self._filled  # the base reserved the slots: prefill sized the cache for max_new_tokens decodes
-        self._run("decoder", inputs, outputs)
-        for buf, rows in zip(self._kv, new):
-            buf[:, :, start : start + t].copy_(rows)
-        self._filled = start + t
-        return outputs["logits"], experts
-
-    # ---- Runtime interface ---------------------------------------------------------------
-
-    def _prefill(self, requests: list[PreparedRequest], max_new_tokens: int) -> StepOutput:
-        p = self.spec.image_tokens
-        if self.provider is Provider.TENSORRT:
-            self._check_profile_batch(len(requests))
-        pixels = torch.cat([r.pixel_values for r in requests]).to(torch.float32)
-        image_rows = torch.empty(pixels.shape[0], p, self.hidden, dtype=self.torch_dtype, device=self.device)
-        if pixels.shape[0]:
-            self._run("vision", {"pixel_values": pixels.to(self.device)}, {"image_embeds": image_rows})
-        text_ids = torch.tensor([i for r in requests for i in r.token_ids if i != IMAGE_TOKEN_INDEX], dtype=torch.int64)
-        text_rows = self._embed(text_ids)
-        rows, ti, ii = [], 0, 0
-        for r in requests:
-            parts = []
-            for i in r.token_ids:
-                if i == IMAGE_TOKEN_INDEX:
-                    parts.append(image_rows[ii])
-                    ii += 1
-                else:
-                    parts.append(text_rows[ti : ti + 1])
-                    ti += 1
-            rows.append(torch.cat(parts))
-        batch = pad_batch(rows, self.hidden, dtype=self.torch_dtype, device=self.device)
-        B, L = batch.embeds.shape[0], batch.embeds.shape[1]
-        kv, d = self.kv_shape
-        self._kv = [torch.zeros(B, kv, L + max_new_tokens, d, dtype=self.torch_dtype, device=self.device) for _ in range(2 * self.n_layers)]
-        self._filled = 0
-        last = torch.tensor([n - 1 for n in batch.lengths], dtype=torch.int64, device=self.device)
-        logits, experts = self._decoder(batch.embeds, batch.mask, batch.positions, last)
-        self._mask = batch.mask
-        self._next_pos = torch.tensor(batch.lengths, dtype=torch.int64, device=self.device)
-        rows_idx = torch.arange(B)
-        kinds = token_kinds(requests, p, L)
-        return StepOutput(
-            logits=logits.cpu(),
-            experts={m: e.cpu()[rows_idx, last.cpu()] for m, e in experts.items()},
-            prompt_routing=prompt_routing_counts({m: e[..., 0] for m, e in experts.items()}, kinds, self.n_experts),
-            prompt_experts={m: e.cpu() for m, e in experts.items()},
-        )
-
-    def _check_profile_batch(self, batch: int) -> None:
-        """TensorRT engines are built for the manifest's optimisation profile: refuse a batch above its bound."""
-        bound = self.manifest.extra.get("tensorrt_profiles", {}).get("decoder", {}).get("batch")
-        if bound and batch > int(bound[2]):
-            raise InputError(f"the TensorRT profile of this bundle takes at most {bound[2]} request(s) at a time, got a batch of {batch}: export with a larger --max-batch")
-
-    def _decode(self, tokens: torch.Tensor) -> StepOutput:
-        if not self._kv:
-            raise RuntimeError("decode() called after close()")
-        embeds = self._embed(tokens.to(torch.int64))[:, None]
-        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        b = tokens.shape[0]
-        logits, experts = self._decoder(embeds, self._mask, self._next_pos[:, None], torch.zeros(b, dtype=torch.int64, device=self.device))
-        self._next_pos = self._next_pos + 1
-        return StepOutput(logits=logits.cpu(), experts={m: e[:, 0].cpu() for m, e in experts.items()})
 
     def close(self) -> None:
         self._kv = []

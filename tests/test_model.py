@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medmoe_edge.model.medmoe import IMAGE_TOKEN_INDEX, MedMoE
-from medmoe_edge.model.moe import MoEFFN, route
+from medmoe_edge.model.moe import Dispatch, MoEFFN, route
 from medmoe_edge.presets import Preset
 from medmoe_edge.spec import MoESpec
 from tiny_models import tiny_model
@@ -59,18 +59,27 @@ def test_expert_sparse_equals_dense_all_experts(preset, form):
     assert len(r.experts.unique()) == m.spec.moe.num_experts  # the test really exercises every expert
 
 
+@pytest.mark.parametrize("dispatch", [Dispatch.SCATTER, Dispatch.MASKED], ids=lambda d: d.value)
 @pytest.mark.parametrize("form", MOE_FORMS)
 @pytest.mark.parametrize("preset", TINY, ids=lambda p: p.value)
-def test_static_dispatch_for_export_equals_eager_bit_for_bit(preset, form):
-    """The fixed-trip-count dispatch traced into ONNX computes exactly what eager inference does."""
+def test_traceable_dispatch_for_export_equals_eager(preset, form, dispatch):
+    """The fixed-trip-count dispatches traced into ONNX compute what eager inference does.
+
+    SCATTER runs each expert on the same rows as eager, so it is bit for bit; MASKED runs every
+    expert on all rows, and a matmul's bits for a row may depend on how many rows it is computed
+    with (BLAS blocking), so it is equal to float rounding.
+    """
     m = tiny_model(preset, MOE_FORMS[form])
     moe = m.lm.model.layers[0].mlp
     x = torch.randn(2, 29, m.spec.text.hidden_size)
     eager, _ = moe(x)
-    moe.static_dispatch = True
-    static, _ = moe(x)
-    assert torch.equal(eager, static)
-    moe.static_dispatch = False
+    moe.dispatch = dispatch
+    traced, _ = moe(x)
+    moe.dispatch = Dispatch.EAGER
+    if dispatch is Dispatch.SCATTER:
+        assert torch.equal(eager, traced)
+    else:
+        torch.testing.assert_close(traced, eager, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("preset", TINY, ids=lambda p: p.value)

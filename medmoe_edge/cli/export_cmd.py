@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from ..exporter import ENTRY_POINT_GROUP
+from ..vocab import ArtifactKind
 from ..imaging import PreprocessMode
 from .common import err, fail, out, user_errors
 from ..workflows import EMBEDDED_TRACE_QUESTIONS, TRACE_MAX_NEW_TOKENS, export_bundle
@@ -17,6 +18,20 @@ from .verify_cmd import print_report, run_verify
 
 # the embedded trace's own size and length, so export's check replays it instead of re-running the reference
 EXPORT_VERIFY_LIMIT = EMBEDDED_TRACE_QUESTIONS
+
+
+def tensorrt_check_runtime() -> tuple[str, str, str]:
+    """(runtime, device, what to tell the user) for the export's own check of a TensorRT bundle.
+
+    The engines run where the tensorrt runtime is available (a GPU they target); elsewhere the
+    check runs the ONNX graphs the engines were built from with ONNX Runtime on the CPU, and says so.
+    """
+    from ..runtimes.registry import discover
+
+    entry = discover().get("tensorrt")
+    if entry is not None and entry.availability().available:
+        return "tensorrt", "cuda", "checking the engines on this GPU"
+    return "onnxruntime", "cpu", "no GPU to run the engines here: checking the ONNX graphs they were built from with onnxruntime on the CPU (run `medmoe-edge verify BUNDLE --device cuda` on the target GPU)"
 
 
 def _installed_formats() -> str:
@@ -35,11 +50,12 @@ def export(
     tensor_types: Annotated[list[str] | None, typer.Option("--tensor-type", help="GGUF: REGEX=TYPE, a ggml type for the tensors whose names match (repeatable; first match wins), e.g. 'blk\\.0\\.ffn_.*_exps=q8_0'.")] = None,
     vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")] = None,
     max_batch: Annotated[int | None, typer.Option("--max-batch", help="ONNX: largest batch in the TensorRT optimisation profiles [default: 4].")] = None,
+    moe_dispatch: Annotated[str | None, typer.Option("--moe-dispatch", help="ONNX: 'scatter' (NonZero per expert; fastest prefill on ONNX Runtime) or 'if' (an If per expert; no data-dependent shapes, what TensorRT builds) [default: scatter].")] = None,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {EXPORT_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
     """Export a checkpoint to a deployment bundle with a manifest (SHA-256 of every file)."""
     # The format's own flags, as given: the exporter checks them (an option of another format is an error naming it).
-    flags = {"--precision": precision, "--quant": quant, "--mmproj-dtype": mmproj_dtype, "--tensor-type": tensor_types or None, "--max-batch": max_batch}
+    flags = {"--precision": precision, "--quant": quant, "--mmproj-dtype": mmproj_dtype, "--tensor-type": tensor_types or None, "--max-batch": max_batch, "--moe-dispatch": moe_dispatch}
     given = {flag: value for flag, value in flags.items() if value is not None}
     with err.status(f"exporting {model} to {fmt}"):
         manifest = export_bundle(fmt, model, out_dir, given, vision_tower=vision_tower)
@@ -55,8 +71,12 @@ def export(
     out.print(t)
     if not check:
         return
+    runtime, device = None, "cpu"
+    if manifest.format is ArtifactKind.TENSORRT:
+        runtime, device, why = tensorrt_check_runtime()
+        err.print(f"[yellow]{why}[/]")
     try:
-        report = run_verify(out_dir, reference=None, set_name="eval", data=None, limit=EXPORT_VERIFY_LIMIT, provider=None, threads=None, max_new_tokens=TRACE_MAX_NEW_TOKENS, preprocess=PreprocessMode.PAD)
+        report = run_verify(out_dir, reference=None, set_name="eval", data=None, limit=EXPORT_VERIFY_LIMIT, provider=None, threads=None, max_new_tokens=TRACE_MAX_NEW_TOKENS, preprocess=PreprocessMode.PAD, runtime=runtime, device=device)
     except KeyboardInterrupt:
         fail(f"verification interrupted; the bundle in {out_dir} is complete: run `medmoe-edge verify {out_dir}` to check it", "KeyboardInterrupt", 130, False)
     print_report(report, f"fidelity vs the PyTorch reference ({len(report.samples)} eval questions; `medmoe-edge verify {out_dir}` for more)")

@@ -47,9 +47,11 @@ def run_verify(
     max_new_tokens: int,
     preprocess: PreprocessMode,
     explicit_set: bool = False,
+    runtime: str | None = None,
+    device: str = "cpu",
 ) -> VerifyReport:
     """Verify with progress on stderr (shared by `verify` and `export`); prints where the reference came from."""
-    outcome = _run(bundle, reference=reference, set_name=set_name, data=data, limit=limit, provider=provider, threads=threads, max_new_tokens=max_new_tokens, preprocess=preprocess, explicit_set=explicit_set)
+    outcome = _run(bundle, reference=reference, set_name=set_name, data=data, limit=limit, provider=provider, threads=threads, device=device, max_new_tokens=max_new_tokens, preprocess=preprocess, explicit_set=explicit_set, runtime=runtime)
     err.print(f"[dim]{outcome.runtime} runtime against {outcome.against}[/]")
     return outcome.report
 
@@ -75,6 +77,7 @@ def verify_cmd(
     limit: Annotated[int | None, typer.Option("--limit", help=f"Compare the first N questions [default: {DEFAULT_LIMIT}; --all for the whole set].")] = None,
     all_samples: Annotated[bool, typer.Option("--all", help="Compare every question of the set.")] = False,
     trace: Annotated[Path | None, typer.Option("--trace", help="Replay a reference trace saved by `medmoe-edge trace` instead (no checkpoint needed).")] = None,
+    runtime: Annotated[str | None, typer.Option("--runtime", help="Runtime to check the bundle with [default: the bundle's own]; e.g. onnxruntime runs a TensorRT bundle's ONNX graphs without a GPU.")] = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
     provider: ProviderOption = None,
@@ -94,7 +97,7 @@ def verify_cmd(
     explicit = all_samples or limit is not None or set_name is not None or data is not None
     n = None if all_samples or (trace is not None and limit is None) else (limit if limit is not None else DEFAULT_LIMIT)
     name = set_name or "eval"
-    outcome = _run(bundle, reference=reference, set_name=name, data=data, limit=n, provider=provider, threads=threads, device=device, dtype=dtype, max_new_tokens=max_new_tokens, preprocess=preprocess, explicit_set=explicit, trace_dir=trace)
+    outcome = _run(bundle, reference=reference, set_name=name, data=data, limit=n, provider=provider, threads=threads, device=device, dtype=dtype, max_new_tokens=max_new_tokens, preprocess=preprocess, explicit_set=explicit, trace_dir=trace, runtime=runtime)
     report = outcome.report
     if as_json:
         prov = provenance(bundle, runtime=outcome.runtime, data_set={"name": outcome.set_name, "questions": len(report.samples)}, reference=outcome.against, trace_source_sha256=outcome.trace_source)

@@ -16,12 +16,27 @@ function, so grouping tokens by expert is exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torch import nn
 
 from ..spec import MoESpec, TextSpec
 from .ffn import make_ffn
+
+
+class Dispatch(str, Enum):
+    """How an MoE block sends tokens to their experts; all three give the same sums.
+
+    EAGER: data-dependent loop over the chosen experts (inference). SCATTER: fixed trip count with
+    NonZero + Gather + ScatterND (traceable, expert-sparse). MASKED: every expert weighted by its
+    per-row routing weight, zero where not chosen (traceable, no NonZero; made expert-sparse by
+    the exporter's `If` per expert).
+    """
+
+    EAGER = "eager"
+    SCATTER = "scatter"
+    MASKED = "masked"
 
 
 @dataclass(frozen=True)
@@ -93,8 +108,8 @@ class MoEFFN(nn.Module):
         if moe.use_residual:
             self.coefficient = nn.Linear(text.hidden_size, 2, bias=True)
         # Graph exporters trace Python, so they need a loop with a fixed shape (see
-        # `_dispatch_static`); eager inference keeps the data-dependent loop.
-        self.static_dispatch = False
+        # `_dispatch_static` and `_dispatch_masked`); eager inference keeps the data-dependent loop.
+        self.dispatch = Dispatch.EAGER
 
     @property
     def experts(self) -> nn.ModuleList:
@@ -137,12 +152,33 @@ class MoEFFN(nn.Module):
         assert routed is not None
         return routed
 
+    def _dispatch_masked(self, xf: torch.Tensor, r: Routing) -> torch.Tensor:
+        """The same sum without data-dependent shapes: Σ_e Expert_e(x)·w_e over all rows.
+
+        w_e[n] = Σ_k weights[n, k]·[experts[n, k] = e] is 0 for a row that did not choose e, so
+        every row keeps exactly its own terms (adding exact zeros changes no bit). Traced as is,
+        every expert runs on every row (dense); the ONNX exporter then wraps each expert in an
+        `If` that runs it only when some row's weight for it is non-zero
+        (`export/onnx_moe_cond.py`), which for one decoded token is exactly its selected
+        expert(s). This is the formulation TensorRT can build (no NonZero).
+        """
+        routed = torch.zeros_like(xf)
+        for e, expert in enumerate(self.experts):
+            w = (r.weights * (r.experts == e)).sum(dim=-1, keepdim=True)
+            routed = routed + expert(xf) * w.to(xf.dtype)
+        return routed
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """Args: x [B, T, H] (the layer's FFN input). Returns (y [B, T, H], routing of the B·T tokens)."""
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
         r = route(xf, self.deepspeed_moe.gate.wg, self.top_k)
-        routed = self._dispatch_static(xf, r) if self.static_dispatch else self._dispatch_eager(xf, r)
+        if self.dispatch is Dispatch.SCATTER:
+            routed = self._dispatch_static(xf, r)
+        elif self.dispatch is Dispatch.MASKED:
+            routed = self._dispatch_masked(xf, r)
+        else:
+            routed = self._dispatch_eager(xf, r)
         meta = self.meta_moe(xf)
         if self.use_residual:
             # §2.3.6: y = c0·routed + c1·Meta(x) + Meta(x); the residual MLP *is* the meta module.
