@@ -1,0 +1,193 @@
+"""Bit allocation: an exact multiple-choice knapsack over measured sensitivities, per backend.
+
+Each *unit* is a set of weight matrices that must share one type in the target format (an ONNX
+or TensorRT expert: its fc1 and fc2; a GGUF layer×projection stack: that projection of every
+expert of the layer, since llama.cpp stores them as one tensor of one type). A unit offers
+*choices* (precision → bytes as the format stores them, measured ΔD = mean ΔKL of answer
+logits, router agreement). The allocation minimises Σ ΔD under Σ bytes ≤ budget, assuming
+additivity D(plan) ≈ Σ ΔD_g (quantization-study §2: within ±20 % for RTN on the demo).
+
+Solver: dynamic programming over byte buckets (MxMoE's ILP and MC-MoE's LP solve the same
+problem). Bytes are rounded *up* to buckets of budget/`RESOLUTION`, so a returned plan never
+exceeds the budget; within that rounding the optimum is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError
+from .quant_plan import QuantMethod
+from .vocab import Precision
+
+RESOLUTION = 4096  # byte buckets of the DP
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What one target format can store, and how it counts bytes.
+
+    Attributes:
+        name: the --format value.
+        candidates: the precisions the allocator may choose (fp32: leave the unit in floating point).
+        scale_bytes: bytes of one block scale as the format writes it.
+        zero_point: asymmetric codes with a packed zero point per block.
+        stacked_experts: one type per layer × projection for the routed experts (GGUF).
+        quantize_embed: the embedding table can be stored quantized (it is a Gather, not a MatMul, in ONNX).
+    """
+
+    name: str
+    candidates: tuple[Precision, ...]
+    scale_bytes: int
+    zero_point: bool
+    stacked_experts: bool = False
+    quantize_embed: bool = True
+
+
+INT_BITS = {Precision.INT2: 2, Precision.INT4: 4, Precision.INT8: 8}
+
+BACKENDS: dict[str, Backend] = {
+    # the PyTorch fake-quant oracle: every code width the quantizer core has, fp16 scales
+    "torch": Backend("torch", (Precision.INT2, Precision.INT4, Precision.INT8, Precision.FP32), 2, True),
+    # DequantizeLinear (opset 21) → MatMul: int4/int8 only (no 2- or 3-bit DQ that ORT fuses); the
+    # fp32 graph needs fp32 scales (DQ's output type is its scale's type)
+    "onnx": Backend("onnx", (Precision.INT4, Precision.INT8, Precision.FP32), 4, True, quantize_embed=False),
+    # TensorRT: symmetric Q/DQ, int4 weight-only or int8 (quantization-study §3c)
+    "tensorrt": Backend("tensorrt", (Precision.INT4, Precision.INT8, Precision.FP32), 4, False, quantize_embed=False),
+}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One precision for one unit, with what it costs and what it was measured to do.
+
+    Attributes:
+        delta: measured ΔD (mean KL of answer logits vs fp32) with only this unit quantized.
+        router_agreement: share of (position, MoE layer) top-1 choices unchanged.
+    """
+
+    precision: Precision
+    method: QuantMethod
+    nbytes: int
+    delta: float
+    router_agreement: float = 1.0
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Matrices that share one type (see the module docstring).
+
+    Attributes:
+        name: the TensorId group (or glob, for a GGUF stack) the plan rule is written for.
+        keys: checkpoint weight keys of the matrices.
+        params: their parameters.
+        choices: what the allocator may pick.
+    """
+
+    name: str
+    keys: tuple[str, ...]
+    params: int
+    choices: tuple[Choice, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The chosen precision per unit, with the predicted totals."""
+
+    units: tuple[Unit, ...]
+    picks: tuple[Choice, ...]
+    budget: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.picks)
+
+    @property
+    def predicted_delta(self) -> float:
+        return sum(c.delta for c in self.picks)
+
+    @property
+    def params(self) -> int:
+        return sum(u.params for u in self.units)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / max(self.params, 1)
+
+
+def guard(choices: Sequence[Choice], min_agreement: float) -> tuple[Choice, ...]:
+    """Drop choices whose router agreement is below `min_agreement` (EAQuant: keep routing), but
+    never all of them: the most agreeing one stays."""
+    kept = tuple(c for c in choices if c.router_agreement >= min_agreement)
+    return kept or (max(choices, key=lambda c: (c.router_agreement, c.nbytes)),)
+
+
+def budget_from(units: Sequence[Unit], *, budget_mb: float | None = None, avg_bits: float | None = None) -> int:
+    """Bytes available to `units`: --budget-mb (10^6 bytes) or --avg-bits over their parameters.
+
+    Raises:
+        InputError: neither or both given, or a non-positive value.
+    """
+    if (budget_mb is None) == (avg_bits is None):
+        raise InputError("give exactly one of --budget-mb and --avg-bits")
+    value = budget_mb if budget_mb is not None else avg_bits
+    if value is None or value <= 0:
+        raise InputError(f"the budget must be positive, got {value}")
+    if budget_mb is not None:
+        return int(budget_mb * 1e6)
+    return int(avg_bits * sum(u.params for u in units) / 8)
+
+
+def solve(units: Sequence[Unit], budget: int, *, resolution: int = RESOLUTION) -> Allocation:
+    """Minimise Σ ΔD over one choice per unit with Σ bytes ≤ `budget` (exact over byte buckets).
+
+    Raises:
+        InputError: a unit without choices, or a budget below the smallest plan (naming the least budget).
+    """
+    units = tuple(units)
+    for u in units:
+        if not u.choices:
+            raise InputError(f"{u.name} has no precision to choose from: check the backend's candidates")
+    smallest = sum(min(c.nbytes for c in u.choices) for u in units)
+    if smallest > budget:
+        params = sum(u.params for u in units)
+        raise InputError(
+            f"the budget {budget / 1e6:.3f} MB is below what the smallest types allow ({smallest / 1e6:.3f} MB, {8 * smallest / params:.2f} bits per weight): "
+            f"raise --budget-mb to at least {math.ceil(smallest / 1e3) / 1e3:.3f} or --avg-bits to at least {math.ceil(800 * smallest / params) / 100:.2f}"
+        )
+    bucket = max(1, math.ceil(budget / resolution))
+    cap = budget // bucket
+    inf = float("inf")
+    best = np.full(cap + 1, inf)
+    best[0] = 0.0
+    back = np.zeros((len(units), cap + 1), dtype=np.int16)
+    for ui, u in enumerate(units):
+        nxt = np.full(cap + 1, inf)
+        arg = np.zeros(cap + 1, dtype=np.int16)
+        for ci, c in enumerate(u.choices):
+            w = math.ceil(c.nbytes / bucket)
+            if w > cap:
+                continue
+            cand = np.full(cap + 1, inf)
+            cand[w:] = best[: cap + 1 - w] + c.delta
+            better = cand < nxt
+            nxt = np.where(better, cand, nxt)
+            arg = np.where(better, ci, arg)
+        best, back[ui] = nxt, arg
+    if not np.isfinite(best).any():
+        # bucket rounding made the smallest plan not fit although it does in bytes: take it
+        return Allocation(units, tuple(min(u.choices, key=lambda c: c.nbytes) for u in units), budget)
+    end = int(np.nanargmin(best))
+    picks: list[Choice] = []
+    for ui in range(len(units) - 1, -1, -1):
+        c = units[ui].choices[int(back[ui, end])]
+        picks.append(c)
+        end -= math.ceil(c.nbytes / bucket)
+    return Allocation(units, tuple(reversed(picks)), budget)
+
+
+__all__ = ["BACKENDS", "INT_BITS", "RESOLUTION", "Allocation", "Backend", "Choice", "Unit", "budget_from", "guard", "solve"]

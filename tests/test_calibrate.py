@@ -1,0 +1,109 @@
+"""`medmoe-edge calibrate`: per-expert statistics over exactly the routed tokens, the cache, the errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medmoe_edge.calib_stats import MIN_TOKENS_PER_INPUT, CalibStats
+from medmoe_edge.cli.app import app
+from medmoe_edge.errors import InputError
+from medmoe_edge.quantization import calibrate
+
+EXPERT = "model.layers.{l}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}.{p}.weight"
+META = "model.layers.{l}.mlp.meta_moe.{p}.weight"
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("calib") / "stats"
+    stats, cached = calibrate("demo", out, per_domain=1, sensitivity_per_domain=1)
+    assert not cached
+    return out, stats
+
+
+def test_expert_hessians_partition_the_meta_experts_tokens(stats_dir):
+    """fc1 of every routed expert reads the same x as the meta expert, on its own routed tokens only:
+    the experts' token counts add up to the meta expert's, and their Hessians (before the few-token
+    blend, which adds meta·(n_min − n)/n_meta) add up to the meta Hessian."""
+    _, s = stats_dir
+    for layer in s.moe_layers:
+        meta = META.format(l=layer, p="fc1")
+        keys = [EXPERT.format(l=layer, e=e, p="fc1") for e in range(4)]
+        assert sum(s.tokens[k] for k in keys) == s.tokens[meta]
+        li = s.moe_layers.index(layer)
+        assert int(s.routed[li].sum()) == s.tokens[meta]  # every spliced position routed once (top-1)
+        n_min = MIN_TOKENS_PER_INPUT * 256
+        extra = sum(max(n_min - s.tokens[k], 0) for k in keys) / s.tokens[meta]
+        total = sum(s.hessians[k].double() for k in keys)
+        expected = s.hessians[meta].double() * (1 + extra)
+        assert torch.allclose(total, expected, rtol=1e-4, atol=1e-3 * float(expected.abs().max()))
+
+
+def test_few_token_experts_are_reported_with_their_action(stats_dir):
+    _, s = stats_dir
+    # 4 questions: every expert is far below n_min = 4·d_in tokens
+    keys = {f.key for f in s.fallbacks}
+    assert EXPERT.format(l=0, e=0, p="fc1") in keys and EXPERT.format(l=2, e=3, p="fc2") in keys
+    for f in s.fallbacks:
+        assert f.tokens < f.n_min
+        assert (f.min_bits == 4) == (f.tokens < f.n_min // 4)
+        assert s.min_bits(f.key) == f.min_bits
+    assert s.min_bits(META.format(l=0, p="fc1")) is None
+
+
+def test_imatrix_is_the_mean_square_input(stats_dir):
+    _, s = stats_dir
+    k = META.format(l=2, p="fc2")
+    assert torch.allclose(s.imatrix(k), torch.diag(s.hessians[k]) / s.tokens[k])
+    assert s.imatrix(k).shape == (512,)
+
+
+def test_stats_round_trip_and_cache(stats_dir):
+    out, s = stats_dir
+    assert sorted(p.name for p in out.iterdir()) == ["stats.json", "stats.safetensors"]
+    loaded = CalibStats.load(out)
+    assert loaded.key == s.key and loaded.tokens == s.tokens
+    assert len(loaded.sequences) == 4 and loaded.sequences[0]["pixel_values"].shape == (1, 3, 64, 64)
+    again, cached = calibrate("demo", out, per_domain=1, sensitivity_per_domain=1)
+    assert cached and again.key == s.key
+
+
+def test_other_settings_into_the_same_directory_are_refused(stats_dir):
+    out, _ = stats_dir
+    with pytest.raises(InputError, match="holds calibration statistics of another model, set or settings: choose a new --out"):
+        calibrate("demo", out, per_domain=2)
+
+
+def test_stats_of_another_model_or_set_are_refused(stats_dir):
+    out, s = stats_dir
+    with pytest.raises(InputError, match=r"computed from another model .* run `medmoe-edge calibrate --model other"):
+        s.check_model("0" * 64, "other", out)
+    with pytest.raises(InputError, match="computed on calibration set 'calibration', not 'mine.jsonl'"):
+        s.check_set("0" * 64, "mine.jsonl", out)
+
+
+def test_an_edited_stats_file_is_refused(stats_dir, tmp_path):
+    out, _ = stats_dir
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in out.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    meta = json.loads((bad / "stats.json").read_text())
+    meta["settings"]["domains"] = ["ct"]
+    (bad / "stats.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="do not match their own cache key"):
+        CalibStats.load(bad)
+    with pytest.raises(InputError, match="holds no calibration statistics"):
+        CalibStats.load(tmp_path)
+
+
+def test_cli_bad_domain_is_one_line_and_writes_nothing(tmp_path):
+    r = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "s"), "--domains", "ct,brain", "--per-domain", "1"])
+    assert r.exit_code == 2
+    assert "--domains 'brain' is not a domain of this set: use some of ct, mri, xray, pathology" in r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "s").exists()
