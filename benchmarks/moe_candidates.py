@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,11 +40,15 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docblock import publish_block  # noqa: E402
+
 from medmoe_edge.export.onnx_moe_cond import wrap_experts_in_if
 from medmoe_edge.model.moe import Dispatch, MoEFFN
 from medmoe_edge.spec import MoESpec, TextSpec, Variant
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "MOE_DISPATCH.md"
+BEGIN, END = "<!-- moe_candidates:begin -->", "<!-- moe_candidates:end -->"
 NOTES = {
     "dispatch": "ONNX default: standard ops, expert-sparse; NonZero, which TensorRT-RTX cannot build",
     "if": "TensorRT graphs: expert-sparse in decode, every chosen expert on all rows in prefill",
@@ -220,8 +225,6 @@ def write_doc(a, rows) -> None:
 
     base = {(n, "dispatch"): (d, p) for n, name, d, p, _, _ in rows if name == "dispatch"}
     lines = [
-        "# Expert-sparse MoE in ONNX: the candidates",
-        "",
         f"One MoE FFN block at Phi-2 size (hidden {a.hidden}, FFN {a.ffn}, GELU experts with biases, top-1 + meta expert), random weights, "
         f"fp32, ONNX Runtime {ort.__version__} CPU, {a.threads} threads, median of {a.reps} decode / {max(3, a.reps // 5)} prefill runs, all candidates in one process run.",
         "",
@@ -236,8 +239,7 @@ def write_doc(a, rows) -> None:
     for cand in ("dispatch", "if"):
         d4, d8 = (next(d for n, name, d, *_ in rows if n == k and name == cand) for k in (4, 8))
         lines += ["", f"`{cand}` decode with 8 experts / with 4: **{d8 / d4:.2f}×** (activated parameters are the same; total parameters nearly double)."]
-    a.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {a.out}")
+    publish_block(a.out, BEGIN, END, lines, "Expert-sparse MoE in ONNX: the candidates")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import re
 from collections import defaultdict
 from typing import Any
 
-_EXPERT_SCOPE = re.compile(r"^(?P<mlp>.*/mlp)/deepspeed_experts\.(?P<e>\d+)/")
+_EXPERT_SCOPE = re.compile(r"^(?P<mlp>.*)/deepspeed_experts\.(?P<e>\d+)/")
 
 
 def _outer_inputs(nodes: list[Any]) -> list[str]:

@@ -96,10 +96,11 @@ class TensorRTRuntime(GraphRuntime):
         libs = [f"{lib.label} {v}" for lib in TrtLibrary if (v := _installed_version(lib)) is not None]
         if not libs:
             return Availability(False, f"no TensorRT library: {TrtLibrary.RTX.install_hint}")
+        # Available with the library alone: loading a bundle then says precisely what is wrong
+        # (an engine of another version or GPU, or no GPU at all), which a bare "unavailable" would hide.
         cc = gpu_compute_capability()
-        if cc is None:
-            return Availability(False, f"{', '.join(libs)} installed, but no CUDA GPU is visible to torch (engines need one)")
-        return Availability(True, f"{', '.join(libs)}; GPU compute capability {cc}")
+        gpu = f"GPU compute capability {cc}" if cc else "no CUDA GPU visible to torch: engines cannot run here (their ONNX graphs run with --runtime onnxruntime)"
+        return Availability(True, f"{', '.join(libs)}; {gpu}")
 
     def _load(self, model: str | Path, options: ResolvedOptions) -> None:
         self.dir = Path(model)

@@ -28,8 +28,10 @@ def tensorrt_check_runtime() -> tuple[str, str, str]:
     """
     from ..runtimes.registry import discover
 
+    from ..tensorrt_lib import gpu_compute_capability
+
     entry = discover().get("tensorrt")
-    if entry is not None and entry.availability().available:
+    if entry is not None and entry.availability().available and gpu_compute_capability() is not None:
         return "tensorrt", "cuda", "checking the engines on this GPU"
     return "onnxruntime", "cpu", "no GPU to run the engines here: checking the ONNX graphs they were built from with onnxruntime on the CPU (run `medmoe-edge verify BUNDLE --device cuda` on the target GPU)"
 
@@ -44,18 +46,21 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help=f"Bundle format, an installed exporter: {_installed_formats()}.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Bundle directory to create (must not exist or be empty).")],
     model: Annotated[str, typer.Option("--model", help="'demo' (built-in), a checkpoint directory, or a hub id.")] = "demo",
-    precision: Annotated[str | None, typer.Option("--precision", help="ONNX: fp32 (default) or fp16.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="ONNX: fp32 (default) or fp16; TensorRT: fp16 (default) or fp32.")] = None,
     quant: Annotated[str | None, typer.Option("--quant", help="GGUF: f32 (default), f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0.")] = None,
     mmproj_dtype: Annotated[str | None, typer.Option("--mmproj-dtype", help="GGUF: f32 (default) or f16 for the vision tower + projector file.")] = None,
     tensor_types: Annotated[list[str] | None, typer.Option("--tensor-type", help="GGUF: REGEX=TYPE, a ggml type for the tensors whose names match (repeatable; first match wins), e.g. 'blk\\.0\\.ffn_.*_exps=q8_0'.")] = None,
     vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")] = None,
-    max_batch: Annotated[int | None, typer.Option("--max-batch", help="ONNX: largest batch in the TensorRT optimisation profiles [default: 4].")] = None,
+    max_batch: Annotated[int | None, typer.Option("--max-batch", help="ONNX/TensorRT: largest batch in the TensorRT optimisation profiles [default: 4 for onnx, 1 for tensorrt].")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="TensorRT: 'rtx' (TensorRT-RTX, builds here ahead of time, RTX/A100-class GPUs; default) or 'jetson' (standard TensorRT, build on the device itself).")] = None,
+    max_context: Annotated[int | None, typer.Option("--max-context", help="TensorRT: most positions (prompt + answer) the engines take [default: the model's context length].")] = None,
+    compute_capability: Annotated[list[str] | None, typer.Option("--compute-capability", help="TensorRT rtx: GPU compute capabilities to build for, e.g. 8.6,8.9 (the default), 7.5, 8.0, 12.0.")] = None,
     moe_dispatch: Annotated[str | None, typer.Option("--moe-dispatch", help="ONNX: 'scatter' (NonZero per expert; fastest prefill on ONNX Runtime) or 'if' (an If per expert; no data-dependent shapes, what TensorRT builds) [default: scatter].")] = None,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {EXPORT_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
     """Export a checkpoint to a deployment bundle with a manifest (SHA-256 of every file)."""
     # The format's own flags, as given: the exporter checks them (an option of another format is an error naming it).
-    flags = {"--precision": precision, "--quant": quant, "--mmproj-dtype": mmproj_dtype, "--tensor-type": tensor_types or None, "--max-batch": max_batch, "--moe-dispatch": moe_dispatch}
+    flags = {"--precision": precision, "--quant": quant, "--mmproj-dtype": mmproj_dtype, "--tensor-type": tensor_types or None, "--max-batch": max_batch, "--moe-dispatch": moe_dispatch, "--target": target, "--max-context": max_context, "--compute-capability": compute_capability or None}
     given = {flag: value for flag, value in flags.items() if value is not None}
     with err.status(f"exporting {model} to {fmt}"):
         manifest = export_bundle(fmt, model, out_dir, given, vision_tower=vision_tower)
