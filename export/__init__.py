@@ -1,4 +1,4 @@
-"""Exporters (installed as `medmoe_edge.export`): ONNX and GGUF builds of a Med-MoE checkpoint (TensorRT planned).
+"""Exporters (installed as `medmoe_edge.export`): ONNX, GGUF and TensorRT builds of a Med-MoE checkpoint.
 
 Each format is an `medmoe_edge.exporter.Exporter` subclass (`onnx_export.OnnxExporter`,
 `gguf_export.GgufExporter`), registered in pyproject.toml's `medmoe_edge.exporters` entry-point

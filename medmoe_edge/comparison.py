@@ -144,13 +144,10 @@ class CompareResult:
 def _runtime_reason(name: str) -> tuple[type | None, str | None]:
     """(class, None) for an available runtime, else (None, why not and how to fix it)."""
     from .diagnostics import runtime_fix
-    from .planning import PLANNED_RUNTIMES
     from .runtimes.registry import discover
 
     entries = discover()
     if name not in entries:
-        if name in PLANNED_RUNTIMES:
-            return None, f"not available: {PLANNED_RUNTIMES[name]}"
         return None, f"unknown runtime {name!r}; installed runtimes: {', '.join(sorted(entries))}"
     av = entries[name].availability()
     if not av.available or entries[name].cls is None:

@@ -12,7 +12,7 @@ where it comes from and of which kind it is:
 
 Memory is in GiB (the modules' "8GB" is 8 GiB of DRAM), bandwidth in GB/s (10^9 bytes/s), compute
 in TFLOPS (10^12 FLOP/s, dense, no structured sparsity). Runtimes are registry names
-(`medmoe-edge runtimes`) plus ``tensorrt`` (engines; planned); precisions are `vocab.Precision`.
+(`medmoe-edge runtimes`) including ``tensorrt`` (engines); precisions are `vocab.Precision`.
 """
 
 from __future__ import annotations

@@ -391,7 +391,7 @@ def _checks(r: Report, *, has_gpu: bool, jetson: bool) -> list[Check]:
         else:  # TensorRT-RTX: RTX GPUs (SM75-SM89, SM120); builds engines ahead of time even without a GPU
             ok = True if importable else (False if has_gpu and not jetson else None)
             fix = None if jetson else "pip install tensorrt-rtx-cu12-libs tensorrt-rtx-cu12-bindings"
-        why = "" if importable else "; optional (engines are planned; ONNX bundles reach TensorRT through ORT's provider)"
+        why = "" if importable else "; optional (`export --format tensorrt` builds engines with it)"
         if t["name"] == "TensorRT-RTX" and jetson:
             why = "; not for Jetson (SM87): use JetPack's TensorRT"
         c.append(Check(t["name"], ok, f"{t['module']}: {t['detail']}{why}", None if importable else fix))

@@ -68,6 +68,7 @@ RUNTIME_LIBRARY_GIB = {
     "torch": 0.0,  # inside the process base
     "onnxruntime": 0.05,  # measured: +19 MiB RSS on import; plus its CPU arena's slack (estimate)
     "llamacpp": 0.30,  # estimate: llama.cpp's scheduler/graph buffers and mtmd's context beyond the activations
+    "tensorrt": 0.30,  # estimate: the TensorRT libraries and the engines' workspace beyond the activations
 }
 # estimate: a CUDA context with cuBLAS/cuDNN handles and workspaces; on Jetson the CUDA libraries'
 # mappings also come out of the shared pool (NVIDIA forum reports: 0.5-1 GB)
@@ -90,22 +91,25 @@ DECODE_EFFICIENCY: dict[tuple[str, Precision], float] = {
     # was measured: ORT is credited with the lowest llama.cpp share
     ("onnxruntime", P.FP32): 0.80,
     ("onnxruntime", P.FP16): 0.80,
+    # not measured (no GPU here): TensorRT engines are credited with ONNX Runtime's share
+    ("tensorrt", P.FP32): 0.80,
+    ("tensorrt", P.FP16): 0.80,
 }
 # assumed (no GPU to measure on here): share of a datasheet/derived peak that prefill GEMMs reach.
 # A measured compute figure (the cpu-x86 profile's GEMM rate) is used as it is.
 COMPUTE_EFFICIENCY = 0.5
 
 # what each runtime can run and which artifact it loads
-RUNTIME_ARTIFACT = {"torch": ArtifactKind.CHECKPOINT, "onnxruntime": ArtifactKind.ONNX, "llamacpp": ArtifactKind.GGUF}
+RUNTIME_ARTIFACT = {"torch": ArtifactKind.CHECKPOINT, "onnxruntime": ArtifactKind.ONNX, "llamacpp": ArtifactKind.GGUF, "tensorrt": ArtifactKind.TENSORRT}
 RUNTIME_PRECISIONS: dict[str, dict[DeviceKind, tuple[Precision, ...]]] = {
     "torch": {DeviceKind.CUDA: (P.FP32, P.FP16, P.BF16), DeviceKind.CPU: (P.FP32, P.BF16)},
     "onnxruntime": {DeviceKind.CUDA: (P.FP32, P.FP16), DeviceKind.CPU: (P.FP32, P.FP16)},
     "llamacpp": {k: (P.FP32, P.FP16, P.Q8_0, P.Q6_K, P.Q5_K_M, P.Q4_K_M, P.Q4_0) for k in DeviceKind},
+    "tensorrt": {DeviceKind.CUDA: (P.FP32, P.FP16), DeviceKind.CPU: ()},
 }
 PLANNABLE_PRECISIONS = tuple(p for p in Precision if any(p in by_kind for r in RUNTIME_PRECISIONS.values() for by_kind in r.values()))
 # fidelity tiers, best first (README/docs: fp16 ONNX and F16 GGUF answer like fp32; q8_0 99.9 %, q4_k_m 99.4 %)
 FIDELITY_TIER = {P.FP32: 0, P.FP16: 0, P.BF16: 0, P.Q8_0: 1, P.Q6_K: 2, P.Q5_K_M: 3, P.Q4_K_M: 4, P.Q4_0: 5}
-PLANNED_RUNTIMES = {"tensorrt": "TensorRT engines are planned; today an ONNX bundle runs on TensorRT through `--runtime onnxruntime --provider tensorrt`"}
 
 
 # --- model side ---------------------------------------------------------------------------------
@@ -278,6 +282,11 @@ class Plan:
             out = f"medmoe-onnx-{c.precision.value}"
             provider = "cuda" if dev == "cuda" else "cpu"
             return [f"medmoe-edge export --format onnx --model {model} --out {out} --precision {c.precision.value}", f"medmoe-edge run --runtime onnxruntime --model {out} --provider {provider} {q}"]
+        if c.runtime == "tensorrt":
+            out = f"medmoe-trt-{c.precision.value}"
+            # Jetson builds with JetPack's TensorRT on the device; discrete GPUs take TensorRT-RTX engines built anywhere
+            target = "jetson" if self.profile.memory_kind is MemoryKind.SHARED else "rtx"
+            return [f"medmoe-edge export --format tensorrt --target {target} --model {model} --out {out} --precision {c.precision.value}", f"medmoe-edge run --runtime tensorrt --model {out} --device cuda {q}"]
         quant = {P.FP32: "f32", P.FP16: "f16"}.get(c.precision, c.precision.value)
         out = f"medmoe-gguf-{quant}"
         return [
@@ -384,7 +393,7 @@ def plan(
     ctx = min(DEFAULT_CONTEXT, max_ctx) if context is None else context
     if not spec.image_tokens < ctx <= max_ctx:
         raise InputError(f"--context {ctx} is outside {spec.image_tokens + 1}..{max_ctx}: the prompt holds {spec.image_tokens} image rows and the model's context is {max_ctx}")
-    known = set(RUNTIME_ARTIFACT) | set(PLANNED_RUNTIMES)
+    known = set(RUNTIME_ARTIFACT)
     for r in runtimes or ():
         if r not in known:
             raise InputError(f"--runtime {r!r} is not one plan knows: use {', '.join(sorted(known))}")
@@ -394,9 +403,6 @@ def plan(
     cands: list[Candidate] = []
     for runtime in profile.runtimes:
         if runtimes and runtime not in runtimes:
-            continue
-        if runtime in PLANNED_RUNTIMES:
-            notes.append(PLANNED_RUNTIMES[runtime])
             continue
         for p in RUNTIME_PRECISIONS[runtime][profile.device_kind]:
             if p in profile.precisions and (not precisions or p in precisions):
