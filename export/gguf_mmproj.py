@@ -24,10 +24,10 @@ docs/design/llamacpp-medmoe.md §6 is the design this file follows; in short:
 Numerical differences from the PyTorch reference that remain even in F32 (design §3.4, §6.1):
 
 * the ViT's `quick_gelu` is ggml's `gelu_quick`, evaluated through an fp16 lookup table on CPU;
-* the projector's activation is ggml's `gelu`, the **tanh approximation** (again through an fp16
-  table on CPU), whereas Med-MoE's projector uses exact erf `nn.GELU()` (spec §1.2). The two differ
-  by up to ~4.7e-4 per element. On the demo model the image rows still match `encode_images`
-  to ~2e-3 max-abs (cosine 0.9999997).
+* the projector's activation is exact erf GELU (`ggml_gelu_erf`, computed with `erff` in fp32),
+  as Med-MoE's `nn.GELU()` (spec §1.2): the file sets `clip.vision.projector.use_gelu_erf`, a key
+  that our llama.cpp patch adds to mtmd (without it mtmd's `mlp` graph uses the tanh
+  approximation through an fp16 table, up to ~4.7e-4 per element away).
 
 Precision: dtype="f16" stores the weight matrices (patch embedding, attention, FFN, projector) as
 F16, like the legacy llava converter; position and class embeddings, norms and biases stay F32
@@ -63,6 +63,9 @@ from medmoe_edge.tensor_ids import released_state_dict
 from .gguf_io import DTYPES, FILE_TYPE, TableTensor, plan_table, require_gguf, table_tensors, write_gguf
 
 PROJECTOR_TYPE = "mlp"  # PROJECTOR_TYPE_MLP in tools/mtmd/clip-impl.h
+# The projector's activation: exact erf GELU (Med-MoE's mlp2x_gelu is nn.GELU()). Read by the
+# patched mtmd (KEY_PROJ_USE_GELU_ERF, patches/llamacpp-0.3.36-medmoe.patch); a stock mtmd ignores it.
+PROJ_GELU_ERF_KEY = "clip.vision.projector.use_gelu_erf"
 
 # CLIP activations (`VisionSpec.hidden_act`) and the mtmd key that selects the matching ggml op.
 # No key means FFN_GELU_QUICK (clip.cpp load_hparams); "clip.use_gelu" means ggml_gelu (tanh).
@@ -115,8 +118,9 @@ def _write_metadata(w, loaded: LoadedModel, dtype: str) -> None:
     w.add_array("clip.vision.image_std", [float(x) for x in proc.std])
     for key, value in _ACT_KEYS[v.hidden_act].items():
         w.add_bool(key, value)
-    # The projector GELU is fixed by the `mlp` graph: ggml_gelu, the tanh approximation (fp16 table
-    # on CPU), while Med-MoE computes exact erf nn.GELU (spec §1.2). No key changes it.
+    # mlp2x_gelu's nn.GELU() is the exact erf form (spec §1.2); without this key mtmd's `mlp` graph
+    # would use ggml_gelu, the tanh approximation through an fp16 table.
+    w.add_bool(PROJ_GELU_ERF_KEY, True)
 
 
 def write_mmproj_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str = "f32", matrix_dtype: Callable[[TableTensor], str] | None = None) -> None:
@@ -142,4 +146,4 @@ def write_mmproj_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str =
     write_gguf(out_path, "clip", lambda w: _write_metadata(w, loaded, dtype), tensors)
 
 
-__all__ = ["DTYPES", "PROJECTOR_TYPE", "write_mmproj_gguf"]
+__all__ = ["DTYPES", "PROJECTOR_TYPE", "PROJ_GELU_ERF_KEY", "write_mmproj_gguf"]

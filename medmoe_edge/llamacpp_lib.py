@@ -17,6 +17,13 @@ import os
 from .errors import RuntimeUnavailable
 
 ARCH_NAMES = ("medmoe-phi2", "medmoe-stablelm")  # added by patches/llamacpp-0.3.36-medmoe.patch
+# mmproj keys the patch teaches mtmd; a build from an older patch ignores them silently (and would
+# compute the projector with tanh GELU), so their presence in libmtmd is checked too.
+MTMD_KEYS = ("clip.vision.projector.use_gelu_erf",)
+# What is searched for in libmtmd: the key names themselves are built into std::strings by the
+# compiler (no literal left in the library), so the log line the patch prints when the key is set
+# stands for it.
+_MTMD_MARKERS = {"clip.vision.projector.use_gelu_erf": "%s: projector act:      gelu_erf\n"}
 BUILD_COMMAND = "bash scripts/build_llamacpp.sh"
 
 
@@ -55,6 +62,23 @@ def loaded_library_path() -> str | None:
     return path if path and os.path.isfile(path) else None
 
 
+def loaded_mtmd_path() -> str | None:
+    """The path of the libmtmd that llama_cpp.mtmd_cpp has loaded, when it can be told."""
+    _llama_cpp, _lib, mtmd = import_llama()
+    path = getattr(getattr(mtmd, "_libmtmd", None), "_name", None)
+    return path if path and os.path.isfile(path) else None
+
+
+def mtmd_missing_keys(path: str) -> list[str]:
+    """The `MTMD_KEYS` that the libmtmd at `path` does not know (searched like the arch names)."""
+    return [k for k in MTMD_KEYS if not _library_knows(path, _MTMD_MARKERS[k].encode())]
+
+
+def stale_mtmd_message(version: str, missing: list[str]) -> str:
+    """The one-line error for a patched build whose mtmd predates the projector keys."""
+    return f"llama-cpp-python {version} was built from an older Med-MoE patch: its mtmd ignores {', '.join(missing)} (the projector's exact GELU); rebuild it with `{BUILD_COMMAND}`"
+
+
 def unpatched_message(version: str) -> str:
     """The one-line error for a llama-cpp-python without the Med-MoE patch."""
     return f"llama-cpp-python {version} lacks the Med-MoE architectures ({', '.join(ARCH_NAMES)}): build the patched one with `{BUILD_COMMAND}`"
@@ -87,6 +111,10 @@ def require_patched_llama_cpp():
     ok, version = _patched(llama_cpp, lib)
     if not ok:
         raise RuntimeUnavailable(unpatched_message(version))
+    mtmd_path = loaded_mtmd_path()
+    missing = mtmd_missing_keys(mtmd_path) if mtmd_path else []
+    if missing:
+        raise RuntimeUnavailable(stale_mtmd_message(version, missing))
     init_backend(lib, mtmd)  # before any llama.cpp call, so that its logs go through the quiet logger
     return lib
 
@@ -113,7 +141,7 @@ def init_backend(lib, mtmd) -> None:
     _backend_ready = True
 
 
-__all__ = ["ARCH_NAMES", "BUILD_COMMAND", "import_llama", "init_backend", "library_has_archs", "loaded_library_path", "require_patched_llama_cpp", "unpatched_message"]
+__all__ = ["ARCH_NAMES", "BUILD_COMMAND", "MTMD_KEYS", "import_llama", "init_backend", "library_has_archs", "loaded_library_path", "loaded_mtmd_path", "mtmd_missing_keys", "require_patched_llama_cpp", "stale_mtmd_message", "unpatched_message"]
 
 
 def model_meta(lib, model, key: str) -> str | None:

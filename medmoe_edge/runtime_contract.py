@@ -38,7 +38,7 @@ from .imaging import ImageProcessorSpec
 from .model.medmoe import IMAGE_TOKEN_INDEX
 from .spec import ModelSpec
 from .tokenizer import Tokenizer
-from .vocab import ArtifactKind, Device, DeviceKind, Precision
+from .vocab import ArtifactKind, Device, DeviceKind, KvType, Precision
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class Availability:
 
 
 # Names of the optional `RuntimeOptions` fields a runtime may declare in `Capabilities.options`.
-DTYPE, PROVIDER, VISION_TOWER, THREADS = "dtype", "provider", "vision_tower", "num_threads"
-_OPTION_FLAGS = {DTYPE: "--dtype", PROVIDER: "--provider", VISION_TOWER: "--vision-tower", THREADS: "--threads"}
+DTYPE, PROVIDER, VISION_TOWER, THREADS, KV_TYPE = "dtype", "provider", "vision_tower", "num_threads", "kv_type"
+_OPTION_FLAGS = {DTYPE: "--dtype", PROVIDER: "--provider", VISION_TOWER: "--vision-tower", THREADS: "--threads", KV_TYPE: "--kv-type"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class RuntimeOptions:
         num_threads: CPU threads, or None for the runtime's default.
         vision_tower: CLIP directory overriding the checkpoint's `mm_image_tower`.
         provider: execution provider, for runtimes that have them (onnxruntime: cpu, cuda, tensorrt).
+        kv_type: KV cache element type, for runtimes whose cache type is a choice (llamacpp).
     """
 
     device: str = "cpu"
@@ -72,6 +73,7 @@ class RuntimeOptions:
     num_threads: int | None = None
     vision_tower: Path | None = None
     provider: str | None = None
+    kv_type: KvType | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class ResolvedOptions:
     threads_given: bool  # whether the user chose the thread count
     vision_tower: Path | None
     provider: str | None
+    kv_type: KvType | None = None  # None: the runtime's default
 
 
 def usable_cores() -> int:
@@ -158,7 +161,7 @@ class Capabilities:
         max_batch: largest batch `prefill` takes (None: no limit of its own).
         devices: device kinds `--device` may name.
         precisions: compute precisions `--dtype` may name (empty: fixed by the artifact).
-        options: which optional `RuntimeOptions` fields it takes (DTYPE, PROVIDER, VISION_TOWER, THREADS).
+        options: which optional `RuntimeOptions` fields it takes (DTYPE, PROVIDER, VISION_TOWER, THREADS, KV_TYPE).
     """
 
     reports_routing: bool
@@ -235,6 +238,7 @@ class CallTimings:
     """Seconds spent inside the runtime's own calls, accumulated since load (for `bench`/`compare`)."""
 
     load_s: float = 0.0
+    load_parts_s: dict[str, float] = field(default_factory=dict)  # where load_s went, when the runtime measures it (e.g. bundle check, weights, context)
     prefill_s: list[float] = field(default_factory=list)
     decode_s: list[float] = field(default_factory=list)
 
@@ -289,6 +293,11 @@ class Runtime(ABC):
     def _decode(self, tokens: torch.Tensor) -> StepOutput:
         """Feed one validated token per row [B] after the previous pass; return the next logits."""
 
+    def settings(self) -> dict[str, str | int | float | bool]:
+        """Choices made at load that decide speed, memory or fidelity (e.g. the KV cache type), for
+        `run --json`; empty unless the runtime has such choices."""
+        return {}
+
     def close(self) -> None:
         """Free the runtime's resources."""
 
@@ -303,7 +312,7 @@ class Runtime(ABC):
                 a --dtype it cannot compute in, or a thread count below 1.
         """
         caps = cls.capabilities
-        given = {DTYPE: options.dtype, PROVIDER: options.provider, VISION_TOWER: options.vision_tower, THREADS: options.num_threads}
+        given = {DTYPE: options.dtype, PROVIDER: options.provider, VISION_TOWER: options.vision_tower, THREADS: options.num_threads, KV_TYPE: options.kv_type}
         for key, value in given.items():
             if value is not None and key not in caps.options:
                 raise InputError(f"{_OPTION_FLAGS[key]} {_option_text(value)} does not apply to the {cls.name} runtime: {_option_hint(cls, key)}")
@@ -315,7 +324,7 @@ class Runtime(ABC):
         if options.num_threads is not None and options.num_threads < 1:
             raise InputError(f"--threads must be at least 1, got {options.num_threads}")
         threads = options.num_threads if options.num_threads is not None else default_threads()
-        return ResolvedOptions(device, options.dtype, threads, options.num_threads is not None, options.vision_tower, options.provider)
+        return ResolvedOptions(device, options.dtype, threads, options.num_threads is not None, options.vision_tower, options.provider, options.kv_type)
 
     def check_fits(self, requests: list[PreparedRequest], max_new_tokens: int) -> None:
         """Refuse prompts that cannot fit the model's context with `max_new_tokens` generated.
@@ -466,6 +475,8 @@ def _option_text(value: object) -> str:
     """An option's value as the user spelled it on the command line."""
     if isinstance(value, Precision):
         return value.torch_name if value.is_float else value.value
+    if isinstance(value, KvType):
+        return value.value
     return str(value)
 
 
@@ -476,6 +487,8 @@ def _option_hint(cls: type[Runtime], key: str) -> str:
         return "the tower is exported into the bundle; pass --vision-tower to `medmoe-edge export`"
     if key == DTYPE:
         return "the precision is the bundle's; export a bundle with another precision"
+    if key == KV_TYPE:
+        return "--kv-type is an option of the llamacpp runtime"
     return "drop the option"
 
 

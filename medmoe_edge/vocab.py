@@ -182,6 +182,38 @@ class Component(str, Enum):
     LM_HEAD = "lm_head"
 
 
+class KvType(str, Enum):
+    """Element type of a runtime's KV cache (`--kv-type`; llama.cpp's `type_k`/`type_v`).
+
+    F32 rounds nothing; F16 halves the cache and rounds each cached key and value to fp16; Q8_0
+    stores blocks of 32 int8 codes with one fp16 scale (about a quarter of F32). docs/GGUF.md has
+    the measured fidelity and speed of each.
+    """
+
+    F32 = "f32"
+    F16 = "f16"
+    Q8_0 = "q8_0"
+
+    @property
+    def bytes_per_value(self) -> float:
+        """Bytes per cached value, block scales included (Q8_0: 34 bytes per 32 values)."""
+        return {KvType.F32: 4.0, KvType.F16: 2.0, KvType.Q8_0: 34 / 32}[self]
+
+    @classmethod
+    def parse(cls, text: str) -> KvType:
+        """'f32', 'f16' or 'q8_0' (any case; 'fp32'/'fp16' too).
+
+        Raises:
+            InputError: anything else, naming the choices.
+        """
+        key = text.strip().lower()
+        key = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16"}.get(key, key)
+        try:
+            return cls(key)
+        except ValueError:
+            raise InputError(f"--kv-type {text!r} is not a KV cache type: use one of {', '.join(k.value for k in cls)}") from None
+
+
 class DeviceKind(str, Enum):
     """Where a runtime computes."""
 
@@ -218,4 +250,4 @@ class Device:
         return self.kind.value if self.index is None else f"{self.kind.value}:{self.index}"
 
 
-__all__ = ["FLOAT_PRECISIONS", "ArtifactKind", "Component", "Device", "DeviceKind", "Precision", "PrecisionKind"]
+__all__ = ["FLOAT_PRECISIONS", "ArtifactKind", "Component", "Device", "DeviceKind", "KvType", "Precision", "PrecisionKind"]

@@ -8,6 +8,7 @@ for runtime implementations and third-party plugins.
 from medmoe_edge.generation import StepOutput
 from medmoe_edge.runtime_contract import (
     DTYPE,
+    KV_TYPE,
     PROVIDER,
     THREADS,
     VISION_TOWER,
@@ -23,10 +24,11 @@ from medmoe_edge.runtime_contract import (
     prompt_routing_counts,
     token_kinds,
 )
-from medmoe_edge.vocab import ArtifactKind, Device, DeviceKind, Precision
+from medmoe_edge.vocab import ArtifactKind, Device, DeviceKind, KvType, Precision
 
 __all__ = [
     "DTYPE",
+    "KV_TYPE",
     "PROVIDER",
     "THREADS",
     "VISION_TOWER",
@@ -35,6 +37,7 @@ __all__ = [
     "Capabilities",
     "Device",
     "DeviceKind",
+    "KvType",
     "ModelInfo",
     "Precision",
     "PreparedRequest",

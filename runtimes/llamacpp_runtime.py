@@ -20,9 +20,10 @@ How a prompt runs (the same positions as the reference splice, spec §5.3):
   by mtmd's fixed-size preprocessor, which then normalises with the mean/std in mmproj.gguf, so
   mtmd sees the same pixels as the reference (design §6.4). Pixel tensors that do not come from
   8-bit images (e.g. random tensors) are quantised to the nearest 8-bit value.
-* The KV cache is F32 (`type_k = type_v = GGML_TYPE_F32`) and flash attention is off, so that
-  the only rounding left is the GGUF's own weight type; an F32 bundle then follows the PyTorch
-  reference closely (F16 KV would round every cached key and value).
+* The KV cache type is `--kv-type` (f32, f16 or q8_0; default `DEFAULT_KV_TYPE`, chosen from the
+  fidelity and speed measured in docs/GGUF.md). F32 rounds nothing, so the only rounding left is
+  the GGUF's own weight type; F16 halves the cache. llama.cpp stores a quantized V cache only
+  with flash attention, so q8_0 turns it on; f32 and f16 run without it (`FLASH_ATTN`).
 * One request at a time (llama.cpp sequences are not batched here). `n_ctx` is the manifest's
   `context_length`. Only the last position's logits are computed.
 * llama.cpp does not report routing: `StepOutput.experts` is empty and `prompt_routing` None.
@@ -35,6 +36,8 @@ built with CUDA (`bash scripts/build_llamacpp.sh cuda`).
 from __future__ import annotations
 
 import ctypes
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,14 +52,28 @@ from medmoe_edge.llamacpp_lib import ARCH_NAMES, BUILD_COMMAND, file_type_precis
 from medmoe_edge.model.medmoe import IMAGE_TOKEN_INDEX
 from medmoe_edge.tokenizer import Tokenizer
 
-from .base import THREADS, ArtifactKind, Availability, Capabilities, Device, DeviceKind, ModelInfo, PreparedRequest, ResolvedOptions, Runtime
+from .base import KV_TYPE, THREADS, ArtifactKind, Availability, Capabilities, Device, DeviceKind, KvType, ModelInfo, PreparedRequest, ResolvedOptions, Runtime
 
 TEXT_GRAPH, MMPROJ_GRAPH = "text", "mmproj"  # manifest.graphs keys of the text GGUF and the mmproj GGUF
 
-_GGML_TYPE_F32 = 0
-_FLASH_ATTN_DISABLED = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
+_GGML_TYPE = {KvType.F32: 0, KvType.F16: 1, KvType.Q8_0: 8}  # ggml_type codes (ggml.h)
+_FLASH_ATTN_DISABLED, _FLASH_ATTN_ENABLED = 0, 1  # LLAMA_FLASH_ATTN_TYPE_*
+# Flash attention per KV type: llama.cpp refuses a quantized V cache without it; for f32/f16 the
+# non-FA path is kept (docs/GGUF.md: KV cache types, measured).
+FLASH_ATTN = {KvType.F32: _FLASH_ATTN_DISABLED, KvType.F16: _FLASH_ATTN_DISABLED, KvType.Q8_0: _FLASH_ATTN_ENABLED}
+DEFAULT_KV_TYPE = KvType.F16  # docs/GGUF.md "KV cache types": same answers as F32 on the demo eval split, half the memory
 _SPLIT_MODE_NONE = 0  # LLAMA_SPLIT_MODE_NONE: the whole model on main_gpu
 _MAX_BATCH = 2048  # tokens per llama_decode call (llama.cpp splits it into n_ubatch micro-batches)
+# Prefill micro-batch and mtmd's attention: measured on the real-dimension proxy
+# (benchmarks/gguf_ttft.py, docs/GGUF.md "Time to first token"); module-level so that benchmark
+# children can set other values before loading.
+N_UBATCH = 512
+MTMD_FLASH_ATTN = _FLASH_ATTN_DISABLED
+# How the text GGUF's weights are loaded (benchmarks/gguf_load_memory.py, docs/GGUF.md "Load time
+# and memory"): LOAD_MODE is a llama_load_mode (None: llama.cpp's default, mmap), USE_EXTRA_BUFTS
+# whether ggml-cpu may repack weights into its interleaved layouts at load.
+LOAD_MODE: int | None = None
+USE_EXTRA_BUFTS = True
 
 
 def _gpu_offload(device: Device, lib) -> bool:
@@ -66,6 +83,15 @@ def _gpu_offload(device: Device, lib) -> bool:
     if not lib.llama_supports_gpu_offload():
         raise InputError(f"--device {device}: this llama-cpp-python was built without GPU support; rebuild it with `{BUILD_COMMAND} cuda`, or use --device cpu")
     return True
+
+
+def _rss_mib() -> float | None:
+    """This process's resident memory now, in MiB (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def pixels_to_rgb8(pixels: torch.Tensor, processor: ImageProcessorSpec) -> np.ndarray:
@@ -88,7 +114,7 @@ class LlamaCppRuntime(Runtime):
     artifact_kind = ArtifactKind.GGUF
     description = "llama.cpp (patched llama-cpp-python) on a GGUF bundle: F32/F16/quantised weights, CPU or CUDA"
     # one sequence at a time, no routing report; the precision is the bundle's GGUF types (no --dtype)
-    capabilities = Capabilities(reports_routing=False, max_batch=1, devices=(DeviceKind.CPU, DeviceKind.CUDA), options=frozenset({THREADS}))
+    capabilities = Capabilities(reports_routing=False, max_batch=1, devices=(DeviceKind.CPU, DeviceKind.CUDA), options=frozenset({THREADS, KV_TYPE}))
 
     @classmethod
     def availability(cls) -> Availability:
@@ -105,6 +131,9 @@ class LlamaCppRuntime(Runtime):
         self._model = self._ctx = self._mctx = None
         self._tok_batch = self._emb_batch = None
         self._n_past: int | None = None
+        self.kv_type = options.kv_type or DEFAULT_KV_TYPE
+        parts = self.timings.load_parts_s
+        t0 = time.perf_counter()
 
         lib = require_patched_llama_cpp()
         _llama_cpp, _lib, mtmd = import_llama()
@@ -113,7 +142,12 @@ class LlamaCppRuntime(Runtime):
         self._lib, self._mtmd = lib, mtmd
 
         self.dir = Path(model)
+        t1 = time.perf_counter()
+        parts["library_s"] = t1 - t0
+        self.load_rss_mib: dict[str, float | None] = {"library": _rss_mib()}  # resident memory after each load part
         self.manifest: Manifest = open_bundle(self.dir, ArtifactKind.GGUF)
+        parts["bundle_check_s"] = time.perf_counter() - t1  # SHA-256 of every listed file
+        self.load_rss_mib["bundle_check"] = _rss_mib()
         spec, _cfg, tower = read_spec(self.dir)
         self.spec = spec
         self.processor: ImageProcessorSpec = tower.processor
@@ -151,10 +185,17 @@ class LlamaCppRuntime(Runtime):
         lib, mtmd = self._lib, self._mtmd
         mp = lib.llama_model_default_params()
         mp.n_gpu_layers = -1 if gpu else 0  # -1: every layer
+        if LOAD_MODE is not None:
+            mp.load_mode = LOAD_MODE
+        mp.use_extra_bufts = USE_EXTRA_BUFTS
         if gpu:
             mp.split_mode = _SPLIT_MODE_NONE
             mp.main_gpu = gpu_index
+        parts = self.timings.load_parts_s
+        t0 = time.perf_counter()
         self._model = lib.llama_model_load_from_file(str(text_path).encode(), mp)
+        parts["text_model_s"] = time.perf_counter() - t0
+        self.load_rss_mib["text_model"] = _rss_mib()
         if not self._model:
             raise CheckpointError(f"llama.cpp could not load {text_path} (see the error above): is it a medmoe GGUF from `medmoe-edge export --format gguf`?")
 
@@ -163,18 +204,22 @@ class LlamaCppRuntime(Runtime):
         cp = lib.llama_context_default_params()
         cp.n_ctx = n_ctx
         cp.n_batch = self.n_batch
-        cp.n_ubatch = min(cp.n_ubatch, self.n_batch)
+        cp.n_ubatch = min(N_UBATCH, self.n_batch)
         cp.n_seq_max = 1
         # llama.cpp's default is 4 threads whatever the machine; more threads than cores makes its
         # spinning workers fight (a 2-core machine decodes far slower with 4), so `threads` defaults
         # to the cores we may use (`default_threads`, in the base class).
         cp.n_threads = cp.n_threads_batch = threads
-        cp.type_k = cp.type_v = _GGML_TYPE_F32  # fidelity: no rounding of cached keys/values
-        cp.flash_attn_type = _FLASH_ATTN_DISABLED  # the F32 KV path; FA would need F16 K/V on some backends
+        cp.type_k = cp.type_v = _GGML_TYPE[self.kv_type]
+        cp.flash_attn_type = FLASH_ATTN[self.kv_type]
         cp.offload_kqv = gpu
         cp.embeddings = False
         cp.no_perf = True
+        self.n_ubatch = int(cp.n_ubatch)
+        t0 = time.perf_counter()
         self._ctx = lib.llama_init_from_model(self._model, cp)
+        parts["context_s"] = time.perf_counter() - t0  # KV cache and compute buffers
+        self.load_rss_mib["context"] = _rss_mib()
         if not self._ctx:
             raise RuntimeUnavailable(f"llama.cpp could not create a context of {n_ctx} positions (out of memory?)")
 
@@ -191,8 +236,11 @@ class LlamaCppRuntime(Runtime):
         mparams.n_threads = threads
         mparams.print_timings = False
         mparams.warmup = gpu  # on GPU, allocate the vision graph at load instead of on the first image
-        mparams.flash_attn_type = _FLASH_ATTN_DISABLED
+        mparams.flash_attn_type = MTMD_FLASH_ATTN
+        t0 = time.perf_counter()
         self._mctx = mtmd.mtmd_init_from_file(str(mmproj_path).encode(), self._model, mparams)
+        parts["mmproj_s"] = time.perf_counter() - t0
+        self.load_rss_mib["mmproj"] = _rss_mib()
         if not self._mctx:
             raise CheckpointError(f"mtmd could not load {mmproj_path} for {text_path.name} (see the error above)")
 
@@ -224,6 +272,24 @@ class LlamaCppRuntime(Runtime):
     @property
     def model_info(self) -> ModelInfo:
         return self._info
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the KV cache at the context's size: keys and values of every layer and position."""
+        mm = self.manifest.model
+        kv_width = self.spec.text.num_kv_heads * self.spec.text.head_dim
+        return int(2 * mm.num_layers * self.context_length * kv_width * self.kv_type.bytes_per_value)
+
+    def settings(self) -> dict[str, str | int | float | bool]:
+        return {
+            "kv_type": self.kv_type.value,
+            "flash_attn": FLASH_ATTN[self.kv_type] == _FLASH_ATTN_ENABLED,
+            "n_ctx": self.context_length,
+            "n_batch": self.n_batch,
+            "n_ubatch": self.n_ubatch,
+            "mtmd_flash_attn": MTMD_FLASH_ATTN == _FLASH_ATTN_ENABLED,
+            "kv_cache_mib": round(self.kv_cache_bytes / 2**20, 1),
+        }
 
     # ---- llama.cpp calls -------------------------------------------------------------------
 

@@ -131,6 +131,28 @@ def test_mmproj_image_rows_match_the_reference_encoder(gguf_bundles, sample_png)
         rt.close()
 
 
+@pytest.mark.parametrize("name", ["demo", "tiny-phi", "tiny-stablelm"])
+def test_f32_bundle_with_the_image_matches_the_reference(name, gguf_bundles):
+    """Image through mtmd (the projector's exact erf GELU, selected by the mmproj key the patch adds) and
+    text through llama.cpp: with an F32 KV cache, logits within 2e-3 of the reference on the export
+    check's 16 eval questions; with the default KV type too, every tolerance of that check passes."""
+    from gguf import GGUFReader
+
+    from medmoe_edge.export.gguf_mmproj import PROJ_GELU_ERF_KEY
+    from medmoe_edge.runtimes.base import KvType, RuntimeOptions
+    from medmoe_edge.workflows import verify_bundle
+
+    _, bundle = gguf_bundles[name]
+    field = GGUFReader(str(bundle / "mmproj.gguf")).fields[PROJ_GELU_ERF_KEY]
+    assert bool(field.parts[field.data[0]][0]) is True
+    for kv in (KvType.F32, None):  # F32 KV: nothing rounded; None: the default, as `export` checks
+        rep = verify_bundle(bundle, limit=16, options=RuntimeOptions(kv_type=kv)).report
+        assert len(rep.samples) == 16 and rep.passed
+        if kv is KvType.F32:
+            assert rep.metrics["logits_max_abs"] <= 2e-3, rep.metrics
+            assert rep.metrics["logits_cosine_min"] >= 0.99999 and rep.metrics["token_agreement"] == 1.0
+
+
 def test_cli_export_and_run_answer_like_the_reference(tmp_path):
     from pydicom.data import get_testdata_file
 

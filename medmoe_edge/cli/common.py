@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from ..errors import MedmoeError
 from ..runtime_contract import RuntimeOptions
-from ..vocab import FLOAT_PRECISIONS, Precision
+from ..vocab import FLOAT_PRECISIONS, KvType, Precision
 
 out = Console()  # results
 err = Console(stderr=True)  # progress, status and errors
@@ -78,13 +78,15 @@ DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N
 DtypeOption = Annotated[str | None, typer.Option("--dtype", help="Compute precision of the torch runtime: float32 (default), float16 or bfloat16; a bundle computes in its own.")]
 ThreadsOption = Annotated[int | None, typer.Option("--threads", help="CPU threads [default: the usable cores minus the other runnable tasks, at least 1].")]
 ProviderOption = Annotated[str | None, typer.Option("--provider", help="onnxruntime execution provider: cpu, cuda or tensorrt (never a silent fallback).")]
+KvTypeOption = Annotated[str | None, typer.Option("--kv-type", help="llamacpp KV cache type: f32, f16 or q8_0 [default: f16, docs/GGUF.md].")]
 VisionTowerOption = Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")]
 
 
-def runtime_options(*, device: str = "cpu", dtype: str | None = None, threads: int | None = None, vision_tower=None, provider: str | None = None) -> RuntimeOptions:
+def runtime_options(*, device: str = "cpu", dtype: str | None = None, threads: int | None = None, vision_tower=None, provider: str | None = None, kv_type: str | None = None) -> RuntimeOptions:
     """The runtime options of a command's flags, parsed in one place for every command that runs a model."""
     precision = Precision.parse(dtype, allowed=FLOAT_PRECISIONS, option="--dtype") if dtype is not None else None
-    return RuntimeOptions(device=device, dtype=precision, num_threads=threads, vision_tower=vision_tower, provider=provider)
+    kv = KvType.parse(kv_type) if kv_type is not None else None
+    return RuntimeOptions(device=device, dtype=precision, num_threads=threads, vision_tower=vision_tower, provider=provider, kv_type=kv)
 
 
 def print_json(obj: Any) -> None:

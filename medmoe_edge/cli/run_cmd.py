@@ -14,7 +14,7 @@ from ..demo import DEMO_LABEL, is_demo
 from ..generation import GenerationConfig
 from ..imaging import PreprocessMode, load_image
 from ..prompt import build_prompt
-from .common import DeviceOption, DtypeOption, ProviderOption, ThreadsOption, VisionTowerOption, err, print_json, runtime_options, user_errors
+from .common import DeviceOption, DtypeOption, KvTypeOption, ProviderOption, ThreadsOption, VisionTowerOption, err, print_json, runtime_options, user_errors
 
 
 def peak_rss_mb() -> float:
@@ -40,12 +40,13 @@ def run(
     dtype: DtypeOption = None,
     threads: ThreadsOption = None,
     vision_tower: VisionTowerOption = None,
+    kv_type: KvTypeOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (answer, token ids, timings, memory, experts per MoE layer).")] = False,
 ) -> None:
     """Answer a question about a medical image with Med-MoE."""
     # Everything that can be checked without the model is checked before it loads (seconds to minutes).
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    options = runtime_options(device=device, dtype=dtype, threads=threads, vision_tower=vision_tower, provider=provider)
+    options = runtime_options(device=device, dtype=dtype, threads=threads, vision_tower=vision_tower, provider=provider, kv_type=kv_type)
     build_prompt(question)  # refuses an empty question
     loaded = load_image(image, frame=frame)
     with err.status(f"loading {model} with the {runtime} runtime"):
@@ -57,7 +58,11 @@ def run(
             ans = pipe.answer(loaded, question, generation=gen, preprocess_mode=preprocess)
             obj = ans.to_json()
             obj["timings"] |= {"load_s": pipe.runtime.timings.load_s, "threads": pipe.runtime.options.num_threads}
+            if pipe.runtime.timings.load_parts_s:
+                obj["timings"]["load_parts_s"] = {k: round(v, 4) for k, v in pipe.runtime.timings.load_parts_s.items()}
             obj["memory"] = {"peak_rss_mb": round(peak_rss_mb(), 1)}
+            if pipe.runtime.settings():
+                obj["runtime_settings"] = pipe.runtime.settings()  # e.g. llamacpp's kv_type
             obj.update(runtime=runtime, model=str(model), preprocess=preprocess.value, generation=gen.__dict__)
             if is_demo(model):
                 obj["model_note"] = DEMO_LABEL
