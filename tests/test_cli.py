@@ -48,7 +48,7 @@ def test_crop_and_pad_differ_on_non_square_image(tiny_ckpts, sample_png):
     ("args", "message"),
     [
         (["--image", "missing.png"], "image file not found"),
-        (["--runtime", "nope"], "unknown runtime 'nope'; installed runtimes: llamacpp, onnxruntime, torch"),
+        (["--runtime", "nope"], "unknown runtime 'nope'; installed runtimes: llamacpp, onnxruntime, tensorrt, torch"),
         (["--temperature", "-2"], "--temperature must be in"),
         (["--device", "cuda:7"], "--device"),
         (["--question", "   "], "the question is empty"),

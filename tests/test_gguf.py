@@ -222,7 +222,7 @@ def test_bad_options_are_one_line_errors(gguf_bundles, tiny_ckpts, tmp_path):
     r = runner.invoke(app, ["export", "--format", "gguf", "--quant", "q3_xs", "--model", str(src), "--out", str(tmp_path / "a")])
     assert r.exit_code == 2 and "--quant 'q3_xs' is not supported" in r.output and not (tmp_path / "a").exists()
     r = runner.invoke(app, ["export", "--format", "gguf", "--precision", "fp16", "--model", str(src), "--out", str(tmp_path / "b")])
-    assert r.exit_code == 2 and "--precision does not apply to --format gguf (it applies to --format onnx)" in r.output
+    assert r.exit_code == 2 and "--precision does not apply to --format gguf (it applies to --format onnx / tensorrt)" in r.output
     r = runner.invoke(app, ["export", "--format", "onnx", "--mmproj-dtype", "f16", "--model", str(src), "--out", str(tmp_path / "c")])
     assert r.exit_code == 2 and "--mmproj-dtype does not apply to --format onnx (it applies to --format gguf)" in r.output and not (tmp_path / "c").exists()
     r = runner.invoke(app, ["export", "--format", "gguf", "--mmproj-dtype", "q8_0", "--model", str(src), "--out", str(tmp_path / "d")])

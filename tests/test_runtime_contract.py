@@ -135,6 +135,9 @@ def runtime_cls(request) -> type[Runtime]:
     if not av.available or entry.cls is None:
         pytest.skip(f"runtime {request.param} is not available here: {av.reason}")
     cls = entry.cls
+    # the scenarios run on the CPU; a GPU-only runtime (tensorrt) runs them only where torch sees a GPU
+    if DeviceKind.CPU not in cls.capabilities.devices and not torch.cuda.is_available():
+        pytest.skip(f"runtime {request.param} runs on a GPU only and there is none here")
     if cls.artifact_kind is not ArtifactKind.CHECKPOINT and exporter_for(cls) is None:
         pytest.skip(f"no installed exporter writes {cls.artifact_kind.value} artifacts for runtime {request.param}")
     return cls
