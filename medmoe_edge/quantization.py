@@ -16,14 +16,24 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+from dataclasses import dataclass
+
+import torch
+
+from .allocation import BACKENDS, INT_BITS, Allocation, Unit, budget_from, guard, solve
+from .bundle import Manifest
 from .calib_stats import CalibSettings, CalibStats, read_key
 from .calibration.collect import collect, select
+from .calibration.sensitivity import CodeBook, measure, swap
 from .calibration.sets import QuestionSet, resolve_set
-from .checkpoint import load_model, resolve_model_dir
+from .checkpoint import LoadedModel, load_model, resolve_model_dir
 from .ckpt_writer import atomic_dir, check_new_dir
 from .errors import InputError
 from .imaging import PreprocessMode
+from .quant_plan import QuantMethod, QuantPlan, QuantRule, QuantSpec
+from .quantizer import DEFAULT_BLOCK, QTensor
 from .support_files import checkpoint_source_sha256
+from .vocab import Precision
 
 Status = Callable[[str], AbstractContextManager]
 Progress = Callable[[int, int], None]
@@ -95,4 +105,164 @@ def calibrate(
     return stats, False
 
 
-__all__ = ["SENSITIVITY_PER_DOMAIN", "calibrate", "resolve_calibration_set"]
+
+# --- quantize -------------------------------------------------------------------------------
+
+FORMATS = ("onnx", "gguf", "tensorrt")
+ROUTER_GUARD = 0.995  # least router agreement a unit's choice may keep (EAQuant)
+METHODS = {"gptq": QuantMethod.GPTQ, "rtn": QuantMethod.RTN, "imatrix-rtn": QuantMethod.IMATRIX_RTN}
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """A measured allocation, the plan it makes and the codes of every quantized matrix."""
+
+    allocation: Allocation
+    plan: QuantPlan
+    codes: dict[str, QTensor]
+    units: tuple[Unit, ...]
+
+
+def parse_method(text: str) -> QuantMethod:
+    """--method: gptq, rtn or imatrix-rtn.
+
+    Raises:
+        InputError: anything else.
+    """
+    if text.lower() not in METHODS:
+        raise InputError(f"--method {text!r} is not a quantization method: use one of {', '.join(METHODS)}")
+    return METHODS[text.lower()]
+
+
+def load_stats(stats_dir: Path, model_dir: Path, model: str | Path) -> CalibStats:
+    """The statistics of `stats_dir`, refused when they were computed from another checkpoint."""
+    stats = CalibStats.load(stats_dir)
+    stats.check_model(checkpoint_source_sha256(model_dir), str(model), stats_dir)
+    return stats
+
+
+def make_plan(
+    loaded: LoadedModel,
+    stats: CalibStats,
+    backend: str,
+    *,
+    method: QuantMethod = QuantMethod.GPTQ,
+    budget_mb: float | None = None,
+    avg_bits: float | None = None,
+    block: int = DEFAULT_BLOCK,
+    router_guard: float = ROUTER_GUARD,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> PlanResult:
+    """Measure sensitivities (cached in `cache_dir`), solve the knapsack and quantize the chosen groups.
+
+    The budget covers the planned matrices (LLM matrices and projector, scales included); norms,
+    biases, routers and the vision tower stay in floating point outside it.
+
+    Raises:
+        InputError: a budget below the smallest types, an unknown backend.
+    """
+    if backend not in BACKENDS:
+        raise InputError(f"no allocation backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    b = BACKENDS[backend]
+    book = CodeBook(stats, method, block, symmetric=not b.zero_point)
+    measured = measure(loaded, stats, b, book, cache_dir=cache_dir, progress=progress)
+    units = tuple(Unit(u.name, u.keys, u.params, guard(u.choices, router_guard)) for u in measured)
+    alloc = solve(units, budget_from(units, budget_mb=budget_mb, avg_bits=avg_bits))
+    state = loaded.model.lm.state_dict()
+    rules, codes = [], {}
+    for u, c in zip(units, alloc.picks):
+        if c.precision.is_float:
+            continue
+        note = {"delta_kl": c.delta, "router_agreement": c.router_agreement, "bytes": c.nbytes, "params": u.params, "calibration_set_sha256": stats.settings.set_sha256}
+        rules.append(QuantRule(u.name, QuantSpec(c.precision, c.method, block), note))
+        for k in u.keys:
+            codes[k] = book.get(k, state[k], INT_BITS[c.precision])
+    plan = QuantPlan(QuantSpec(Precision.FP32), tuple(rules), calibration=stats.key)
+    return PlanResult(alloc, plan, codes, units)
+
+
+def fake_quantize(loaded: LoadedModel, codes: dict[str, QTensor]) -> dict[str, torch.Tensor]:
+    """The PyTorch oracle: put the dequantized codes into the reference model; returns the
+    replaced fp32 weights (pass them to `restore`)."""
+    return swap(loaded, {k: q.dequantize() for k, q in codes.items()})
+
+
+def restore(loaded: LoadedModel, original: dict[str, torch.Tensor]) -> None:
+    swap(loaded, original)
+
+
+def _embedded_trace(model_dir: Path, questions: int):
+    """The 16-question eval trace every export embeds (so `verify BUNDLE` works without the checkpoint)."""
+    from .api import load
+    from .trace import TraceQuestion, record
+
+    samples, root = resolve_set("eval")
+    with load(model_dir, runtime="torch") as ref:
+        qs = []
+        for s in samples[:questions]:
+            req, _ = ref.prepare(root / s.image, s.question)
+            qs.append(TraceQuestion(s.id, s.question, req, {"domain": s.domain.value, "answer_type": s.answer_type, "ground_truth": s.answer}))
+        return record(ref.runtime, qs, source_sha256=checkpoint_source_sha256(model_dir), max_new_tokens=32, preprocess=PreprocessMode.PAD.value, set_name="eval")
+
+
+def quantize_bundle(
+    model: str | Path,
+    fmt: str,
+    stats_dir: Path,
+    out: Path,
+    *,
+    budget_mb: float | None = None,
+    avg_bits: float | None = None,
+    method: QuantMethod = QuantMethod.GPTQ,
+    block: int = DEFAULT_BLOCK,
+    trace_questions: int = 16,
+    status: Status = _quiet,
+    progress: Progress | None = None,
+) -> tuple[Manifest, PlanResult]:
+    """`medmoe-edge quantize`: statistics → plan → codes → a bundle of `fmt` whose manifest carries the plan.
+
+    Raises:
+        InputError: an unknown format, statistics of another model, a bad budget, a non-empty `out`.
+    """
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r} cannot be quantized: use one of {', '.join(FORMATS)}")
+    if fmt == "gguf":
+        raise InputError("--format gguf quantization plans are not implemented yet (the GGUF emitter is pending): use --format onnx, or `medmoe-edge export --format gguf --quant TYPE`")
+    if (budget_mb is None) == (avg_bits is None):
+        raise InputError("give exactly one of --budget-mb and --avg-bits")
+    model_dir = resolve_model_dir(model)
+    stats = load_stats(stats_dir, model_dir, model)
+    check_new_dir(out)
+    from .export.onnx_quant import OnnxQuantExporter
+
+    with status(f"loading {model}"):
+        loaded = load_model(model_dir)
+    with status("measuring sensitivities and allocating bits"):
+        result = make_plan(loaded, stats, fmt, method=method, budget_mb=budget_mb, avg_bits=avg_bits, block=block, cache_dir=stats_dir, progress=progress)
+    trace = _embedded_trace(model_dir, trace_questions) if trace_questions else None
+    a = result.allocation
+    summary = {
+        "backend": fmt,
+        "method": method.value,
+        "block": block,
+        "symmetric": fmt == "tensorrt",
+        "budget_bytes": a.budget,
+        "predicted_bytes": a.nbytes,
+        "predicted_delta_kl": a.predicted_delta,
+        "bits_per_weight": a.bits_per_weight,
+        "planned_params": a.params,
+        "calibration": {"key": stats.key, "set": stats.settings.set_name, "set_sha256": stats.settings.set_sha256, "domains": list(stats.settings.domains)},
+    }
+    exporter = OnnxQuantExporter(result.codes, summary)
+    request = OnnxQuantExporter.request({}, plan=result.plan)
+
+    def embed(tmp: Path) -> dict[str, str]:
+        return {p.name: "reference-trace" for p in trace.save(tmp)} if trace is not None else {}
+
+    with status(f"writing the {fmt} bundle"):
+        manifest = exporter.export(model_dir, out, request, embed=embed)
+    return manifest, result
+
+
+__all__ = ["FORMATS", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "quantize_bundle", "resolve_calibration_set", "restore"]

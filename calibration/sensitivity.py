@@ -1,0 +1,193 @@
+"""Measured sensitivity: ΔKL of answer logits per allocation unit and candidate precision.
+
+For every unit (a TensorId group, or a GGUF layer×projection stack) and every integer candidate
+of the backend, only that unit's matrices are replaced by the dequantized codes the quantizer
+core produces (the same codes the emitters will write), the kept teacher-forced calibration
+sequences are run once, batched, and compared with the fp32 run:
+
+* ΔD = mean over answer positions (answer tokens + EOS) of KL(p_fp32 ‖ p_quant);
+* router agreement = share of (real position, MoE layer) whose top-1 expert is unchanged
+  (EAQuant: a flipped route sends a token to an expert that never saw such tokens).
+
+The vision tower stays in floating point, so its output is computed once. Codes are cached per
+(matrix, bits), so the final plan's codes are those that were measured. Results are cached in the
+statistics directory by (statistics key, backend, method, block, symmetric).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from medmoe_edge.allocation import INT_BITS, Backend, Choice, Unit
+from medmoe_edge.calib_stats import CalibStats
+from medmoe_edge.checkpoint import LoadedModel
+from medmoe_edge.quant_plan import QuantMethod
+from medmoe_edge.quantizer import DEFAULT_BLOCK, QTensor, QuantizerConfig, packed_bytes, quantize
+from medmoe_edge.tensor_ids import checkpoint_id
+from medmoe_edge.vocab import Component, Precision
+
+from .collect import quantizable_linears
+from .teacher import TeacherSequence, image_features
+
+Progress = Callable[[int, int], None]
+EMBED_KEY = "model.embed_tokens.weight"
+
+
+def units_for(loaded: LoadedModel, backend: Backend) -> list[Unit]:
+    """The allocation units of a model for a backend, in TensorId order (choices not yet measured)."""
+    keys = list(quantizable_linears(loaded))
+    if backend.quantize_embed:
+        keys.append(EMBED_KEY)
+    groups: dict[str, list[str]] = {}
+    order: dict[str, object] = {}
+    for k in keys:
+        tid = checkpoint_id(k)
+        if backend.stacked_experts and tid.component is Component.EXPERT:
+            name = f"layers.{tid.layer}.expert.*.{tid.proj}"
+            order.setdefault(name, tid.group.sort_key()[:3] + (99, ("fc1", "fc2", "gate", "up", "down").index(tid.proj)))
+        else:
+            name = str(tid.group)
+            order.setdefault(name, tid.group.sort_key())
+        groups.setdefault(name, []).append(k)
+    state = loaded.model.lm.state_dict()
+    return [Unit(n, tuple(groups[n]), sum(state[k].numel() for k in groups[n])) for n in sorted(groups, key=lambda n: order[n])]
+
+
+def choice_bytes(params: int, precision: Precision, backend: Backend, block: int) -> int:
+    """Bytes of `params` weights at `precision` as the backend stores them."""
+    if precision.is_float:
+        return params * int(precision.bits) // 8
+    return packed_bytes(params, INT_BITS[precision], block, scale_bytes=backend.scale_bytes, zero_point=backend.zero_point)
+
+
+@dataclass
+class CodeBook:
+    """Codes of every (matrix, bits) computed so far, so each is quantized exactly once."""
+
+    stats: CalibStats
+    method: QuantMethod
+    block: int = DEFAULT_BLOCK
+    symmetric: bool = False
+    codes: dict[tuple[str, int], QTensor] = field(default_factory=dict)
+
+    def get(self, key: str, weight: torch.Tensor, bits: int) -> QTensor:
+        if (key, bits) not in self.codes:
+            # the embedding is a lookup table, not a matrix fed by calibrated inputs: RTN
+            method = QuantMethod.RTN if key == EMBED_KEY or key not in self.stats.hessians else self.method
+            cfg = QuantizerConfig(bits, self.block, method, self.symmetric)
+            self.codes[(key, bits)] = quantize(weight, cfg, self.stats.hessians.get(key), self.stats.tokens.get(key, 0))
+        return self.codes[(key, bits)]
+
+
+class Probe:
+    """The kept calibration sequences, batched, with the fp32 answer distributions and routes."""
+
+    def __init__(self, loaded: LoadedModel, sequences: Sequence[TeacherSequence]) -> None:
+        self.loaded = loaded
+        self.sequences = list(sequences)
+        self.features = [image_features(loaded, s) for s in self.sequences]
+        logp, routes = self.run()
+        self.ref_logp, self.ref_routes = logp, routes
+        self.ref_p = logp.exp()
+
+    def run(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(log-probs of the answer positions [A, V], top-1 experts of every real position per MoE layer)."""
+        m = self.loaded.model
+        with torch.inference_mode():
+            rows = []
+            for s, f in zip(self.sequences, self.features):
+                rows.append(m.splice(s.token_ids, m.lm.model.mm_projector(f)))
+            b = m.make_batch(rows)
+            logits, routing = m.forward_embeds(b.embeds, b.positions, b.mask, None)
+            picks = [logits[i, s.answer_start - 1 : n - 1] for i, (s, n) in enumerate(zip(self.sequences, b.lengths))]
+            valid = b.mask.reshape(-1).bool()
+            routes = {layer: r.experts[:, 0][valid] for layer, r in routing.items()}
+        return torch.cat(picks).float().log_softmax(-1), routes
+
+    def measure(self) -> tuple[float, float]:
+        """(mean KL(p_fp32 ‖ p_now) over answer positions, router agreement) of the model as it is now."""
+        logp, routes = self.run()
+        kl = float((self.ref_p * (self.ref_logp - logp)).sum(-1).mean())
+        same = sum(int((routes[k] == self.ref_routes[k]).sum()) for k in routes)
+        total = sum(v.numel() for v in routes.values())
+        return max(kl, 0.0), same / max(total, 1)
+
+
+def swap(loaded: LoadedModel, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Put `weights` (checkpoint key → tensor) into the model; return the tensors they replaced."""
+    old = {}
+    with torch.no_grad():
+        for k, w in weights.items():
+            p = loaded.model.lm.get_parameter(k)
+            old[k] = p.detach().clone()
+            p.copy_(w.to(p.dtype))
+    return old
+
+
+def cache_name(stats: CalibStats, backend: Backend, method: QuantMethod, block: int) -> str:
+    blob = json.dumps([stats.key, backend.name, [p.value for p in backend.candidates], backend.zero_point, method.value, block, 1], sort_keys=True)
+    return f"sensitivity-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+
+
+def measure(
+    loaded: LoadedModel,
+    stats: CalibStats,
+    backend: Backend,
+    book: CodeBook,
+    *,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> list[Unit]:
+    """Every unit of `backend` with its measured choices (fp32 is ΔD = 0).
+
+    A unit with a few-token linear (`CalibStats.min_bits`) offers no choice below that floor.
+    """
+    units = units_for(loaded, backend)
+    cached: dict = {}
+    path = cache_dir / cache_name(stats, backend, book.method, book.block) if cache_dir is not None else None
+    if path is not None and path.is_file():
+        cached = json.loads(path.read_text())
+    state = loaded.model.lm.state_dict()
+    ints = [p for p in backend.candidates if not p.is_float]
+    todo = [(u, p) for u in units for p in ints if f"{u.name}|{p.value}" not in cached]
+    probe = Probe(loaded, [TeacherSequence.from_json(s) for s in stats.sequences]) if todo else None
+    for n, (u, p) in enumerate(todo):
+        bits = INT_BITS[p]
+        old = swap(loaded, {k: book.get(k, state[k], bits).dequantize() for k in u.keys})
+        try:
+            assert probe is not None
+            kl, agree = probe.measure()
+        finally:
+            swap(loaded, old)
+        cached[f"{u.name}|{p.value}"] = [kl, agree]
+        if progress:
+            progress(n + 1, len(todo))
+    if path is not None and todo:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(cached, f, indent=1)
+        os.replace(tmp, path)
+    out = []
+    for u in units:
+        floor = max((stats.min_bits(k) or 0) for k in u.keys)
+        choices = []
+        for p in backend.candidates:
+            if p.is_float:
+                choices.append(Choice(p, QuantMethod.CAST, choice_bytes(u.params, p, backend, book.block), 0.0, 1.0))
+            elif INT_BITS[p] >= floor:
+                kl, agree = cached[f"{u.name}|{p.value}"]
+                method = QuantMethod.RTN if u.keys == (EMBED_KEY,) else book.method
+                choices.append(Choice(p, method, choice_bytes(u.params, p, backend, book.block), kl, agree))
+        out.append(Unit(u.name, u.keys, u.params, tuple(choices)))
+    return out
+
+
+__all__ = ["CodeBook", "EMBED_KEY", "Probe", "choice_bytes", "measure", "swap", "units_for"]

@@ -1,0 +1,238 @@
+"""`medmoe-edge quantize --format onnx|tensorrt`: the ONNX exporter's graphs with planned weights as
+blocked `DequantizeLinear` → `MatMul` (opset 21), written from the quantizer core's codes.
+
+A post-process of the graphs `OnnxExporter` writes (that module is not changed): every planned
+weight is found among the initializers read by a MatMul or Gemm node (by value: W for a Gemm
+with transB=1, Wᵀ for a MatMul), and
+
+    MatMul(A, W_init)                    →  MatMul(A, DequantizeLinear(codes, scales, zero))
+    Gemm(A, W_init, C, transB=1)         →  Add(MatMul(A, DequantizeLinear(codes, ...)), C)
+
+DQ works on Wᵀ [K, N] with axis 0 and block_size = the quantizer's block: codes [K, N],
+scales [K/bs, N] fp32 (DQ's output type is its scale's), zero points [K/bs, N] in the codes'
+type (uint4/uint8; none for TensorRT's symmetric int4/int8). ONNX Runtime 1.32 CPU fuses DQ +
+MatMul into MatMulNBits, and DQ + Gemm it does not (quantization-study §3a), which is why the
+experts' and meta experts' Gemm nodes become MatMul + Add. The new nodes take the scope of the
+node they replace (`/text/layers.0/mlp/deepspeed_experts.1/fc1/DequantizeLinear`), so
+`tensor_ids.onnx_map` names the new initializers by the same TensorIds.
+
+The rest of each graph is untouched; the opset import becomes 21 and the IR version 10 (int4
+needs both). Between opset 17 and 21 none of the graphs' ops changed meaning (no Reduce* or Split
+node, whose inputs changed at 18).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medmoe_edge.checkpoint import LoadedModel
+from medmoe_edge.errors import CheckpointError, InputError
+from medmoe_edge.exporter import ExportParts, ExportRequest, stored_groups
+from medmoe_edge.quantizer import QTensor
+from medmoe_edge.tensor_ids import checkpoint_id, checkpoint_map, onnx_map, plan_spec, released_state_dict
+from medmoe_edge.vocab import Precision
+
+from .onnx_export import GRAPH_FILES, OnnxExporter, _require_onnx
+
+QDQ_OPSET = 21
+QDQ_IR_VERSION = 10
+_BITS = {Precision.INT4: 4, Precision.INT8: 8}
+_FLOAT_TYPES = {1: Precision.FP32, 10: Precision.FP16, 16: Precision.BF16}
+
+
+def _code_type(onnx, q: QTensor):
+    """ONNX element type of the codes (and zero points) of `q`."""
+    T = onnx.TensorProto
+    if q.bits == 4:
+        return T.INT4 if q.symmetric else T.UINT4
+    if q.bits == 8:
+        return T.INT8 if q.symmetric else T.UINT8
+    raise InputError(f"{q.bits}-bit codes have no DequantizeLinear type ONNX Runtime fuses: ONNX plans take int4 and int8")
+
+
+def _pack(values: np.ndarray, bits: int) -> bytes:
+    """Raw bytes of an ONNX tensor: 4-bit elements two per byte, the first in the low nibble."""
+    flat = values.reshape(-1).astype(np.int16) & ((1 << bits) - 1)
+    if bits == 8:
+        return flat.astype(np.uint8).tobytes()
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int16)])
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def _tensor(onnx, name: str, values: np.ndarray, dtype: int, bits: int):
+    return onnx.helper.make_tensor(name, dtype, list(values.shape), _pack(values, bits), raw=True)
+
+
+def _fingerprint(a: np.ndarray) -> tuple:
+    return (a.shape, hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest())
+
+
+def _scope(node_name: str) -> str:
+    return node_name.rsplit("/", 1)[0] if "/" in node_name else node_name
+
+
+def rewrite_graph(path: Path, codes: dict[str, QTensor], weights: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Rewrite one written graph in place: planned weights become DQ → MatMul (see the module docstring).
+
+    Args:
+        codes: checkpoint weight key → its codes, for every planned weight.
+        weights: checkpoint weight key → the fp32 weight the exporter wrote (to find its initializer).
+    Returns:
+        checkpoint key → the name of the node that now reads its DequantizeLinear.
+    Raises:
+        CheckpointError: a planned weight is read by a node this rewrite does not handle.
+    """
+    onnx = _require_onnx()
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path), load_external_data=True)
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    by_print: dict[tuple, tuple[str, bool]] = {}
+    for key in codes:
+        w = weights[key].detach().to(torch.float32).numpy()
+        by_print[_fingerprint(w)] = (key, False)  # as stored: a Gemm with transB=1 reads it
+        by_print[_fingerprint(w.T)] = (key, True)  # transposed: a MatMul reads it
+    readers: dict[str, int] = {}
+    for node in g.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    done: dict[str, str] = {}
+    new_nodes = []
+    drop: set[str] = set()
+    for node in g.node:
+        w_name = node.input[1] if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 else None
+        if w_name is None or w_name not in inits:
+            new_nodes.append(node)
+            continue
+        arr = numpy_helper.to_array(inits[w_name])
+        hit = by_print.get(_fingerprint(arr)) if arr.ndim == 2 else None
+        if hit is None:
+            new_nodes.append(node)
+            continue
+        key, transposed = hit
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gemm":
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transB", 0) == int(transposed):
+                raise CheckpointError(f"{node.name} reads {key} as a Gemm this rewrite does not handle ({attrs}): plan that group in floating point")
+        elif not transposed:
+            raise CheckpointError(f"{node.name} reads {key} untransposed in a MatMul: the graph layout changed; plan that group in floating point")
+        if readers[w_name] > 1:
+            raise CheckpointError(f"{key} ({w_name}) is read by {readers[w_name]} nodes: a shared weight cannot be quantized for one of them")
+        q = codes[key]
+        dtype = _code_type(onnx, q)
+        scope = _scope(node.name)
+        base = f"{w_name}.q{q.bits}"
+        if q.symmetric:
+            cvals = q.signed_codes().numpy().T  # [K, N]
+        else:
+            cvals = q.codes.numpy().T
+        g.initializer.append(_tensor(onnx, base + ".codes", np.ascontiguousarray(cvals), dtype, q.bits))
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(q.scales.numpy().T.astype(np.float32)), base + ".scales"))
+        dq_inputs = [base + ".codes", base + ".scales"]
+        if not q.symmetric:
+            g.initializer.append(_tensor(onnx, base + ".zero_point", np.ascontiguousarray(q.zeros.numpy().T), dtype, q.bits))
+            dq_inputs.append(base + ".zero_point")
+        dq_out = base + ".dequantized"
+        new_nodes.append(onnx.helper.make_node("DequantizeLinear", dq_inputs, [dq_out], name=f"{scope}/DequantizeLinear", axis=0, block_size=q.block))
+        if node.op_type == "MatMul":
+            node.input[1] = dq_out
+            new_nodes.append(node)
+        else:
+            mm_out = node.output[0] + ".matmul" if len(node.input) > 2 else node.output[0]
+            new_nodes.append(onnx.helper.make_node("MatMul", [node.input[0], dq_out], [mm_out], name=f"{scope}/MatMul"))
+            if len(node.input) > 2 and node.input[2]:
+                new_nodes.append(onnx.helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{scope}/Add"))
+        drop.add(w_name)
+        done[key] = node.name
+    keep = [i for i in g.initializer if i.name not in drop]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    if done:
+        for op in proto.opset_import:
+            if op.domain in ("", "ai.onnx"):
+                op.version = max(op.version, QDQ_OPSET)
+        proto.ir_version = max(proto.ir_version, QDQ_IR_VERSION)
+    data = path.with_name(path.name + ".data")
+    # onnx appends to an existing external-data file, so the old one goes first (its tensors are in memory)
+    os.remove(data)
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=0)
+    return done
+
+
+def quantized_tensor_groups(bundle: Path, loaded: LoadedModel) -> tuple:
+    """Per TensorId group and stored type, the parameters read back from the rewritten graphs:
+    a DQ's codes count as the weight's parameters at int4/int8, its scales and zero points as none."""
+    onnx = _require_onnx()
+    T = onnx.TensorProto
+    code_precision = {T.UINT4: Precision.INT4, T.INT4: Precision.INT4, T.UINT8: Precision.INT8, T.INT8: Precision.INT8}
+    spec = loaded.spec
+    stored = []
+    for graph, file in GRAPH_FILES.items():
+        proto = onnx.load(str(bundle / file), load_external_data=False)
+        tmap = onnx_map(graph, proto, spec)
+        aux = {n for node in proto.graph.node if node.op_type == "DequantizeLinear" for n in node.input[1:]}
+        for init in proto.graph.initializer:
+            if init.name in aux:
+                continue
+            p = code_precision.get(init.data_type) or _FLOAT_TYPES.get(init.data_type)
+            if p is None:
+                raise CheckpointError(f"ONNX initializer {init.name} of the {graph} graph has element type {init.data_type}, neither a float weight nor int4/int8 codes")
+            n = int(np.prod([int(d) for d in init.dims])) if init.dims else 1
+            stored += [((tid,), p, n) for tid in tmap.ids(init.name)]
+    state = released_state_dict(loaded.model)
+    model_sizes = checkpoint_map(state, spec).group_sizes({k: t.numel() for k, t in state.items()})
+    return stored_groups("ONNX", stored, model_sizes)
+
+
+class OnnxQuantExporter(OnnxExporter):
+    """The ONNX exporter plus the DQ → MatMul rewrite of a quantization plan's weights.
+
+    Constructed with the codes of every planned weight (checkpoint key → `QTensor`): nothing is
+    quantized here, the codes are copied.
+    """
+
+    def __init__(self, codes: dict[str, QTensor], summary: dict[str, Any] | None = None) -> None:
+        self.codes = dict(codes)
+        self.summary = dict(summary or {})
+
+    def check(self, loaded: LoadedModel, request: ExportRequest) -> None:
+        """Float groups at the bundle's precision; quantized groups int4/int8, with codes of the
+        planned width for every matrix (their norms and biases stay in floating point)."""
+        for key, t in released_state_dict(loaded.model).items():
+            tid = checkpoint_id(key)
+            p = plan_spec(request.plan, tid).precision
+            if p.is_float:
+                if p is not request.precision:
+                    raise InputError(f"the plan gives {tid} {p.value} but the bundle is {request.precision.value}: float groups take the bundle's precision")
+                continue
+            if p not in _BITS:
+                raise InputError(f"--format onnx stores int4 and int8 codes, not {p.value} ({tid}): use a plan of int4/int8/fp32")
+            if t.dim() == 2 and (key not in self.codes or self.codes[key].bits != _BITS[p]):
+                raise InputError(f"the plan gives {key} {p.value} but no {_BITS[p]}-bit codes were given for it: quantize it first")
+
+    def write(self, loaded: LoadedModel, out: Path, request: ExportRequest) -> ExportParts:
+        parts = super().write(loaded, out, request)
+        state = loaded.model.lm.state_dict()
+        weights = {k: state[k] for k in self.codes}
+        done: dict[str, str] = {}
+        for file in GRAPH_FILES.values():
+            done |= rewrite_graph(out / file, self.codes, weights)
+        missing = sorted(set(self.codes) - set(done))
+        if missing:
+            raise CheckpointError(f"{len(missing)} planned weights were not found in the ONNX graphs (first: {missing[0]}): the exporter's graph layout changed; plan those groups in floating point")
+        toolchain: dict[str, Any] = dict(parts.toolchain, opset=QDQ_OPSET, quantization="DequantizeLinear(blocked, axis 0) -> MatMul")
+        extra = dict(parts.extra, quantization=self.summary | {"quantized_weights": len(done)})
+        return ExportParts(parts.roles, parts.graphs, quantized_tensor_groups(out, loaded), toolchain, parts.layout, extra)
+
+
+__all__ = ["QDQ_OPSET", "OnnxQuantExporter", "quantized_tensor_groups", "rewrite_graph"]
