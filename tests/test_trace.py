@@ -14,6 +14,7 @@ from medmoe_edge.checkpoint import read_spec
 from medmoe_edge.cli.app import app
 from medmoe_edge.demo import demo_dir
 from medmoe_edge.errors import CheckpointError, InputError
+from medmoe_edge.runtime_contract import RuntimeOptions
 from medmoe_edge.trace import Trace
 from medmoe_edge.verify import TOLERANCES, replay
 from medmoe_edge.vocab import ArtifactKind, Precision
@@ -25,7 +26,9 @@ FP32 = TOLERANCES[(ArtifactKind.ONNX, Precision.FP32)]
 
 @pytest.fixture(scope="module")
 def demo_trace() -> Trace:
-    return record_trace("demo", limit=6)
+    # a fixed thread count on both sides: a matmul's bits depend on the threads it ran on, and the
+    # load-aware default can pick different counts for the recording and the replay
+    return record_trace("demo", limit=6, options=RuntimeOptions(num_threads=2))
 
 
 def test_trace_records_every_step_and_round_trips(demo_trace, tmp_path):
@@ -49,7 +52,7 @@ def test_trace_records_every_step_and_round_trips(demo_trace, tmp_path):
 
 
 def test_replaying_the_reference_against_itself_is_exact(demo_trace):
-    with api.load("demo") as pipe:
+    with api.load("demo", options=RuntimeOptions(num_threads=2)) as pipe:
         r = replay(pipe.runtime, demo_trace, FP32)
     m = r.metrics
     assert m["logits_max_abs"] == 0.0 and m["token_agreement"] == 1.0 and m["routing_agreement"] == 1.0 and m["answer_agreement"] == 1.0
