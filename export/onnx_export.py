@@ -92,14 +92,20 @@ def _moe_dispatch(value: Any) -> str:
     return str(value)
 
 
-def _positive_batch(value: Any) -> int:
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise InputError(f"--max-batch {value!r} is not a whole number") from None
-    if n < 1:
-        raise InputError(f"--max-batch must be at least 1, got {n}")
-    return n
+def positive_int(flag: str) -> Callable[[Any], int]:
+    """The parser of a whole-number option `flag` that must be at least 1 (an `ExportOption.parse`)."""
+
+    def parse(value: Any) -> int:
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{flag} {value!r} is not a whole number") from None
+        if n < 1:
+            raise InputError(f"{flag} must be at least 1, got {n}")
+        return n
+
+    return parse
+
 
 
 class OnnxExporter(Exporter):
@@ -110,7 +116,7 @@ class OnnxExporter(Exporter):
     description = "ONNX opset 17: vision, embed and one decoder graph (preallocated KV), expert-sparse MoE in standard ops"
     precisions = (Precision.FP32, Precision.FP16)
     default_precision = Precision.FP32
-    options = (ExportOption("max_batch", "--max-batch", _positive_batch, 4), ExportOption("moe_dispatch", "--moe-dispatch", _moe_dispatch, "scatter"))
+    options = (ExportOption("max_batch", "--max-batch", positive_int("--max-batch"), 4), ExportOption("moe_dispatch", "--moe-dispatch", _moe_dispatch, "scatter"))
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -258,4 +264,4 @@ def tensorrt_profiles(image_tokens: int, context: int, max_batch: int) -> dict:
     }
 
 
-__all__ = ["GRAPH_FILES", "OPSET", "OnnxExporter", "export_onnx", "tensor_groups", "tensorrt_profiles"]
+__all__ = ["GRAPH_FILES", "OPSET", "OnnxExporter", "export_onnx", "positive_int", "tensor_groups", "tensorrt_profiles"]

@@ -30,10 +30,10 @@ from medmoe_edge.bundle import GraphSpec
 from medmoe_edge.checkpoint import LoadedModel
 from medmoe_edge.errors import InputError, RuntimeUnavailable
 from medmoe_edge.exporter import ExportOption, ExportParts, Exporter, ExportRequest
-from medmoe_edge.tensorrt_lib import EngineFacts, TrtLibrary, TrtTarget, gpu_compute_capability, import_library, parse_compute_capabilities, rtx_capability
+from medmoe_edge.tensorrt_lib import EngineFacts, TrtLibrary, TrtTarget, gpu_compute_capability, import_library, installed_libraries, parse_compute_capabilities, rtx_capability
 from medmoe_edge.vocab import ArtifactKind, Precision
 
-from .onnx_export import GRAPH_FILES, OnnxExporter, _positive_batch, tensorrt_profiles
+from .onnx_export import GRAPH_FILES, OnnxExporter, positive_int, tensorrt_profiles
 
 ENGINE_FILES = {name: f"{name}.engine" for name in GRAPH_FILES}
 TIMING_CACHE = "timing.cache"
@@ -44,16 +44,6 @@ def _target(value: Any) -> TrtTarget:
         return TrtTarget(str(value).lower())
     except ValueError:
         raise InputError(f"--target {value!r} is not one of {', '.join(t.value for t in TrtTarget)}") from None
-
-
-def _context(value: Any) -> int:
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise InputError(f"--max-context {value!r} is not a whole number") from None
-    if n < 1:
-        raise InputError(f"--max-context must be at least 1, got {n}")
-    return n
 
 
 def _capabilities(value: Any) -> tuple[str, ...]:
@@ -70,8 +60,8 @@ class TensorRTExporter(Exporter):
     default_precision = Precision.FP16
     options = (
         ExportOption("target", "--target", _target, TrtTarget.RTX),
-        ExportOption("max_batch", "--max-batch", _positive_batch, 1),
-        ExportOption("max_context", "--max-context", _context, None),
+        ExportOption("max_batch", "--max-batch", positive_int("--max-batch"), 1),
+        ExportOption("max_context", "--max-context", positive_int("--max-context"), None),
         ExportOption("compute_capabilities", "--compute-capability", _capabilities, None),
     )
 
@@ -80,12 +70,7 @@ class TensorRTExporter(Exporter):
         ok, why = OnnxExporter.availability()
         if not ok:
             return ok, why
-        found = []
-        for lib in TrtLibrary:
-            try:
-                found.append(f"{lib.label} {import_library(lib).__version__}")
-            except RuntimeUnavailable:
-                pass
+        found = [f"{lib.label} {v}" for lib, v in installed_libraries().items()]
         if not found:
             return False, f"no TensorRT library: {TrtLibrary.RTX.install_hint}, or {TrtLibrary.STANDARD.install_hint}"
         return True, ", ".join(found)

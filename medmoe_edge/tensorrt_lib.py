@@ -66,6 +66,17 @@ def import_library(library: TrtLibrary) -> Any:
         raise RuntimeUnavailable(f"{library.label} is installed but its libraries do not load ({str(e).splitlines()[0]}): reinstall it, {library.install_hint}") from None
 
 
+def installed_libraries() -> dict[TrtLibrary, str]:
+    """The TensorRT libraries that import here, with their versions."""
+    found = {}
+    for lib in TrtLibrary:
+        try:
+            found[lib] = str(import_library(lib).__version__)
+        except RuntimeUnavailable:
+            pass
+    return found
+
+
 def parse_compute_capabilities(values: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
     """`--compute-capability 8.6,sm89` → ("8.6", "8.9"), each one TensorRT-RTX can build for.
 
@@ -144,6 +155,7 @@ __all__ = [
     "engine_mismatch",
     "gpu_compute_capability",
     "import_library",
+    "installed_libraries",
     "parse_compute_capabilities",
     "rtx_capability",
 ]

@@ -25,7 +25,7 @@ import torch
 
 from medmoe_edge.bundle import Manifest, open_bundle
 from medmoe_edge.errors import CheckpointError, InputError, RuntimeUnavailable
-from medmoe_edge.tensorrt_lib import EngineFacts, TrtLibrary, engine_mismatch, gpu_compute_capability, import_library
+from medmoe_edge.tensorrt_lib import EngineFacts, TrtLibrary, engine_mismatch, gpu_compute_capability, import_library, installed_libraries
 
 from .base import DTYPE, ArtifactKind, Availability, Capabilities, DeviceKind, Precision, ResolvedOptions
 from .graph_runtime import GraphRuntime
@@ -40,13 +40,6 @@ def rebuild_command(manifest: Manifest, bundle: Path) -> str:
     source = manifest.source.get("path", "CHECKPOINT")
     target = facts.get("target", "rtx")
     return f"medmoe-edge export --format tensorrt --model {source} --precision {manifest.precision.value} --target {target} --out {bundle.name}-rebuilt"
-
-
-def _installed_version(library: TrtLibrary) -> str | None:
-    try:
-        return str(import_library(library).__version__)
-    except RuntimeUnavailable:
-        return None
 
 
 def engine_facts(manifest: Manifest, bundle: Path) -> EngineFacts:
@@ -71,7 +64,7 @@ def check_engines_can_run(manifest: Manifest, bundle: Path, device_index: int = 
     facts = engine_facts(manifest, bundle)
     rebuild = rebuild_command(manifest, bundle)
     cc = gpu_compute_capability(device_index)
-    why = engine_mismatch(facts, _installed_version(facts.library), cc, rebuild)
+    why = engine_mismatch(facts, installed_libraries().get(facts.library), cc, rebuild)
     if why is not None:
         raise RuntimeUnavailable(why)
     if cc is None:
@@ -93,7 +86,7 @@ class TensorRTRuntime(GraphRuntime):
 
     @classmethod
     def availability(cls) -> Availability:
-        libs = [f"{lib.label} {v}" for lib in TrtLibrary if (v := _installed_version(lib)) is not None]
+        libs = [f"{lib.label} {v}" for lib, v in installed_libraries().items()]
         if not libs:
             return Availability(False, f"no TensorRT library: {TrtLibrary.RTX.install_hint}")
         # Available with the library alone: loading a bundle then says precisely what is wrong
@@ -146,8 +139,7 @@ class TensorRTRuntime(GraphRuntime):
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError(f"TensorRT failed to run the {name} engine")
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        self.stream.synchronize()
+        self.stream.synchronize()  # the outputs are read next, and `keep` may be freed
         del keep
 
     def close(self) -> None:
