@@ -53,6 +53,8 @@ class TraceHeader:
         full_logits: whether every step's full logits row is stored (else top-`topk`).
         vocab_rows: logits row length.
         eos_id: the reference tokenizer's EOS.
+        num_threads: CPU threads the reference computed with (fp32 sums follow the thread count,
+            so a bit-exact replay uses the same; None in traces from before it was recorded).
     """
 
     source_sha256: str
@@ -64,6 +66,7 @@ class TraceHeader:
     topk: int
     vocab_rows: int
     eos_id: int
+    num_threads: int | None = None
     tool: str = __version__
     version: int = TRACE_VERSION
 
@@ -191,7 +194,7 @@ def record(
     vocab = info.vocab_rows
     if full_logits is None:
         full_logits = len(questions) * max_new_tokens * vocab * 4 <= FULL_LOGITS_BYTES
-    header = TraceHeader(source_sha256, info.label, max_new_tokens, preprocess, set_name, full_logits, TOPK, vocab, info.eos_id)
+    header = TraceHeader(source_sha256, info.label, max_new_tokens, preprocess, set_name, full_logits, TOPK, vocab, info.eos_id, reference.options.num_threads)
     items: list[TraceItem] = []
     for n, q in enumerate(questions):
         steps: list[StepOutput] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,10 +224,14 @@ def verify_bundle(
     if trace is not None and trace.header.source_sha256 != manifest.source.get("sha256"):
         raise CheckpointError("the reference trace was recorded from another checkpoint than this bundle's source: pass --reference CKPT")
     runtime = runtime or manifest.runtime or runtime_for(manifest.format)
+    if trace is not None and tolerances.logits_max_abs == 0 and opts.num_threads is None and trace.header.num_threads:
+        # a bit-exact bound (a runtime doing the reference's own math) holds only with the thread
+        # count the trace was recorded with: fp32 sums are split by thread
+        opts = replace(opts, num_threads=trace.header.num_threads)
     # The bundle loads first: a corrupt or inconsistent bundle is refused before minutes of reference work.
     with status(f"loading {bundle} ({runtime})"), load(bundle, runtime=runtime, options=opts) as pipe:
         if trace is None:
-            trace = record_trace(ref, set_name=set_name, data=data, limit=limit, max_new_tokens=max_new_tokens, preprocess=preprocess, options=RuntimeOptions(num_threads=opts.num_threads), status=status)
+            trace = record_trace(ref, set_name=set_name, data=data, limit=limit, max_new_tokens=max_new_tokens, preprocess=preprocess, options=RuntimeOptions(num_threads=pipe.runtime.options.num_threads), status=status)
         report = replay(pipe.runtime, trace, tolerances, limit=n, progress=progress)
     return VerifyOutcome(report, against, runtime, trace.header.source_sha256, trace.header.set_name)
 
