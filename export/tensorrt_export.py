@@ -37,6 +37,9 @@ from .onnx_export import GRAPH_FILES, OnnxExporter, positive_int, tensorrt_profi
 
 ENGINE_FILES = {name: f"{name}.engine" for name in GRAPH_FILES}
 TIMING_CACHE = "timing.cache"
+# Positions beyond one image that --max-context must leave: a short question and its answer
+# (the decoder profile's opt shape is one image plus 64 positions too).
+QUESTION_POSITIONS = 64
 
 
 def _target(value: Any) -> TrtTarget:
@@ -86,8 +89,9 @@ class TensorRTExporter(Exporter):
         context = loaded.spec.text.max_position_embeddings
         if (request.options["max_context"] or 0) > context:
             raise InputError(f"--max-context {request.options['max_context']} is above the model's context length {context}: use at most {context}")
-        if loaded.spec.image_tokens + 2 > (request.options["max_context"] or context):
-            raise InputError(f"--max-context {request.options['max_context']} cannot hold one image ({loaded.spec.image_tokens} positions) and a question: use at least {loaded.spec.image_tokens + 64}")
+        least = loaded.spec.image_tokens + QUESTION_POSITIONS
+        if least > (request.options["max_context"] or context):
+            raise InputError(f"--max-context {request.options['max_context']} cannot hold one image ({loaded.spec.image_tokens} positions) and a question with its answer: use at least {least}")
 
     def write(self, loaded: LoadedModel, out: Path, request: ExportRequest) -> ExportParts:
         opts = request.options

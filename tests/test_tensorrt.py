@@ -159,6 +159,7 @@ def test_engines_run_on_the_gpu(demo_bundle):
         ({"--compute-capability": "9.0"}, r"--compute-capability '9\.0' is not one TensorRT-RTX builds for"),
         ({"--target": "orin"}, r"--target 'orin' is not one of rtx, jetson"),
         ({"--max-context": 60}, r"--max-context 60 cannot hold one image \(64 positions\)"),
+        ({"--max-context": 100}, r"--max-context 100 cannot hold one image \(64 positions\) and a question with its answer: use at least 128"),
         ({"--max-context": 99999}, r"--max-context 99999 is above the model's context length"),
         ({"--target": "jetson", "--compute-capability": "8.6"}, r"--compute-capability is for --target rtx"),
         ({"--quant": "q4_k_m"}, r"--quant does not apply to --format tensorrt"),
