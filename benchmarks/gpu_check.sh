@@ -8,7 +8,7 @@
 # Environment:
 #   PY       interpreter with medmoe-edge installed (default: .venv/bin/python, else python3)
 #   TARGET   rtx (TensorRT-RTX, default when tensorrt_rtx_bindings imports) or jetson (standard TensorRT)
-#   PRECISION fp16 (default) or fp32
+#   PRECISION fp16 (default), fp32 or bf16 (Ampere or later)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$([ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3)}

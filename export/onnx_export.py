@@ -82,6 +82,47 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
     shutil.rmtree(scratch)
 
 
+def _rewrites(*passes: Callable[[Any], Any] | None) -> Callable[[Any], None] | None:
+    """One rewrite running `passes` (None ones skipped) in order on the model proto."""
+    chosen = [p for p in passes if p is not None]
+    if not chosen:
+        return None
+
+    def run(proto: Any) -> None:
+        for p in chosen:
+            p(proto)
+
+    return run
+
+
+def fix_bf16_casts(model: Any) -> int:
+    """`_fix_complex_casts` on a bf16 model proto's graph and subgraphs."""
+    return _fix_complex_casts(model.graph)
+
+
+def _fix_complex_casts(graph: Any) -> int:
+    """Retype Casts to complex128 as bfloat16; returns how many.
+
+    For a bf16 model the TorchScript exporter casts SDPA's scale (1/sqrt(head_dim)) "to the
+    query's type" as complex128, a type no Cast in these graphs can mean: the scale multiplies
+    the bf16 scores next. TensorRT refuses the complex Cast ("Unsupported data type for the Cast
+    operator"); fp32/fp16 graphs have none.
+    """
+    from onnx import TensorProto
+
+    fixed = 0
+    for node in graph.node:
+        if node.op_type == "Cast":
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == TensorProto.COMPLEX128:
+                    attr.i = TensorProto.BFLOAT16
+                    fixed += 1
+        for attr in node.attribute:
+            if attr.type == attr.GRAPH:
+                fixed += _fix_complex_casts(attr.g)
+    return fixed
+
+
 def _io(names: list[str], dtypes: list[str], shapes: list[tuple]) -> tuple[GraphIO, ...]:
     return tuple(GraphIO(n, d, s) for n, d, s in zip(names, dtypes, shapes))
 
@@ -154,7 +195,8 @@ class OnnxExporter(Exporter):
         size = spec.vision.image_size
 
         # vision: N images
-        _export(VisionGraph(m), (torch.zeros(2, 3, size, size),), out / GRAPH_FILES["vision"], ["pixel_values"], ["image_embeds"], {"pixel_values": {0: "images"}, "image_embeds": {0: "images"}})
+        bf16_fix = fix_bf16_casts if request.precision is Precision.BF16 else None
+        _export(VisionGraph(m), (torch.zeros(2, 3, size, size),), out / GRAPH_FILES["vision"], ["pixel_values"], ["image_embeds"], {"pixel_values": {0: "images"}, "image_embeds": {0: "images"}}, bf16_fix)
         # embed: N ids
         _export(EmbedGraph(m), (torch.zeros(5, dtype=torch.int64),), out / GRAPH_FILES["embed"], ["input_ids"], ["embeds"], {"input_ids": {0: "tokens"}, "embeds": {0: "tokens"}})
         # decoder: distinct trace sizes (B=2, T=3, past 4, capacity 9) so no two dynamic axes are confused.
@@ -167,7 +209,7 @@ class OnnxExporter(Exporter):
             dyn[name] = {0: "batch", 2: "capacity"}
         for name in outs[1:]:
             dyn[name] = {0: "batch", 1: "new"} if name.startswith(("experts_", "router_probs_")) else {0: "batch", 2: "new"}
-        _export(DecoderGraph(m), tuple(args), out / GRAPH_FILES["decoder"], ins, outs, dyn, wrap_experts_in_if if dispatch is Dispatch.MASKED else None)
+        _export(DecoderGraph(m), tuple(args), out / GRAPH_FILES["decoder"], ins, outs, dyn, _rewrites(wrap_experts_in_if if dispatch is Dispatch.MASKED else None, bf16_fix))
 
         graphs = {
             "vision": GraphSpec(GRAPH_FILES["vision"], _io(["pixel_values"], ["float32"], [("images", 3, size, size)]), _io(["image_embeds"], [dname], [("images", spec.image_tokens, h)])),

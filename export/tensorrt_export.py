@@ -8,7 +8,9 @@
 * Engines: one per graph (vision tower + projector, embedding, decoder), each with one
   optimisation profile bounded from the manifest (batch ≤ --max-batch, positions ≤ --max-context;
   the decoder's opt shape is one image plus a short question). Networks are strongly typed: the
-  precision is the graph's (fp32 or fp16 tensors; the router and softmaxes stay fp32 in the graph).
+  precision is the graph's (fp32, fp16 or bf16 tensors; the router and softmaxes stay fp32 in the
+  graph). bf16 needs Ampere or later; ONNX Runtime's CPU kernels have no bf16, so without a GPU a
+  bf16 bundle's fidelity cannot be checked (the export says so).
 * `--target rtx` builds with TensorRT-RTX ahead of time on any machine, CPU included, for the
   compute capabilities of `--compute-capability`; `--target jetson` builds with standard
   TensorRT on the GPU it runs on (JetPack on the Jetson itself) and writes a timing cache.
@@ -16,8 +18,7 @@
   engine's file (hashed like every file); `runtimes/tensorrt_runtime.py` checks them before it
   deserializes anything.
 
-Not yet: int8/int4 weight-only experts (Q/DQ from a per-expert QuantPlan) and bf16 (ONNX Runtime's
-CPU kernels cannot check bf16 graphs, so the fidelity gate could not run).
+Not yet: int8/int4 weight-only experts (Q/DQ from a per-expert QuantPlan).
 """
 
 from __future__ import annotations
@@ -53,13 +54,18 @@ def _capabilities(value: Any) -> tuple[str, ...]:
     return parse_compute_capabilities([value] if isinstance(value, str) else list(value))
 
 
+def _without_bf16(given: tuple[str, ...] | None) -> list[str]:
+    """The targeted compute capabilities without bf16 tensor cores (Turing, 7.5)."""
+    return [cc for cc in (given or ()) if float(cc) < 8.0]
+
+
 class TensorRTExporter(Exporter):
     """ONNX graphs (MoE as an `If` per expert) and the TensorRT engines built from them."""
 
     name = "tensorrt"
     artifact_kind = ArtifactKind.TENSORRT
     description = "TensorRT engines (TensorRT-RTX ahead of time, or standard TensorRT on a Jetson) + the ONNX graphs they were built from"
-    precisions = (Precision.FP32, Precision.FP16)
+    precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
     default_precision = Precision.FP16
     options = (
         ExportOption("target", "--target", _target, TrtTarget.RTX),
@@ -83,6 +89,9 @@ class TensorRTExporter(Exporter):
         target: TrtTarget = request.options["target"]
         if target is TrtTarget.JETSON and request.options["compute_capabilities"] is not None:
             raise InputError("--compute-capability is for --target rtx: standard TensorRT builds for the GPU it runs on")
+        no_bf16 = _without_bf16(request.options["compute_capabilities"])
+        if request.precision is Precision.BF16 and no_bf16:
+            raise InputError(f"--precision bf16 needs compute capability 8.0 or later (Ampere); {', '.join(no_bf16)} has no bf16: drop it from --compute-capability or use --precision fp16")
         import_library(target.library)  # refuse before the ONNX export when the builder is missing
         if target is TrtTarget.JETSON and gpu_compute_capability() is None:
             raise RuntimeUnavailable("--target jetson builds with standard TensorRT on the GPU the engines will run on, and torch sees no CUDA GPU here: run the export on the Jetson itself, or use --target rtx")

@@ -56,6 +56,8 @@ TOLERANCES: dict[tuple[ArtifactKind, Precision], Tolerances] = {
     # TensorRT bundles: the same bounds as ONNX (the engines are built from those graphs)
     (_K.TENSORRT, _P.FP32): Tolerances(logits_max_abs=1e-4, logits_cosine_min=0.99999, token_agreement_min=1.0, routing_agreement_min=1.0, answer_agreement_min=1.0),
     (_K.TENSORRT, _P.FP16): Tolerances(logits_max_abs=0.5, logits_cosine_min=0.999, token_agreement_min=0.98, routing_agreement_min=0.98, answer_agreement_min=0.98),
+    # bf16 (8 mantissa bits against fp16's 11): judged on answers like fp16; measured on a GPU only
+    (_K.TENSORRT, _P.BF16): Tolerances(logits_max_abs=1.0, logits_cosine_min=0.995, token_agreement_min=0.98, routing_agreement_min=0.98, answer_agreement_min=0.98),
     (_K.GGUF, _P.FP32): Tolerances(logits_max_abs=0.25, logits_cosine_min=0.999, token_agreement_min=0.95, routing_agreement_min=1.0, answer_agreement_min=0.95),
     (_K.GGUF, _P.FP16): Tolerances(logits_max_abs=0.5, logits_cosine_min=0.999, token_agreement_min=0.95, routing_agreement_min=1.0, answer_agreement_min=0.95),
     (_K.GGUF, _P.Q8_0): Tolerances(logits_max_abs=2.0, logits_cosine_min=0.99, token_agreement_min=0.95, routing_agreement_min=1.0, answer_agreement_min=0.95),

@@ -70,8 +70,16 @@ def _provider(provider: str | None, device: Device) -> Provider:
 def _compute_precision(manifest: Manifest, bundle: Path) -> Precision:
     """The precision the graphs compute in: the element type of the embedding graph's output."""
     try:
-        return Precision.parse(manifest.graphs["embed"].outputs[0].dtype, allowed=COMPUTE_PRECISIONS, option="embeds element type")
-    except (KeyError, IndexError, InputError):
+        dtype = manifest.graphs["embed"].outputs[0].dtype
+    except (KeyError, IndexError):
+        dtype = None
+    if dtype == Precision.BF16.torch_name:
+        # a TensorRT bundle exported with --precision bf16: ONNX Runtime's CPU kernels have no bf16
+        # (and this runtime binds its buffers through numpy, which has no bf16 either)
+        raise RuntimeUnavailable(f"{bundle} computes in bfloat16, which the onnxruntime runtime does not run: run its engines with --runtime tensorrt --device cuda on an Ampere or later GPU")
+    try:
+        return Precision.parse(str(dtype), allowed=COMPUTE_PRECISIONS, option="embeds element type")
+    except InputError:
         raise CheckpointError(f"{bundle / 'manifest.json'} does not describe an fp32 or fp16 embed graph: export the bundle again") from None
 
 

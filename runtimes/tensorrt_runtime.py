@@ -30,7 +30,7 @@ from medmoe_edge.tensorrt_lib import EngineFacts, TrtLibrary, engine_mismatch, g
 from .base import DTYPE, ArtifactKind, Availability, Capabilities, DeviceKind, Precision, ResolvedOptions
 from .graph_runtime import GraphRuntime
 
-COMPUTE_PRECISIONS = (Precision.FP32, Precision.FP16)
+COMPUTE_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.BF16)  # bf16: Ampere or later (the export refuses 7.5)
 GRAPHS = ("vision", "embed", "decoder")
 
 

@@ -101,6 +101,30 @@ def test_fp16_engines_from_the_cli(tmp_path):
     assert "answer_agreement" in r.output and "FAIL" not in r.output
 
 
+def test_bf16_engines_are_built_and_marked_unverified_without_a_gpu(tmp_path):
+    """bf16: graphs in bf16 (no complex Cast left by the TorchScript exporter), engines built; without a
+    GPU nothing can run them, and the export and `verify` say so instead of failing obscurely."""
+    b = tmp_path / "b"
+    r = runner.invoke(app, ["export", "--format", "tensorrt", "--model", "demo", "--precision", "bf16", "--max-context", "256", "--out", str(b)])
+    assert r.exit_code == 0, r.output
+    m = read_manifest(b)
+    stored = {g.name: g.precision.value for g in m.tensor_groups}  # read back from the graphs: bf16, the routers fp32
+    assert m.precision.value == "bf16" and {n for n, p in stored.items() if p != "bf16"} == {f"layers.{i}.router" for i in m.model.moe_layers}
+    assert m.graphs["decoder"].inputs[0].dtype == "bfloat16" and m.graphs["vision"].outputs[0].dtype == "bfloat16"
+    for graph in m.graphs.values():
+        casts = [a.i for n in _nodes(onnx.load(str(b / graph.file), load_external_data=False).graph) if n.op_type == "Cast" for a in n.attribute if a.name == "to"]
+        assert onnx.TensorProto.COMPLEX128 not in casts
+    for engine in m.extra["tensorrt"]["engines"].values():
+        assert (b / engine).stat().st_size > 100_000
+    if gpu_compute_capability() is None:
+        assert "UNVERIFIED: no GPU to run the bf16 engines here" in " ".join(r.output.split())
+        v = runner.invoke(app, ["verify", str(b), "--runtime", "onnxruntime"])
+        assert v.exit_code != 0 and "computes in bfloat16, which the onnxruntime runtime does not run" in " ".join(v.output.split()) and "Traceback" not in v.output
+    with pytest.raises(InputError, match=r"--precision bf16 needs compute capability 8\.0 or later \(Ampere\); 7\.5 has no bf16"):
+        export_bundle("tensorrt", "demo", tmp_path / "c", {"--precision": "bf16", "--compute-capability": "7.5,8.6"})
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_mismatched_engine_is_refused_with_the_rebuild_command(demo_bundle, tmp_path, sample_png):
     """Another library version in the manifest: `run` refuses before deserializing, naming the rebuild."""
     import shutil

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..exporter import ENTRY_POINT_GROUP
-from ..vocab import ArtifactKind
+from ..vocab import ArtifactKind, Precision
 from ..imaging import PreprocessMode
 from .common import err, fail, out, user_errors
 from ..workflows import EMBEDDED_TRACE_QUESTIONS, TRACE_MAX_NEW_TOKENS, export_bundle
@@ -46,7 +46,7 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help=f"Bundle format, an installed exporter: {_installed_formats()}.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Bundle directory to create (must not exist or be empty).")],
     model: Annotated[str, typer.Option("--model", help="'demo' (built-in), a checkpoint directory, or a hub id.")] = "demo",
-    precision: Annotated[str | None, typer.Option("--precision", help="ONNX: fp32 (default) or fp16; TensorRT: fp16 (default) or fp32.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="ONNX: fp32 (default) or fp16; TensorRT: fp16 (default), fp32 or bf16 (Ampere or later).")] = None,
     quant: Annotated[str | None, typer.Option("--quant", help="GGUF: f32 (default), f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0.")] = None,
     mmproj_dtype: Annotated[str | None, typer.Option("--mmproj-dtype", help="GGUF: f32 (default) or f16 for the vision tower + projector file.")] = None,
     tensor_types: Annotated[list[str] | None, typer.Option("--tensor-type", help="GGUF: REGEX=TYPE, a ggml type for the tensors whose names match (repeatable; first match wins), e.g. 'blk\\.0\\.ffn_.*_exps=q8_0'.")] = None,
@@ -79,6 +79,10 @@ def export(
     runtime, device = None, "cpu"
     if manifest.format is ArtifactKind.TENSORRT:
         runtime, device, why = tensorrt_check_runtime()
+        if runtime != "tensorrt" and manifest.precision is Precision.BF16:
+            # the bundle is complete; only its numbers are unchecked, and that needs the GPU
+            err.print(f"[bold yellow]UNVERIFIED: no GPU to run the bf16 engines here, and ONNX Runtime's CPU kernels have no bf16: run `medmoe-edge verify {out_dir} --device cuda` on the target GPU (Ampere or later)[/]")
+            return
         err.print(f"[yellow]{why}[/]")
     try:
         report = run_verify(out_dir, reference=None, set_name="eval", data=None, limit=EXPORT_VERIFY_LIMIT, provider=None, threads=None, max_new_tokens=TRACE_MAX_NEW_TOKENS, preprocess=PreprocessMode.PAD, runtime=runtime, device=device)
