@@ -175,6 +175,14 @@ def measure(
         with os.fdopen(fd, "w") as f:
             json.dump(cached, f, indent=1)
         os.replace(tmp, path)
+    return with_choices(units, stats, backend, book, cached)
+
+
+def with_choices(units: Sequence[Unit], stats: CalibStats, backend: Backend, book: CodeBook, measured: dict | None = None) -> list[Unit]:
+    """`units` with their choices: every candidate of `backend` at or above the unit's few-token
+    floor (`CalibStats.min_bits`), with its bytes and, from `measured` ("unit|precision" →
+    [ΔD, router agreement]), its sensitivity. Without `measured` the ΔD are 0: bytes only,
+    what the budget check before measuring needs."""
     out = []
     for u in units:
         floor = max((stats.min_bits(k) or 0) for k in u.keys)
@@ -183,11 +191,11 @@ def measure(
             if p.is_float:
                 choices.append(Choice(p, QuantMethod.CAST, choice_bytes(u.params, p, backend, book.block), 0.0, 1.0))
             elif INT_BITS[p] >= floor:
-                kl, agree = cached[f"{u.name}|{p.value}"]
+                kl, agree = measured[f"{u.name}|{p.value}"] if measured is not None else (0.0, 1.0)
                 method = QuantMethod.RTN if u.keys == (EMBED_KEY,) else book.method
                 choices.append(Choice(p, method, choice_bytes(u.params, p, backend, book.block), kl, agree))
         out.append(Unit(u.name, u.keys, u.params, tuple(choices)))
     return out
 
 
-__all__ = ["CodeBook", "EMBED_KEY", "Probe", "choice_bytes", "measure", "swap", "units_for"]
+__all__ = ["CodeBook", "EMBED_KEY", "Probe", "choice_bytes", "measure", "swap", "units_for", "with_choices"]

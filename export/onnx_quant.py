@@ -194,6 +194,49 @@ def quantized_tensor_groups(bundle: Path, loaded: LoadedModel) -> tuple:
     return stored_groups("ONNX", stored, model_sizes)
 
 
+def read_back(bundle: Path, spec=None) -> dict[str, tuple[Precision, int, int]]:
+    """What the written graphs store for every quantized TensorId group, read from the files:
+    group → (precision of its DequantizeLinear codes, their block size, bytes of codes + scales +
+    zero points). The size check compares these bytes with the plan's prediction.
+
+    Raises:
+        CheckpointError: a group whose DequantizeLinear nodes disagree on type or block size.
+    """
+    onnx = _require_onnx()
+    T = onnx.TensorProto
+    code_precision = {T.UINT4: Precision.INT4, T.INT4: Precision.INT4, T.UINT8: Precision.INT8, T.INT8: Precision.INT8}
+    found: dict[str, tuple[Precision, int, int]] = {}
+    for graph, file in GRAPH_FILES.items():
+        proto = onnx.load(str(bundle / file), load_external_data=False)
+        tmap = onnx_map(graph, proto, spec)
+        inits = {i.name: i for i in proto.graph.initializer}
+        for node in proto.graph.node:
+            if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+                continue
+            codes = inits[node.input[0]]
+            p = code_precision.get(codes.data_type)
+            if p is None:
+                raise CheckpointError(f"{node.name} in {file} dequantizes element type {codes.data_type}, not int4/int8 codes")
+            block = next((int(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "block_size"), 0)
+            nbytes = sum(_stored_bytes(inits[n], bundle) for n in node.input if n in inits)
+            for tid in tmap.ids(codes.name):
+                key = str(tid.group)
+                if key in found and found[key][:2] != (p, block):
+                    raise CheckpointError(f"{key} is stored as {found[key][0].value} block {found[key][1]} and as {p.value} block {block} in {file}: a group has one type")
+                found[key] = (p, block, found.get(key, (p, block, 0))[2] + nbytes)
+    return found
+
+
+def _stored_bytes(init, bundle: Path) -> int:
+    """Bytes an initializer takes in its file (external data: the length it records)."""
+    if init.raw_data:
+        return len(init.raw_data)
+    ext = {e.key: e.value for e in init.external_data}
+    if "length" in ext:
+        return int(ext["length"])
+    raise CheckpointError(f"initializer {init.name} records no length of its external data: export the bundle again")
+
+
 class OnnxQuantExporter(OnnxExporter):
     """The ONNX exporter plus the DQ → MatMul rewrite of a quantization plan's weights.
 
@@ -235,4 +278,4 @@ class OnnxQuantExporter(OnnxExporter):
         return ExportParts(parts.roles, parts.graphs, quantized_tensor_groups(out, loaded), toolchain, parts.layout, extra)
 
 
-__all__ = ["QDQ_OPSET", "OnnxQuantExporter", "quantized_tensor_groups", "rewrite_graph"]
+__all__ = ["QDQ_OPSET", "OnnxQuantExporter", "quantized_tensor_groups", "read_back", "rewrite_graph"]

@@ -142,6 +142,25 @@ def budget_from(units: Sequence[Unit], *, budget_mb: float | None = None, avg_bi
     return int(avg_bits * sum(u.params for u in units) / 8)
 
 
+def check_budget(units: Sequence[Unit], budget: int) -> None:
+    """Refuse a budget below the smallest plan (every unit at its smallest choice); only the
+    choices' bytes are read, so it runs before any sensitivity is measured.
+
+    Raises:
+        InputError: a unit without choices, or a budget below the smallest plan (naming the least budget).
+    """
+    for u in units:
+        if not u.choices:
+            raise InputError(f"{u.name} has no precision to choose from: check the backend's candidates")
+    smallest = sum(min(c.nbytes for c in u.choices) for u in units)
+    if smallest > budget:
+        params = max(sum(u.params for u in units), 1)
+        raise InputError(
+            f"the budget {budget / 1e6:.3f} MB is below what the smallest types allow ({smallest / 1e6:.3f} MB, {8 * smallest / params:.2f} bits per weight): "
+            f"raise --budget-mb to at least {math.ceil(smallest / 1e3) / 1e3:.3f} or --avg-bits to at least {math.ceil(800 * smallest / params) / 100:.2f}"
+        )
+
+
 def solve(units: Sequence[Unit], budget: int, *, resolution: int = RESOLUTION) -> Allocation:
     """Minimise Σ ΔD over one choice per unit with Σ bytes ≤ `budget` (exact over byte buckets).
 
@@ -149,16 +168,7 @@ def solve(units: Sequence[Unit], budget: int, *, resolution: int = RESOLUTION) -
         InputError: a unit without choices, or a budget below the smallest plan (naming the least budget).
     """
     units = tuple(units)
-    for u in units:
-        if not u.choices:
-            raise InputError(f"{u.name} has no precision to choose from: check the backend's candidates")
-    smallest = sum(min(c.nbytes for c in u.choices) for u in units)
-    if smallest > budget:
-        params = sum(u.params for u in units)
-        raise InputError(
-            f"the budget {budget / 1e6:.3f} MB is below what the smallest types allow ({smallest / 1e6:.3f} MB, {8 * smallest / params:.2f} bits per weight): "
-            f"raise --budget-mb to at least {math.ceil(smallest / 1e3) / 1e3:.3f} or --avg-bits to at least {math.ceil(800 * smallest / params) / 100:.2f}"
-        )
+    check_budget(units, budget)
     bucket = max(1, math.ceil(budget / resolution))
     cap = budget // bucket
     inf = float("inf")
@@ -190,4 +200,4 @@ def solve(units: Sequence[Unit], budget: int, *, resolution: int = RESOLUTION) -
     return Allocation(units, tuple(reversed(picks)), budget)
 
 
-__all__ = ["BACKENDS", "INT_BITS", "RESOLUTION", "Allocation", "Backend", "Choice", "Unit", "budget_from", "guard", "solve"]
+__all__ = ["BACKENDS", "INT_BITS", "RESOLUTION", "Allocation", "Backend", "Choice", "Unit", "budget_from", "check_budget", "guard", "solve"]

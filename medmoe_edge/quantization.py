@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .allocation import BACKENDS, INT_BITS, Allocation, Unit, budget_from, guard, solve
+from .allocation import BACKENDS, INT_BITS, Allocation, Unit, budget_from, check_budget, guard, solve
 from .bundle import Manifest
 from .calib_stats import CalibSettings, CalibStats, read_key
 from .calibration.collect import collect, select
-from .calibration.sensitivity import CodeBook, measure, swap
+from .calibration.sensitivity import CodeBook, measure, swap, units_for, with_choices
 from .calibration.sets import QuestionSet, resolve_set
 from .checkpoint import LoadedModel, load_model, resolve_model_dir
 from .ckpt_writer import atomic_dir, check_new_dir
@@ -123,6 +123,28 @@ class PlanResult:
     units: tuple[Unit, ...]
 
 
+IMPLEMENTED_FORMATS = ("onnx",)
+
+
+def check_request(fmt: str, *, budget_mb: float | None, avg_bits: float | None) -> None:
+    """What `quantize` can check before reading anything: the format and the budget's form.
+
+    Raises:
+        InputError: an unknown format or one whose emitter is not written yet; neither or both
+            of --budget-mb and --avg-bits; a value that is not positive.
+    """
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r} cannot be quantized: use --format onnx")
+    if fmt not in IMPLEMENTED_FORMATS:
+        other = "`medmoe-edge export --format gguf --quant TYPE` writes uniform GGUF types" if fmt == "gguf" else "`medmoe-edge export --format tensorrt` writes fp16/fp32 engines"
+        raise InputError(f"--format {fmt} quantization plans are not implemented yet: use --format onnx ({other})")
+    if (budget_mb is None) == (avg_bits is None):
+        raise InputError("give exactly one of --budget-mb and --avg-bits")
+    value = budget_mb if budget_mb is not None else avg_bits
+    if value is None or not value > 0:
+        raise InputError(f"{'--budget-mb' if budget_mb is not None else '--avg-bits'} must be positive, got {value}")
+
+
 def parse_method(text: str) -> QuantMethod:
     """--method: gptq, rtn or imatrix-rtn.
 
@@ -134,10 +156,27 @@ def parse_method(text: str) -> QuantMethod:
     return METHODS[text.lower()]
 
 
-def load_stats(stats_dir: Path, model_dir: Path, model: str | Path) -> CalibStats:
-    """The statistics of `stats_dir`, refused when they were computed from another checkpoint."""
+def load_stats(stats_dir: Path, model_dir: Path, model: str | Path, set_name: str | None = None) -> CalibStats:
+    """The statistics of `stats_dir`, refused when they were computed from another checkpoint or
+    on another calibration set: `set_name` when given, else the set the statistics record, whose
+    manifest must still hash as it did when they were computed.
+
+    Raises:
+        InputError: no statistics there, another model, another (or a changed) set.
+    """
     stats = CalibStats.load(stats_dir)
     stats.check_model(checkpoint_source_sha256(model_dir), str(model), stats_dir)
+    recorded = stats.settings.set_name
+    try:
+        qs = resolve_calibration_set(set_name if set_name is not None else recorded)
+    except InputError as e:
+        if set_name is not None:
+            raise
+        raise InputError(f"--stats {stats_dir} was computed on calibration set {recorded!r}, which cannot be read now ({e}): restore it, or run `medmoe-edge calibrate --model {model} --set SET --out NEW_STATS`") from None
+    if set_name is not None:
+        stats.check_set(qs.sha256, set_name, stats_dir)
+    elif qs.sha256 != stats.settings.set_sha256:
+        raise InputError(f"--stats {stats_dir} was computed on calibration set {recorded!r}, whose manifest has changed since (SHA-256 differs): run `medmoe-edge calibrate --model {model} --set {recorded} --out NEW_STATS` and pass that")
     return stats
 
 
@@ -166,6 +205,8 @@ def make_plan(
         raise InputError(f"no allocation backend {backend!r}: use one of {', '.join(BACKENDS)}")
     b = BACKENDS[backend]
     book = CodeBook(stats, method, block, symmetric=not b.zero_point)
+    sized = with_choices(units_for(loaded, b), stats, b, book)  # bytes only: the budget is checked before minutes of measuring
+    check_budget(sized, budget_from(sized, budget_mb=budget_mb, avg_bits=avg_bits))
     measured = measure(loaded, stats, b, book, cache_dir=cache_dir, progress=progress)
     units = tuple(Unit(u.name, u.keys, u.params, guard(u.choices, router_guard)) for u in measured)
     alloc = solve(units, budget_from(units, budget_mb=budget_mb, avg_bits=avg_bits))
@@ -217,23 +258,21 @@ def quantize_bundle(
     method: QuantMethod = QuantMethod.GPTQ,
     block: int = DEFAULT_BLOCK,
     trace_questions: int = 16,
+    set_name: str | None = None,
     status: Status = _quiet,
     progress: Progress | None = None,
 ) -> tuple[Manifest, PlanResult]:
     """`medmoe-edge quantize`: statistics → plan → codes → a bundle of `fmt` whose manifest carries the plan.
 
     Raises:
-        InputError: an unknown format, statistics of another model, a bad budget, a non-empty `out`.
+        InputError: an unknown or unimplemented format, a bad budget (neither or both, not positive,
+            below the smallest types), a non-empty or unwritable `out`, statistics of another
+            model or set. Every one of them before anything is written.
     """
-    if fmt not in FORMATS:
-        raise InputError(f"--format {fmt!r} cannot be quantized: use one of {', '.join(FORMATS)}")
-    if fmt == "gguf":
-        raise InputError("--format gguf quantization plans are not implemented yet (the GGUF emitter is pending): use --format onnx, or `medmoe-edge export --format gguf --quant TYPE`")
-    if (budget_mb is None) == (avg_bits is None):
-        raise InputError("give exactly one of --budget-mb and --avg-bits")
+    check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
     model_dir = resolve_model_dir(model)
-    stats = load_stats(stats_dir, model_dir, model)
     check_new_dir(out)
+    stats = load_stats(stats_dir, model_dir, model, set_name)
     from .export.onnx_quant import OnnxQuantExporter
 
     with status(f"loading {model}"):
@@ -265,4 +304,4 @@ def quantize_bundle(
     return manifest, result
 
 
-__all__ = ["FORMATS", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "quantize_bundle", "resolve_calibration_set", "restore"]
+__all__ = ["FORMATS", "IMPLEMENTED_FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "quantize_bundle", "resolve_calibration_set", "restore"]

@@ -11,7 +11,7 @@ from .. import __version__
 from . import data_cmd, eval_cmd, export_cmd, info_cmd, init_random_cmd, run_cmd, runtimes_cmd, trace_cmd, train_cmd, verify_cmd
 from . import doctor_cmd, plan_cmd
 from . import bench_cmd, compare_cmd
-from . import calibrate_cmd
+from . import calibrate_cmd, quantize_cmd
 
 app = typer.Typer(
     name="medmoe-edge",
@@ -46,10 +46,11 @@ app.command("export")(export_cmd.export)
 app.command("verify")(verify_cmd.verify_cmd)
 app.command("trace")(trace_cmd.trace)
 app.command("doctor")(doctor_cmd.doctor)
-app.command("plan")(plan_cmd.plan_cmd)
+app.add_typer(plan_cmd.plan_app, name="plan")
 app.command("compare")(compare_cmd.compare_cmd)
 app.command("bench")(bench_cmd.bench_cmd)
 app.command("calibrate")(calibrate_cmd.calibrate_cmd)
+app.command("quantize")(quantize_cmd.quantize_cmd)
 
 
 def main() -> None:

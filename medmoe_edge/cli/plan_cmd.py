@@ -1,13 +1,20 @@
-"""`medmoe-edge plan --model M --device D`: the format and precision that fit a device, itemised."""
+"""`medmoe-edge plan --model M --device D`: the format and precision that fit a device, itemised;
+`medmoe-edge plan show BUNDLE`: the quantization plan a bundle carries, as a table and a heatmap.
+
+`plan` is a Typer group whose callback is the device planner (so `plan --device D` works as it
+always did) and whose one subcommand is `show`."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
+from ..bundle import read_manifest
 from ..devices import PROFILES, get_profile
 from ..errors import InputError
 from ..planning import COMPUTE_EFFICIENCY, MARGIN, PLANNABLE_PRECISIONS, gib, plan, resolve_model
@@ -21,6 +28,7 @@ def _split(values: list[str] | None) -> list[str]:
 
 @user_errors
 def plan_cmd(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option("--model", help="'demo', a checkpoint directory (config.json + tower config suffice), a preset (phi, stablelm: the released variants at real dimensions), or a hub id.")] = "demo",
     device: Annotated[str | None, typer.Option("--device", help=f"Device profile: {', '.join(PROFILES)}.")] = None,
     context: Annotated[int | None, typer.Option("--context", help="Tokens the KV cache holds (default min(2048, the model's context)).")] = None,
@@ -31,7 +39,9 @@ def plan_cmd(
 ) -> None:
     """Pick the format and precision of a model that fit a device, with memory itemised and speed estimated.
 
-    Exit code 1 when nothing fits."""
+    Exit code 1 when nothing fits. `plan show BUNDLE` prints the quantization plan a bundle carries."""
+    if ctx.invoked_subcommand is not None:
+        return
     if device is None:
         raise InputError(f"--device is required: use one of {', '.join(PROFILES)}")
     profile = get_profile(device)
@@ -80,3 +90,108 @@ def plan_cmd(
     )
     if p.chosen is None:
         raise typer.Exit(1)
+
+
+plan_app = typer.Typer(invoke_without_command=True, no_args_is_help=False, add_completion=False, rich_markup_mode=None)
+plan_app.callback()(plan_cmd)
+
+
+# --- plan show BUNDLE -----------------------------------------------------------------------
+
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+# cell colours of the heatmap by stored bits (fewer bits: warmer)
+_BIT_STYLE = {2: "bold white on red", 3: "bold white on dark_orange", 4: "bold black on yellow", 8: "bold black on green", 16: "bold white on blue", 32: "bold white on grey35"}
+
+
+def _bits(precision: Precision) -> int:
+    """Code bits of an integer type (its `bits` counts the scales too); the nearest whole bits otherwise."""
+    return {Precision.INT2: 2, Precision.INT4: 4, Precision.INT8: 8}.get(precision, int(round(precision.bits)))
+
+
+def _plan_rows(manifest) -> list[dict]:
+    """One row per TensorId group of the bundle (as read back from its files): the plan's spec and notes."""
+    plan = manifest.plan
+    seen: dict[str, dict] = {}
+    for g in manifest.tensor_groups:
+        if g.name in seen:
+            continue
+        rule = next((r for r in plan.rules if r.matches(g.name)), None)
+        spec = rule.spec if rule is not None else plan.default
+        note = rule.note if rule is not None else {}
+        seen[g.name] = {
+            "tensor_id": g.name,
+            "precision": spec.precision.value,
+            "bits": _bits(spec.precision),
+            "block": spec.group_size,
+            "method": spec.method.value,
+            "delta_kl": note.get("delta_kl"),
+            "router_agreement": note.get("router_agreement"),
+            "bytes": note.get("bytes"),
+            "calibration_set_sha256": note.get("calibration_set_sha256"),
+        }
+    return list(seen.values())
+
+
+def _heatmap(rows: list[dict]) -> Table:
+    """Layers × (attention, meta/dense FFN, experts), each cell its planned bits, coloured."""
+    cells: dict[int, dict[str, int]] = {}
+    for r in rows:
+        m = _LAYER.match(r["tensor_id"])
+        if m and not m.group(2).startswith("router") and not m.group(2).startswith("norm"):
+            cells.setdefault(int(m.group(1)), {})[m.group(2)] = r["bits"]
+    experts = sorted({int(k.split(".")[1]) for c in cells.values() for k in c if k.startswith("expert.")})
+    cols = ["attn", "meta/ffn", *(f"expert.{e}" for e in experts)]
+    t = Table(title="bits per layer and expert (router, norms and biases stay in floating point)")
+    t.add_column("layer", justify="right")
+    for c in cols:
+        t.add_column(c, justify="center")
+    for layer in sorted(cells):
+        c = cells[layer]
+        vals = [c.get("attn"), c.get("meta", c.get("ffn")), *(c.get(f"expert.{e}") for e in experts)]
+        t.add_row(str(layer), *(Text(f" {v} ", style=_BIT_STYLE.get(v, "")) if v is not None else Text("-", style="dim") for v in vals))
+    return t
+
+
+@user_errors
+def plan_show(
+    bundle: Annotated[Path, typer.Argument(help="A bundle directory written by `medmoe-edge quantize` (or export).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Print the quantization plan a bundle carries: per TensorId its type, block, method and measured sensitivity, and a heatmap of bits over layers × experts."""
+    manifest = read_manifest(bundle)
+    plan = manifest.plan
+    if plan.is_uniform:
+        message = f"{bundle} has no quantization plan: every weight group is {plan.default.precision.value} (`medmoe-edge quantize` writes bundles with one)"
+        if as_json:
+            print_json({"bundle": str(bundle), "plan": None, "message": message})
+        else:
+            out.print(message, highlight=False, markup=False)
+        return
+    rows = _plan_rows(manifest)
+    summary = manifest.extra.get("quantization", {})
+    if as_json:
+        print_json({"bundle": str(bundle), "format": manifest.format.value, "calibration": plan.calibration, "summary": summary, "groups": rows, "plan": plan.to_json()})
+        return
+    t = Table(title=f"{bundle}: quantization plan ({manifest.format.value}; statistics {str(plan.calibration)[:12]})")
+    for col in ("TensorId", "type", "block", "method", "ΔKL", "router agree", "MB"):
+        t.add_column(col, justify="left" if col in ("TensorId", "type", "method") else "right")
+    for r in rows:
+        t.add_row(
+            r["tensor_id"], Text(r["precision"], style=_BIT_STYLE.get(r["bits"], "")), str(r["block"] or "-"), r["method"],
+            f"{r['delta_kl']:.2e}" if r["delta_kl"] is not None else "-",
+            f"{r['router_agreement']:.2%}" if r["router_agreement"] is not None else "-",
+            f"{r['bytes'] / 1e6:.3f}" if r["bytes"] is not None else "-",
+        )
+    out.print(t)
+    out.print(_heatmap(rows))
+    if summary:
+        cal = summary.get("calibration", {})
+        out.print(
+            f"{summary.get('bits_per_weight', 0):.2f} bits per weight over {summary.get('planned_params', 0):,} planned weights, "
+            f"{summary.get('predicted_bytes', 0) / 1e6:.3f} MB of a {summary.get('budget_bytes', 0) / 1e6:.3f} MB budget; predicted ΔKL {summary.get('predicted_delta_kl', 0):.2e}; "
+            f"calibration set {cal.get('set')} ({', '.join(cal.get('domains', []))}; manifest SHA-256 {str(cal.get('set_sha256'))[:12]})",
+            highlight=False,
+        )
+
+
+plan_app.command("show")(plan_show)

@@ -1,0 +1,96 @@
+"""`medmoe-edge quantize`: calibration statistics → a per-group quantization plan → a bundle that carries it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import Progress
+from rich.table import Table
+
+from ..imaging import PreprocessMode
+from ..quantization import METHODS, check_request, parse_method, quantize_bundle
+from ..quantizer import DEFAULT_BLOCK
+from ..workflows import EMBEDDED_TRACE_QUESTIONS, TRACE_MAX_NEW_TOKENS
+from .common import err, fail, out, user_errors
+
+QUANTIZE_VERIFY_LIMIT = EMBEDDED_TRACE_QUESTIONS
+
+
+def _fidelity_table(report) -> Table:
+    """The fidelity figures of a quantized bundle against the fp32 reference. No pass/fail column:
+    the fp32 bundle tolerances do not apply to a quantized one, so the numbers are shown as they are."""
+    t = Table()
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for name, value in report.metrics.items():
+        if value is None:
+            shown = "not reported"
+        elif name == "logits_max_abs":
+            shown = f"{value:.3e}"
+        elif name == "logits_cosine_min":
+            shown = f"{value:.6f}"
+        else:
+            shown = f"{value:.2%}"
+        t.add_row(name, shown)
+    return t
+
+
+@user_errors
+def quantize_cmd(
+    fmt: Annotated[str, typer.Option("--format", help="Bundle format: onnx (DequantizeLinear → MatMul, int4/int8 per TensorId; gguf and tensorrt plans are not implemented yet).")],
+    stats_dir: Annotated[Path, typer.Option("--stats", help="Statistics directory written by `medmoe-edge calibrate` for this model (measured sensitivities are cached there).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Bundle directory to create (must not exist or be empty).")],
+    model: Annotated[str, typer.Option("--model", help="'demo' (built-in), a checkpoint directory, or a hub id.")] = "demo",
+    budget_mb: Annotated[float | None, typer.Option("--budget-mb", help="Bytes (10^6) for the planned matrices (LLM matrices and projector, scales included).")] = None,
+    avg_bits: Annotated[float | None, typer.Option("--avg-bits", help="Average bits per weight of the planned matrices, scales included (give this or --budget-mb).")] = None,
+    method: Annotated[str, typer.Option("--method", help=f"How codes are chosen: {', '.join(METHODS)}.")] = "gptq",
+    set_name: Annotated[str | None, typer.Option("--set", help="Calibration set the statistics must come from [default: the one they record, checked unchanged].")] = None,
+    block: Annotated[int, typer.Option("--block", help="Weights per scale block.")] = DEFAULT_BLOCK,
+    check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {QUANTIZE_VERIFY_LIMIT} eval questions.")] = True,
+) -> None:
+    """Quantize each expert (and every other weight group) to its own precision from measured sensitivities, under a byte budget."""
+    q_method = parse_method(method)
+    check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("measuring sensitivities", total=None)
+        manifest, result = quantize_bundle(
+            model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name,
+            trace_questions=QUANTIZE_VERIFY_LIMIT, status=err.status, progress=lambda i, n: bar.update(task, completed=i, total=n),
+        )
+    from ..export.onnx_quant import read_back
+
+    a = result.allocation
+    stored = read_back(out_dir)
+    t = Table(title=f"plan ({q_method.value}, block {block}): ΔKL measured with only that group quantized")
+    for col in ("TensorId", "type", "written", "MB", "ΔKL", "router agree"):
+        t.add_column(col, justify="left" if col in ("TensorId", "type", "written") else "right")
+    predicted_int = written_int = 0
+    for u, c in zip(a.units, a.picks):
+        got = stored.get(u.name)
+        if not c.precision.is_float:
+            predicted_int += c.nbytes
+            written_int += got[2] if got else 0
+        shown = f"{got[0].value}/{got[1]}" if got else "fp32"
+        t.add_row(u.name, c.precision.value, shown, f"{c.nbytes / 1e6:.3f}", f"{c.delta:.2e}", f"{c.router_agreement:.2%}")
+    out.print(t)
+    gap = (written_int - predicted_int) / predicted_int if predicted_int else 0.0
+    total = sum(f.bytes for f in manifest.files)
+    out.print(
+        f"planned matrices: {a.nbytes / 1e6:.3f} MB of a {a.budget / 1e6:.3f} MB budget, {a.bits_per_weight:.2f} bits per weight over {a.params:,} weights; "
+        f"predicted ΔKL (sum over groups) {a.predicted_delta:.2e}",
+        highlight=False,
+    )
+    out.print(f"quantized groups read back from the files: {written_int / 1e6:.3f} MB written against {predicted_int / 1e6:.3f} MB predicted ({gap:+.2%}); bundle {total / 1e6:.2f} MB in {out_dir}", highlight=False)
+    if not check:
+        return
+    from .verify_cmd import run_verify
+
+    try:
+        report = run_verify(out_dir, reference=None, set_name="eval", data=None, limit=QUANTIZE_VERIFY_LIMIT, provider=None, threads=None, max_new_tokens=TRACE_MAX_NEW_TOKENS, preprocess=PreprocessMode.PAD)
+    except KeyboardInterrupt:
+        fail(f"verification interrupted; the bundle in {out_dir} is complete: run `medmoe-edge verify {out_dir}` to check it", "KeyboardInterrupt", 130, False)
+    out.print(f"fidelity vs the fp32 PyTorch reference on {len(report.samples)} eval questions (ONNX Runtime at its default MatMulNBits accuracy level; `medmoe-edge verify {out_dir}` for more):", highlight=False)
+    out.print(_fidelity_table(report))
+

@@ -1,0 +1,275 @@
+"""`medmoe-edge quantize --format onnx` and `medmoe-edge plan show` on the demo model: the types read
+back from the written graphs equal the plan, the written bytes equal the plan's prediction, ONNX
+Runtime (DequantizeLinear → MatMul fused into MatMulNBits, accuracy level 0) equals the PyTorch
+fake-quant oracle of the same codes, and bad input is a one-line error that leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medmoe_edge import api
+from medmoe_edge.bundle import read_manifest
+from medmoe_edge.calib_stats import CalibSettings
+from medmoe_edge.cli.app import app
+from medmoe_edge.presets import Preset
+from medmoe_edge.quant_plan import QuantMethod, QuantPlan
+from medmoe_edge.quantization import calibrate, fake_quantize, load_stats, make_plan
+from medmoe_edge.runtime_contract import RuntimeOptions
+
+pytest.importorskip("onnxruntime")
+
+AVG_BITS = "6"  # the demo's smallest ONNX plan is 5.13 bits per weight (int4 + fp32 scale + 4-bit zero point): 6 mixes int4 and int8
+WIDE = {"COLUMNS": "200"}
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qstats") / "stats"
+    calibrate("demo", out, per_domain=1, sensitivity_per_domain=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(stats_dir, tmp_path_factory):
+    """The bundle `medmoe-edge quantize` writes (with its fidelity check), and what it printed."""
+    out = tmp_path_factory.mktemp("qbundle") / "b"
+    r = CliRunner().invoke(app, ["quantize", "--format", "onnx", "--stats", str(stats_dir), "--avg-bits", AVG_BITS, "--out", str(out)], env=WIDE)
+    assert r.exit_code == 0, r.output
+    return out, r.output
+
+
+def test_quantize_prints_the_plan_the_size_and_the_fidelity(bundle):
+    output = " ".join(bundle[1].split())
+    assert "layers.0.expert.3" in output and "router agree" in output
+    assert "bits per weight" in output and "written against" in output and "(+0.00%)" in output
+    assert "fidelity vs the fp32 PyTorch reference on 16 eval questions" in output and "token_agreement" in output
+
+
+def test_manifest_carries_the_plan_per_tensor_id(bundle, stats_dir):
+    out, _ = bundle
+    m = read_manifest(out)
+    stats = load_stats(stats_dir, _demo_dir(), "demo")
+    assert m.plan.calibration == stats.key and not m.plan.is_uniform
+    names = {g.name for g in m.tensor_groups}
+    for rule in m.plan.rules:
+        assert rule.pattern in names  # one rule per TensorId group, named by the TensorId itself
+        assert rule.spec.group_size == 32 and rule.spec.method is QuantMethod.GPTQ
+        note = rule.note
+        assert note["calibration_set_sha256"] == stats.settings.set_sha256
+        assert note["delta_kl"] >= 0 and 0 <= note["router_agreement"] <= 1 and note["bytes"] > 0
+    assert {r.spec.precision.value for r in m.plan.rules} == {"int4", "int8"}
+    for tid in ("layers.0.router", "layers.2.router", "vision", "embed"):
+        assert m.plan.spec_for(tid).precision.is_float
+
+
+def test_types_read_back_from_the_graphs_equal_the_plan_and_the_size_its_prediction(bundle):
+    from medmoe_edge.export.onnx_quant import read_back
+
+    out, _ = bundle
+    m = read_manifest(out)
+    stored = read_back(out)
+    planned = {r.pattern: r for r in m.plan.rules}
+    assert set(stored) == set(planned)
+    for name, (precision, block, nbytes) in stored.items():
+        rule = planned[name]
+        assert precision is rule.spec.precision and block == rule.spec.group_size, name
+        assert abs(nbytes - rule.note["bytes"]) <= 0.03 * rule.note["bytes"], name
+    written = sum(b for _, _, b in stored.values())
+    predicted = sum(r.note["bytes"] for r in m.plan.rules)
+    assert abs(written - predicted) <= 0.03 * predicted
+    if all(not r.spec.precision.is_float for r in m.plan.rules):  # no float unit in the plan: the manifest's total is the same sum
+        assert m.extra["quantization"]["predicted_bytes"] >= predicted
+    # the manifest's own read-back agrees: int types only where the plan puts them
+    for g in m.tensor_groups:
+        if not g.precision.is_float:
+            assert m.plan.spec_for(g.name).precision is g.precision
+
+
+def _demo_dir() -> Path:
+    from medmoe_edge.checkpoint import resolve_model_dir
+
+    return resolve_model_dir("demo")
+
+
+@pytest.fixture
+def level0(monkeypatch):
+    """ONNX Runtime sessions with the fused MatMulNBits at accuracy level 0 (fp32 activations; the
+    default 4 quantizes activations to int8)."""
+    import onnxruntime as ort
+
+    base = ort.SessionOptions
+
+    class Level0(base):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+
+    monkeypatch.setattr(ort, "SessionOptions", Level0)
+    return Level0
+
+
+def test_onnx_runtime_at_level_0_equals_the_fake_quant_oracle_of_the_same_codes(bundle, stats_dir, level0, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    out, _ = bundle
+    m = read_manifest(out)
+    model_dir = _demo_dir()
+    opts = RuntimeOptions(num_threads=1)
+    oracle = api.load(model_dir, runtime="torch", options=opts)
+    loaded = oracle.runtime.loaded
+    stats = load_stats(stats_dir, model_dir, "demo")
+    result = make_plan(loaded, stats, "onnx", method=QuantMethod.GPTQ, avg_bits=float(AVG_BITS), cache_dir=stats_dir)
+    # the same plan (sensitivities cached, codes deterministic), so these are the codes the bundle holds
+    assert result.plan.to_json() == QuantPlan.from_json(m.plan.to_json()).to_json()
+    fake_quantize(loaded, result.codes)
+    bundle_rt = api.load(out, runtime="onnxruntime", options=opts)
+    from PIL import Image
+
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    for question in ("what modality is this?", "is there a lesion?"):
+        req, _ = oracle.prepare(image, question)
+        got, want = bundle_rt.runtime.prefill([req], 4), oracle.runtime.prefill([req], 4)
+        assert float((got.logits - want.logits).abs().max()) <= 1e-4
+        tok = want.logits.argmax(-1)
+        step_got, step_want = bundle_rt.runtime.decode(tok), oracle.runtime.decode(tok)
+        assert float((step_got.logits - step_want.logits).abs().max()) <= 1e-4
+        for layer, e in step_want.experts.items():
+            assert torch.equal(step_got.experts[layer], e)
+    # ONNX Runtime really fused DequantizeLinear → MatMul into MatMulNBits (one per planned matrix)
+    dq = sum(n.op_type == "DequantizeLinear" for n in onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph.node)
+    so = level0()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(out / "decoder.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph.node]
+    assert "DequantizeLinear" not in ops and dq > 0 and ops.count("MatMulNBits") == dq
+
+
+def test_plan_show_prints_the_table_and_the_heatmap(bundle):
+    out, _ = bundle
+    r = CliRunner().invoke(app, ["plan", "show", str(out)], env=WIDE)
+    assert r.exit_code == 0, r.output
+    assert "quantization plan (onnx" in r.output and "layers.2.expert.1" in r.output and "gptq" in r.output
+    assert "bits per layer and expert" in r.output and "expert.3" in r.output
+    r = CliRunner().invoke(app, ["plan", "show", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    groups = {g["tensor_id"]: g for g in d["groups"]}
+    plan = read_manifest(out).plan
+    for rule in plan.rules:
+        g = groups[rule.pattern]
+        assert g["precision"] == rule.spec.precision.value and g["block"] == 32 and g["delta_kl"] == rule.note["delta_kl"]
+    assert groups["layers.0.router"]["precision"] == "fp32" and d["summary"]["backend"] == "onnx"
+
+
+def test_plan_show_of_a_bundle_without_a_plan_is_one_line(bundle, tmp_path):
+    out, _ = bundle
+    plain = tmp_path / "plain"
+    shutil.copytree(out, plain)
+    manifest = json.loads((plain / "manifest.json").read_text())
+    assert manifest["plan"]["rules"]
+    # plan show reads the manifest only; a uniform one is what `export` writes
+    manifest["plan"] = QuantPlan.uniform(read_manifest(out).precision).to_json()
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    _rehash(plain)
+    r = CliRunner().invoke(app, ["plan", "show", str(plain)], env=WIDE)
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == f"{plain} has no quantization plan: every weight group is fp32 (`medmoe-edge quantize` writes bundles with one)"
+
+
+def _rehash(bundle: Path) -> None:
+    """Rewrite manifest.sha256 after editing manifest.json (when the bundle keeps one)."""
+    import hashlib
+
+    sums = bundle / "manifest.sha256"
+    if sums.is_file():
+        digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+        sums.write_text(sums.read_text().replace(sums.read_text().split()[0], digest, 1))
+
+
+def test_plan_without_show_still_plans_a_device():
+    r = CliRunner().invoke(app, ["plan", "--device", "cpu-x86", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["chosen"]
+
+
+def _changed_set_stats(stats_dir: Path, tmp: Path) -> Path:
+    """A copy of the statistics whose recorded calibration set hash no longer matches the set."""
+    other = tmp / "changed-stats"
+    shutil.copytree(stats_dir, other)
+    js = other / "stats.json"
+    meta = json.loads(js.read_text())
+    settings = CalibSettings(**{**meta["settings"], "domains": tuple(meta["settings"]["domains"]), "set_sha256": "0" * 64})
+    meta["settings"], meta["key"] = asdict(settings), settings.key(meta["model_sha256"])
+    js.write_text(json.dumps(meta))
+    return other
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("gguf", "--format gguf quantization plans are not implemented yet: use --format onnx"),
+        ("tensorrt", "--format tensorrt quantization plans are not implemented yet: use --format onnx"),
+        ("unknown-format", "--format 'coreml' cannot be quantized: use --format onnx"),
+        ("neither", "give exactly one of --budget-mb and --avg-bits"),
+        ("both", "give exactly one of --budget-mb and --avg-bits"),
+        ("negative", "--budget-mb must be positive"),
+        ("method", "--method 'awq' is not a quantization method: use one of gptq, rtn, imatrix-rtn"),
+        ("too-small", "is below what the smallest types allow (2.845 MB, 5.12 bits per weight): raise --budget-mb to at least 2.846 or --avg-bits to at least 5.13"),
+        ("non-empty", "already exists and is not empty: choose a new --out directory or remove it"),
+        ("file", "is a file: choose a new --out directory"),
+        ("other-model", "was computed from another model"),
+        ("other-set", "was computed on calibration set 'calibration', not 'eval' (manifest SHA-256 differs): run medmoe-edge calibrate --set eval"),
+        ("changed-set", "whose manifest has changed since (SHA-256 differs): run `medmoe-edge calibrate --model demo --set calibration --out NEW_STATS`"),
+        ("no-stats", "holds no calibration statistics"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_code_2_and_leaves_nothing(case, message, stats_dir, tiny_ckpts, tmp_path):
+    out = tmp_path / "out"
+    args = {"--format": "onnx", "--stats": str(stats_dir), "--avg-bits": AVG_BITS, "--out": str(out)}
+    extra: list[str] = []
+    if case in ("gguf", "tensorrt"):
+        args["--format"] = case
+    elif case == "unknown-format":
+        args["--format"] = "coreml"
+    elif case == "neither":
+        del args["--avg-bits"]
+    elif case == "both":
+        extra = ["--budget-mb", "3"]
+    elif case == "negative":
+        del args["--avg-bits"]
+        extra = ["--budget-mb", "-1"]
+    elif case == "method":
+        extra = ["--method", "awq"]
+    elif case == "too-small":
+        args["--avg-bits"] = "2"
+    elif case == "non-empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "file":
+        out.write_text("a file")
+    elif case == "other-model":
+        extra = ["--model", str(tiny_ckpts[Preset.TINY_PHI])]
+    elif case == "other-set":
+        extra = ["--set", "eval"]
+    elif case == "changed-set":
+        args["--stats"] = str(_changed_set_stats(stats_dir, tmp_path))
+    elif case == "no-stats":
+        args["--stats"] = str(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = CliRunner().invoke(app, ["quantize", *(x for kv in args.items() for x in kv), *extra])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and r.output.strip().startswith("error:")
+    assert len(r.output.strip().splitlines()) == 1
+    assert message in " ".join(r.output.split()), r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output directory, nothing half-written
+    if case == "non-empty":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
