@@ -59,8 +59,9 @@ def demo_bundle(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(("preset", "form"), FORMS, ids=[f"{p.value}-{f}" for p, f in FORMS])
 def test_engines_build_and_the_graphs_equal_the_reference(preset, form, tmp_path):
-    """Both variants, top-1/top-2/use_residual: TensorRT-RTX parses and builds every graph; the graphs
-    have no NonZero, one If per routed expert, and equal the PyTorch reference on ONNX Runtime CPU."""
+    """Both variants, top-1/top-2/use_residual: TensorRT-RTX parses and builds every graph, fp32 and
+    fp16; the graphs have no NonZero, one If per routed expert, and equal the PyTorch reference on
+    ONNX Runtime CPU (fp32 ≤ 1e-4 with identical routing; fp16 within its tolerances)."""
     src = write_random_checkpoint(replace(PRESETS[preset], moe=MOE_FORMS[form]), tmp_path / "ckpt", seed=3)
     _export(src, tmp_path / "trt")
     b = tmp_path / "trt"
@@ -72,6 +73,10 @@ def test_engines_build_and_the_graphs_equal_the_reference(preset, form, tmp_path
     report = verify_bundle(b, runtime="onnxruntime", limit=3, explicit_set=True).report
     assert report.checks["logits_max_abs"][0] <= 1e-4 and report.checks["routing_agreement"][0] == 1.0
     assert report.passed
+    # fp16 engines of the same checkpoint: built, and the fp16 graphs within the fp16 tolerances
+    _export(src, tmp_path / "trt16", precision="fp16")
+    assert read_manifest(tmp_path / "trt16").precision.value == "fp16"
+    assert verify_bundle(tmp_path / "trt16", runtime="onnxruntime", limit=3, explicit_set=True).report.passed
 
 
 def test_manifest_lists_engines_hashes_library_and_profiles(demo_bundle):
