@@ -12,6 +12,7 @@ whose manifest carries the plan.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -209,7 +210,16 @@ def make_plan(
     check_budget(sized, budget_from(sized, budget_mb=budget_mb, avg_bits=avg_bits))
     measured = measure(loaded, stats, b, book, cache_dir=cache_dir, progress=progress)
     units = tuple(Unit(u.name, u.keys, u.params, guard(u.choices, router_guard)) for u in measured)
-    alloc = solve(units, budget_from(units, budget_mb=budget_mb, avg_bits=avg_bits))
+    budget = budget_from(units, budget_mb=budget_mb, avg_bits=avg_bits)
+    smallest = sum(min(c.nbytes for c in u.choices) for u in units)
+    if smallest > budget:  # the bytes alone fitted (checked above): the router guard dropped the small types
+        held = [u.name for u, m in zip(units, measured) if min(c.nbytes for c in u.choices) > min(c.nbytes for c in m.choices)]
+        params = max(sum(u.params for u in units), 1)
+        raise InputError(
+            f"the budget {budget / 1e6:.3f} MB is below the smallest plan that keeps router agreement >= {router_guard:.1%} ({smallest / 1e6:.3f} MB, {8 * smallest / params:.2f} bits per weight; "
+            f"{len(held)} groups flip routes at their smallest type, first {held[0]}): raise --budget-mb to at least {math.ceil(smallest / 1e3) / 1e3:.3f} or --avg-bits to at least {math.ceil(800 * smallest / params) / 100:.2f}"
+        )
+    alloc = solve(units, budget)
     state = loaded.model.lm.state_dict()
     rules, codes = [], {}
     for u, c in zip(units, alloc.picks):

@@ -273,3 +273,15 @@ def test_bad_input_is_one_line_with_exit_code_2_and_leaves_nothing(case, message
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output directory, nothing half-written
     if case == "non-empty":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_budget_that_only_the_router_guard_breaks_names_the_guard(bundle, stats_dir):
+    """Bytes alone fit, but every small type flips routes beyond the guard (an impossible 101 % here):
+    the error says so instead of blaming the types."""
+    from medmoe_edge.checkpoint import load_model
+    from medmoe_edge.errors import InputError
+
+    loaded = load_model(_demo_dir())
+    stats = load_stats(stats_dir, _demo_dir(), "demo")
+    with pytest.raises(InputError, match=r"below the smallest plan that keeps router agreement >= 101\.0% \(17\.766 MB, 32\.00 bits per weight; 18 groups flip routes at their smallest type, first projector\): raise --budget-mb to at least 17\.767"):
+        make_plan(loaded, stats, "onnx", avg_bits=float(AVG_BITS), router_guard=1.01, cache_dir=stats_dir)
