@@ -35,7 +35,7 @@ from medmoe_edge.checkpoint import LoadedModel
 from medmoe_edge.errors import CheckpointError, InputError
 from medmoe_edge.exporter import ExportParts, ExportRequest, stored_groups
 from medmoe_edge.quantizer import QTensor
-from medmoe_edge.tensor_ids import checkpoint_id, checkpoint_map, onnx_map, plan_spec, released_state_dict
+from medmoe_edge.tensor_ids import _all_nodes, checkpoint_id, checkpoint_map, onnx_map, plan_spec, released_state_dict
 from medmoe_edge.vocab import Precision
 
 from .onnx_export import GRAPH_FILES, OnnxExporter, _require_onnx
@@ -101,62 +101,74 @@ def rewrite_graph(path: Path, codes: dict[str, QTensor], weights: dict[str, torc
         by_print[_fingerprint(w)] = (key, False)  # as stored: a Gemm with transB=1 reads it
         by_print[_fingerprint(w.T)] = (key, True)  # transposed: a MatMul reads it
     readers: dict[str, int] = {}
-    for node in g.node:
+    for node in _all_nodes(g):  # an If per expert (--moe-dispatch if) reads the expert's weights from inside its branch
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
     done: dict[str, str] = {}
-    new_nodes = []
     drop: set[str] = set()
-    for node in g.node:
-        w_name = node.input[1] if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 else None
-        if w_name is None or w_name not in inits:
-            new_nodes.append(node)
-            continue
-        arr = numpy_helper.to_array(inits[w_name])
-        hit = by_print.get(_fingerprint(arr)) if arr.ndim == 2 else None
-        if hit is None:
-            new_nodes.append(node)
-            continue
-        key, transposed = hit
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Gemm":
-            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transB", 0) == int(transposed):
-                raise CheckpointError(f"{node.name} reads {key} as a Gemm this rewrite does not handle ({attrs}): plan that group in floating point")
-        elif not transposed:
-            raise CheckpointError(f"{node.name} reads {key} untransposed in a MatMul: the graph layout changed; plan that group in floating point")
-        if readers[w_name] > 1:
-            raise CheckpointError(f"{key} ({w_name}) is read by {readers[w_name]} nodes: a shared weight cannot be quantized for one of them")
-        q = codes[key]
-        dtype = _code_type(onnx, q)
-        scope = _scope(node.name)
-        base = f"{w_name}.q{q.bits}"
-        if q.symmetric:
-            cvals = q.signed_codes().numpy().T  # [K, N]
-        else:
-            cvals = q.codes.numpy().T
-        g.initializer.append(_tensor(onnx, base + ".codes", np.ascontiguousarray(cvals), dtype, q.bits))
-        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(q.scales.numpy().T.astype(np.float32)), base + ".scales"))
-        dq_inputs = [base + ".codes", base + ".scales"]
-        if not q.symmetric:
-            g.initializer.append(_tensor(onnx, base + ".zero_point", np.ascontiguousarray(q.zeros.numpy().T), dtype, q.bits))
-            dq_inputs.append(base + ".zero_point")
-        dq_out = base + ".dequantized"
-        new_nodes.append(onnx.helper.make_node("DequantizeLinear", dq_inputs, [dq_out], name=f"{scope}/DequantizeLinear", axis=0, block_size=q.block))
-        if node.op_type == "MatMul":
-            node.input[1] = dq_out
-            new_nodes.append(node)
-        else:
-            mm_out = node.output[0] + ".matmul" if len(node.input) > 2 else node.output[0]
-            new_nodes.append(onnx.helper.make_node("MatMul", [node.input[0], dq_out], [mm_out], name=f"{scope}/MatMul"))
-            if len(node.input) > 2 and node.input[2]:
-                new_nodes.append(onnx.helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{scope}/Add"))
-        drop.add(w_name)
-        done[key] = node.name
+
+    def rewrite(owner) -> None:
+        """Rewrite the nodes of `owner` (the main graph or a subgraph) and of its subgraphs. The
+        codes, scales and zero points become initializers of the graph that holds the DQ node:
+        ONNX Runtime's DQ → MatMulNBits fusion looks its weights up there, not in outer scopes
+        (an If branch reading the main graph's codes fails to load)."""
+        new_nodes = []
+        for node in owner.node:
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                    rewrite(sub)
+            w_name = node.input[1] if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 else None
+            if w_name is None or w_name not in inits:
+                new_nodes.append(node)
+                continue
+            arr = numpy_helper.to_array(inits[w_name])
+            hit = by_print.get(_fingerprint(arr)) if arr.ndim == 2 else None
+            if hit is None:
+                new_nodes.append(node)
+                continue
+            key, transposed = hit
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if node.op_type == "Gemm":
+                if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transB", 0) == int(transposed):
+                    raise CheckpointError(f"{node.name} reads {key} as a Gemm this rewrite does not handle ({attrs}): plan that group in floating point")
+            elif not transposed:
+                raise CheckpointError(f"{node.name} reads {key} untransposed in a MatMul: the graph layout changed; plan that group in floating point")
+            if readers[w_name] > 1:
+                raise CheckpointError(f"{key} ({w_name}) is read by {readers[w_name]} nodes: a shared weight cannot be quantized for one of them")
+            q = codes[key]
+            dtype = _code_type(onnx, q)
+            scope = _scope(node.name)
+            base = f"{w_name}.q{q.bits}"
+            if q.symmetric:
+                cvals = q.signed_codes().numpy().T  # [K, N]
+            else:
+                cvals = q.codes.numpy().T
+            owner.initializer.append(_tensor(onnx, base + ".codes", np.ascontiguousarray(cvals), dtype, q.bits))
+            owner.initializer.append(numpy_helper.from_array(np.ascontiguousarray(q.scales.numpy().T.astype(np.float32)), base + ".scales"))
+            dq_inputs = [base + ".codes", base + ".scales"]
+            if not q.symmetric:
+                owner.initializer.append(_tensor(onnx, base + ".zero_point", np.ascontiguousarray(q.zeros.numpy().T), dtype, q.bits))
+                dq_inputs.append(base + ".zero_point")
+            dq_out = base + ".dequantized"
+            new_nodes.append(onnx.helper.make_node("DequantizeLinear", dq_inputs, [dq_out], name=f"{scope}/DequantizeLinear", axis=0, block_size=q.block))
+            if node.op_type == "MatMul":
+                node.input[1] = dq_out
+                new_nodes.append(node)
+            else:
+                mm_out = node.output[0] + ".matmul" if len(node.input) > 2 else node.output[0]
+                new_nodes.append(onnx.helper.make_node("MatMul", [node.input[0], dq_out], [mm_out], name=f"{scope}/MatMul"))
+                if len(node.input) > 2 and node.input[2]:
+                    new_nodes.append(onnx.helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{scope}/Add"))
+            drop.add(w_name)
+            done[key] = node.name
+
+        del owner.node[:]
+        owner.node.extend(new_nodes)
+
+    rewrite(g)
     keep = [i for i in g.initializer if i.name not in drop]
     del g.initializer[:]
     g.initializer.extend(keep)
-    del g.node[:]
-    g.node.extend(new_nodes)
     if done:
         for op in proto.opset_import:
             if op.domain in ("", "ai.onnx"):
@@ -169,6 +181,32 @@ def rewrite_graph(path: Path, codes: dict[str, QTensor], weights: dict[str, torc
     return done
 
 
+def _subgraphs(graph) -> list:
+    """Every subgraph of `graph`'s nodes, recursively (the If branches of --moe-dispatch if)."""
+    out = []
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                out += [sub, *_subgraphs(sub)]
+    return out
+
+
+def _code_maps(onnx, graph: str, proto, spec) -> list:
+    """(initializers, TensorMap) of the main graph and of every subgraph that holds DQ codes; a
+    subgraph's map covers only the initializers its DequantizeLinear nodes read (named by their scope)."""
+    maps = [({i.name: i for i in proto.graph.initializer}, onnx_map(graph, proto, spec))]
+    for sub in _subgraphs(proto.graph):
+        dq_inputs = {n for node in sub.node if node.op_type == "DequantizeLinear" for n in node.input}
+        own = [i for i in sub.initializer if i.name in dq_inputs]
+        if not own:
+            continue
+        view = onnx.GraphProto()
+        view.node.extend(sub.node)
+        view.initializer.extend(own)
+        maps.append(({i.name: i for i in own}, onnx_map(graph, type("SubgraphView", (), {"graph": view})(), spec)))
+    return maps
+
+
 def quantized_tensor_groups(bundle: Path, loaded: LoadedModel) -> tuple:
     """Per TensorId group and stored type, the parameters read back from the rewritten graphs:
     a DQ's codes count as the weight's parameters at int4/int8, its scales and zero points as none."""
@@ -179,16 +217,16 @@ def quantized_tensor_groups(bundle: Path, loaded: LoadedModel) -> tuple:
     stored = []
     for graph, file in GRAPH_FILES.items():
         proto = onnx.load(str(bundle / file), load_external_data=False)
-        tmap = onnx_map(graph, proto, spec)
-        aux = {n for node in proto.graph.node if node.op_type == "DequantizeLinear" for n in node.input[1:]}
-        for init in proto.graph.initializer:
-            if init.name in aux:
-                continue
-            p = code_precision.get(init.data_type) or _FLOAT_TYPES.get(init.data_type)
-            if p is None:
-                raise CheckpointError(f"ONNX initializer {init.name} of the {graph} graph has element type {init.data_type}, neither a float weight nor int4/int8 codes")
-            n = int(np.prod([int(d) for d in init.dims])) if init.dims else 1
-            stored += [((tid,), p, n) for tid in tmap.ids(init.name)]
+        aux = {n for node in _all_nodes(proto.graph) if node.op_type == "DequantizeLinear" for n in node.input[1:]}
+        for inits, tmap in _code_maps(onnx, graph, proto, spec):
+            for init in inits.values():
+                if init.name in aux:
+                    continue
+                p = code_precision.get(init.data_type) or _FLOAT_TYPES.get(init.data_type)
+                if p is None:
+                    raise CheckpointError(f"ONNX initializer {init.name} of the {graph} graph has element type {init.data_type}, neither a float weight nor int4/int8 codes")
+                n = int(np.prod([int(d) for d in init.dims])) if init.dims else 1
+                stored += [((tid,), p, n) for tid in tmap.ids(init.name)]
     state = released_state_dict(loaded.model)
     model_sizes = checkpoint_map(state, spec).group_sizes({k: t.numel() for k, t in state.items()})
     return stored_groups("ONNX", stored, model_sizes)
@@ -208,11 +246,13 @@ def read_back(bundle: Path, spec=None) -> dict[str, tuple[Precision, int, int]]:
     found: dict[str, tuple[Precision, int, int]] = {}
     for graph, file in GRAPH_FILES.items():
         proto = onnx.load(str(bundle / file), load_external_data=False)
-        tmap = onnx_map(graph, proto, spec)
-        inits = {i.name: i for i in proto.graph.initializer}
-        for node in proto.graph.node:
+        maps = _code_maps(onnx, graph, proto, spec)
+        inits = {k: v for m, _ in maps for k, v in m.items()}
+        owner = {k: t for m, t in maps for k in m}
+        for node in _all_nodes(proto.graph):
             if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
                 continue
+            tmap = owner[node.input[0]]
             codes = inits[node.input[0]]
             p = code_precision.get(codes.data_type)
             if p is None:

@@ -269,6 +269,7 @@ def quantize_bundle(
     block: int = DEFAULT_BLOCK,
     trace_questions: int = 16,
     set_name: str | None = None,
+    moe_dispatch: str | None = None,
     status: Status = _quiet,
     progress: Progress | None = None,
 ) -> tuple[Manifest, PlanResult]:
@@ -280,10 +281,13 @@ def quantize_bundle(
             model or set. Every one of them before anything is written.
     """
     check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
+    from .export.onnx_quant import OnnxQuantExporter
+
+    given = {"--moe-dispatch": moe_dispatch} if moe_dispatch is not None else {}
+    OnnxQuantExporter.request(given)  # the format's own flags, checked before any work
     model_dir = resolve_model_dir(model)
     check_new_dir(out)
     stats = load_stats(stats_dir, model_dir, model, set_name)
-    from .export.onnx_quant import OnnxQuantExporter
 
     with status(f"loading {model}"):
         loaded = load_model(model_dir)
@@ -304,7 +308,7 @@ def quantize_bundle(
         "calibration": {"key": stats.key, "set": stats.settings.set_name, "set_sha256": stats.settings.set_sha256, "domains": list(stats.settings.domains)},
     }
     exporter = OnnxQuantExporter(result.codes, summary)
-    request = OnnxQuantExporter.request({}, plan=result.plan)
+    request = OnnxQuantExporter.request(given, plan=result.plan)
 
     def embed(tmp: Path) -> dict[str, str]:
         return {p.name: "reference-trace" for p in trace.save(tmp)} if trace is not None else {}

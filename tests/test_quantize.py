@@ -46,6 +46,15 @@ def bundle(stats_dir, tmp_path_factory):
     return out, r.output
 
 
+@pytest.fixture(scope="module")
+def bundle_if(stats_dir, tmp_path_factory) -> Path:
+    """The same plan on the If-per-expert graph (--moe-dispatch if): the experts' nodes sit inside If branches."""
+    out = tmp_path_factory.mktemp("qbundle-if") / "b"
+    r = CliRunner().invoke(app, ["quantize", "--format", "onnx", "--stats", str(stats_dir), "--avg-bits", AVG_BITS, "--moe-dispatch", "if", "--no-verify", "--out", str(out)], env=WIDE)
+    assert r.exit_code == 0, r.output
+    return out
+
+
 def test_quantize_prints_the_plan_the_size_and_the_fidelity(bundle):
     output = " ".join(bundle[1].split())
     assert "layers.0.expert.3" in output and "router agree" in output
@@ -70,10 +79,11 @@ def test_manifest_carries_the_plan_per_tensor_id(bundle, stats_dir):
         assert m.plan.spec_for(tid).precision.is_float
 
 
-def test_types_read_back_from_the_graphs_equal_the_plan_and_the_size_its_prediction(bundle):
+@pytest.mark.parametrize("dispatch", ["scatter", "if"])
+def test_types_read_back_from_the_graphs_equal_the_plan_and_the_size_its_prediction(dispatch, request):
     from medmoe_edge.export.onnx_quant import read_back
 
-    out, _ = bundle
+    out = request.getfixturevalue("bundle")[0] if dispatch == "scatter" else request.getfixturevalue("bundle_if")
     m = read_manifest(out)
     stored = read_back(out)
     planned = {r.pattern: r for r in m.plan.rules}
@@ -116,11 +126,12 @@ def level0(monkeypatch):
     return Level0
 
 
-def test_onnx_runtime_at_level_0_equals_the_fake_quant_oracle_of_the_same_codes(bundle, stats_dir, level0, tmp_path):
+@pytest.mark.parametrize("dispatch", ["scatter", "if"])
+def test_onnx_runtime_at_level_0_equals_the_fake_quant_oracle_of_the_same_codes(dispatch, request, stats_dir, level0, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    out, _ = bundle
+    out = request.getfixturevalue("bundle")[0] if dispatch == "scatter" else request.getfixturevalue("bundle_if")
     m = read_manifest(out)
     model_dir = _demo_dir()
     opts = RuntimeOptions(num_threads=1)
@@ -145,11 +156,16 @@ def test_onnx_runtime_at_level_0_equals_the_fake_quant_oracle_of_the_same_codes(
         for layer, e in step_want.experts.items():
             assert torch.equal(step_got.experts[layer], e)
     # ONNX Runtime really fused DequantizeLinear → MatMul into MatMulNBits (one per planned matrix)
-    dq = sum(n.op_type == "DequantizeLinear" for n in onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph.node)
+    from medmoe_edge.tensor_ids import _all_nodes
+
+    graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
+    dq = sum(n.op_type == "DequantizeLinear" for n in _all_nodes(graph))
+    in_branches = dq - sum(n.op_type == "DequantizeLinear" for n in graph.node)
+    assert in_branches == (2 * 4 * 2 if dispatch == "if" else 0)  # 2 MoE layers × 4 experts × fc1, fc2 inside their If
     so = level0()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(out / "decoder.onnx"), so, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph.node]
+    ops = [n.op_type for n in _all_nodes(onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph)]
     assert "DequantizeLinear" not in ops and dq > 0 and ops.count("MatMulNBits") == dq
 
 
@@ -230,6 +246,7 @@ def _changed_set_stats(stats_dir: Path, tmp: Path) -> Path:
         ("other-set", "was computed on calibration set 'calibration', not 'eval' (manifest SHA-256 differs): run medmoe-edge calibrate --set eval"),
         ("changed-set", "whose manifest has changed since (SHA-256 differs): run `medmoe-edge calibrate --model demo --set calibration --out NEW_STATS`"),
         ("no-stats", "holds no calibration statistics"),
+        ("dispatch", "--moe-dispatch 'nonzero' is not one of"),
     ],
 )
 def test_bad_input_is_one_line_with_exit_code_2_and_leaves_nothing(case, message, stats_dir, tiny_ckpts, tmp_path):
@@ -264,6 +281,8 @@ def test_bad_input_is_one_line_with_exit_code_2_and_leaves_nothing(case, message
         args["--stats"] = str(_changed_set_stats(stats_dir, tmp_path))
     elif case == "no-stats":
         args["--stats"] = str(tmp_path)
+    elif case == "dispatch":
+        extra = ["--moe-dispatch", "nonzero"]
     before = sorted(p.name for p in tmp_path.iterdir())
     r = CliRunner().invoke(app, ["quantize", *(x for kv in args.items() for x in kv), *extra])
     assert r.exit_code == 2, r.output

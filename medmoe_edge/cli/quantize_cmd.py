@@ -48,6 +48,7 @@ def quantize_cmd(
     method: Annotated[str, typer.Option("--method", help=f"How codes are chosen: {', '.join(METHODS)}.")] = "gptq",
     set_name: Annotated[str | None, typer.Option("--set", help="Calibration set the statistics must come from [default: the one they record, checked unchanged].")] = None,
     block: Annotated[int, typer.Option("--block", help="Weights per scale block.")] = DEFAULT_BLOCK,
+    moe_dispatch: Annotated[str | None, typer.Option("--moe-dispatch", help="ONNX: 'scatter' (NonZero per expert) or 'if' (an If per expert, what TensorRT builds) [default: scatter].")] = None,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {QUANTIZE_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
     """Quantize each expert (and every other weight group) to its own precision from measured sensitivities, under a byte budget."""
@@ -56,7 +57,7 @@ def quantize_cmd(
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("measuring sensitivities", total=None)
         manifest, result = quantize_bundle(
-            model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name,
+            model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch,
             trace_questions=QUANTIZE_VERIFY_LIMIT, status=err.status, progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
     from ..export.onnx_quant import read_back
