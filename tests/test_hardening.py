@@ -230,7 +230,7 @@ def test_ctrl_c_during_the_export_check_says_the_bundle_is_complete(tiny_ckpts, 
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("medmoe_edge.cli.export_cmd.run_verify", interrupted)
+    monkeypatch.setattr("medmoe_edge.cli.verify_cmd.run_verify", interrupted)
     out = tmp_path / "b"
     r = runner.invoke(app, ["export", "--format", "onnx", "--model", str(tiny_ckpts[Preset.TINY_PHI]), "--out", str(out)])
     msg = _one_line_error(r, code=130)

@@ -11,10 +11,9 @@ from rich.table import Table
 
 from ..exporter import ENTRY_POINT_GROUP
 from ..vocab import ArtifactKind, Precision
-from ..imaging import PreprocessMode
-from .common import err, fail, out, user_errors
-from ..workflows import EMBEDDED_TRACE_QUESTIONS, TRACE_MAX_NEW_TOKENS, export_bundle
-from .verify_cmd import print_report, run_verify
+from .common import err, out, user_errors
+from ..workflows import EMBEDDED_TRACE_QUESTIONS, export_bundle
+from .verify_cmd import check_written_bundle, print_report
 
 # the embedded trace's own size and length, so export's check replays it instead of re-running the reference
 EXPORT_VERIFY_LIMIT = EMBEDDED_TRACE_QUESTIONS
@@ -84,10 +83,7 @@ def export(
             err.print(f"[bold yellow]UNVERIFIED: no GPU to run the bf16 engines here, and ONNX Runtime's CPU kernels have no bf16: run `medmoe-edge verify {out_dir} --device cuda` on the target GPU (Ampere or later)[/]")
             return
         err.print(f"[yellow]{why}[/]")
-    try:
-        report = run_verify(out_dir, reference=None, set_name="eval", data=None, limit=EXPORT_VERIFY_LIMIT, provider=None, threads=None, max_new_tokens=TRACE_MAX_NEW_TOKENS, preprocess=PreprocessMode.PAD, runtime=runtime, device=device)
-    except KeyboardInterrupt:
-        fail(f"verification interrupted; the bundle in {out_dir} is complete: run `medmoe-edge verify {out_dir}` to check it", "KeyboardInterrupt", 130, False)
+    report = check_written_bundle(out_dir, EXPORT_VERIFY_LIMIT, runtime=runtime, device=device)
     print_report(report, f"fidelity vs the PyTorch reference ({len(report.samples)} eval questions; `medmoe-edge verify {out_dir}` for more)")
     if not report.passed:
         err.print(f"[bold red]the bundle was written to {out_dir} but is outside its fidelity tolerances[/]")

@@ -9,11 +9,11 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from ..imaging import PreprocessMode
 from ..quantization import METHODS, check_request, parse_method, quantize_bundle
 from ..quantizer import DEFAULT_BLOCK
-from ..workflows import EMBEDDED_TRACE_QUESTIONS, TRACE_MAX_NEW_TOKENS
-from .common import err, fail, out, user_errors
+from ..workflows import EMBEDDED_TRACE_QUESTIONS
+from .common import err, out, user_errors
+from .verify_cmd import check_written_bundle, format_metric
 
 QUANTIZE_VERIFY_LIMIT = EMBEDDED_TRACE_QUESTIONS
 
@@ -25,15 +25,7 @@ def _fidelity_table(report) -> Table:
     t.add_column("metric")
     t.add_column("value", justify="right")
     for name, value in report.metrics.items():
-        if value is None:
-            shown = "not reported"
-        elif name == "logits_max_abs":
-            shown = f"{value:.3e}"
-        elif name == "logits_cosine_min":
-            shown = f"{value:.6f}"
-        else:
-            shown = f"{value:.2%}"
-        t.add_row(name, shown)
+        t.add_row(name, "not reported" if value is None else format_metric(name, value))
     return t
 
 
@@ -86,12 +78,7 @@ def quantize_cmd(
     out.print(f"quantized groups read back from the files: {written_int / 1e6:.3f} MB written against {predicted_int / 1e6:.3f} MB predicted ({gap:+.2%}); bundle {total / 1e6:.2f} MB in {out_dir}", highlight=False)
     if not check:
         return
-    from .verify_cmd import run_verify
-
-    try:
-        report = run_verify(out_dir, reference=None, set_name="eval", data=None, limit=QUANTIZE_VERIFY_LIMIT, provider=None, threads=None, max_new_tokens=TRACE_MAX_NEW_TOKENS, preprocess=PreprocessMode.PAD)
-    except KeyboardInterrupt:
-        fail(f"verification interrupted; the bundle in {out_dir} is complete: run `medmoe-edge verify {out_dir}` to check it", "KeyboardInterrupt", 130, False)
+    report = check_written_bundle(out_dir, QUANTIZE_VERIFY_LIMIT)
     out.print(f"fidelity vs the fp32 PyTorch reference on {len(report.samples)} eval questions (ONNX Runtime at its default MatMulNBits accuracy level; `medmoe-edge verify {out_dir}` for more):", highlight=False)
     out.print(_fidelity_table(report))
 

@@ -12,11 +12,16 @@ from rich.table import Table
 from ..errors import InputError
 from ..imaging import PreprocessMode
 from ..verify import VerifyReport
-from ..workflows import VerifyOutcome, verify_bundle
+from ..workflows import TRACE_MAX_NEW_TOKENS, VerifyOutcome, verify_bundle
 from ..provenance import provenance
-from .common import DeviceOption, DtypeOption, ProviderOption, ThreadsOption, err, out, print_json, runtime_options, user_errors
+from .common import DeviceOption, DtypeOption, ProviderOption, ThreadsOption, err, fail, out, print_json, runtime_options, user_errors
 
 DEFAULT_LIMIT = 64
+
+
+def format_metric(name: str, value: float) -> str:
+    """A verify metric as printed: logits max-abs in e-notation, cosine to 6 places, agreements in %."""
+    return f"{value:.3e}" if name == "logits_max_abs" else (f"{value:.6f}" if name == "logits_cosine_min" else f"{value:.2%}")
 
 
 def print_report(report: VerifyReport, title: str) -> None:
@@ -24,10 +29,7 @@ def print_report(report: VerifyReport, title: str) -> None:
     for col in ("metric", "value", "tolerance", "result"):
         t.add_column(col, justify="right" if col != "metric" else "left")
     for name, (value, bound, ok) in report.checks.items():
-        if value is None:
-            shown = "n/a"
-        else:
-            shown = f"{value:.3e}" if name == "logits_max_abs" else (f"{value:.6f}" if name == "logits_cosine_min" else f"{value:.2%}")
+        shown = "n/a" if value is None else format_metric(name, value)
         result = "[dim]not checked[/]" if ok is None else "[green]pass[/]" if ok else "[bold red]FAIL[/]"
         t.add_row(name, shown, bound, result)
     out.print(t)
@@ -54,6 +56,15 @@ def run_verify(
     outcome = _run(bundle, reference=reference, set_name=set_name, data=data, limit=limit, provider=provider, threads=threads, device=device, max_new_tokens=max_new_tokens, preprocess=preprocess, explicit_set=explicit_set, runtime=runtime)
     err.print(f"[dim]{outcome.runtime} runtime against {outcome.against}[/]")
     return outcome.report
+
+
+def check_written_bundle(bundle: Path, limit: int, *, runtime: str | None = None, device: str = "cpu") -> VerifyReport:
+    """The check `export` and `quantize` run on the bundle they just wrote (its embedded trace's
+    first `limit` eval questions); Ctrl-C exits 130 saying the bundle is complete."""
+    try:
+        return run_verify(bundle, reference=None, set_name="eval", data=None, limit=limit, provider=None, threads=None, max_new_tokens=TRACE_MAX_NEW_TOKENS, preprocess=PreprocessMode.PAD, runtime=runtime, device=device)
+    except KeyboardInterrupt:
+        fail(f"verification interrupted; the bundle in {bundle} is complete: run `medmoe-edge verify {bundle}` to check it", "KeyboardInterrupt", 130, False)
 
 
 def _run(bundle: Path, *, provider: str | None, threads: int | None, device: str = "cpu", dtype: str | None = None, **kw) -> VerifyOutcome:
