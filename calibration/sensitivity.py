@@ -21,18 +21,21 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from medmoe_edge.allocation import INT_BITS, Backend, Choice, Unit
+from medmoe_edge.allocation import INT_BITS, Backend, Choice, Unit, unit_name
 from medmoe_edge.calib_stats import CalibStats
 from medmoe_edge.checkpoint import LoadedModel
+from medmoe_edge.ggml_codes import CODE_BITS, GgmlCodes
+from medmoe_edge.ggml_codes import nbytes as ggml_nbytes
+from medmoe_edge.ggml_codes import quantize as ggml_quantize
 from medmoe_edge.quant_plan import QuantMethod
 from medmoe_edge.quantizer import DEFAULT_BLOCK, QTensor, QuantizerConfig, packed_bytes, quantize
 from medmoe_edge.tensor_ids import checkpoint_id
-from medmoe_edge.vocab import Component, Precision
+from medmoe_edge.vocab import Component, Precision, PrecisionKind
 
 from .collect import quantizable_linears
 from .teacher import TeacherSequence, image_features
@@ -50,21 +53,30 @@ def units_for(loaded: LoadedModel, backend: Backend) -> list[Unit]:
     order: dict[str, object] = {}
     for k in keys:
         tid = checkpoint_id(k)
-        if backend.stacked_experts and tid.component is Component.EXPERT:
-            name = f"layers.{tid.layer}.expert.*.{tid.proj}"
+        name = unit_name(tid, backend.stacked_experts)
+        if name != str(tid.group):  # a stack: after the layer's other groups, by projection
             order.setdefault(name, tid.group.sort_key()[:3] + (99, ("fc1", "fc2", "gate", "up", "down").index(tid.proj)))
         else:
-            name = str(tid.group)
             order.setdefault(name, tid.group.sort_key())
         groups.setdefault(name, []).append(k)
     state = loaded.model.lm.state_dict()
-    return [Unit(n, tuple(groups[n]), sum(state[k].numel() for k in groups[n])) for n in sorted(groups, key=lambda n: order[n])]
+    return [
+        Unit(n, tuple(ks), sum(state[k].numel() for k in ks), rows=tuple(int(state[k].shape[-1]) for k in ks), component=checkpoint_id(ks[0]).component)
+        for n, ks in ((n, groups[n]) for n in sorted(groups, key=lambda n: order[n]))
+    ]
+
+
+def code_bits(precision: Precision) -> int:
+    """Bits of one code of an integer or ggml type (what the few-token floor compares)."""
+    return INT_BITS[precision] if precision in INT_BITS else CODE_BITS[precision]
 
 
 def choice_bytes(params: int, precision: Precision, backend: Backend, block: int) -> int:
     """Bytes of `params` weights at `precision` as the backend stores them."""
     if precision.is_float:
         return params * int(precision.bits) // 8
+    if precision.kind is PrecisionKind.GGML:
+        return ggml_nbytes(params, precision)
     return packed_bytes(params, INT_BITS[precision], block, scale_bytes=backend.scale_bytes, zero_point=backend.zero_point)
 
 
@@ -85,6 +97,27 @@ class CodeBook:
             cfg = QuantizerConfig(bits, self.block, method, self.symmetric)
             self.codes[(key, bits)] = quantize(weight, cfg, self.stats.hessians.get(key), self.stats.tokens.get(key, 0))
         return self.codes[(key, bits)]
+
+    def codes_for(self, key: str, weight: torch.Tensor, precision: Precision) -> QTensor:
+        return self.get(key, weight, INT_BITS[precision])
+
+
+@dataclass
+class GgmlCodeBook:
+    """The GGUF backend's codes: ggml's own quantizer (`ggml_codes.quantize`), each matrix rounded
+    with its own importance vector (imatrix-rtn: a routed expert's is over its routed tokens) or
+    without one (rtn). The embedding never has one (llama-imatrix collects none for a lookup table)."""
+
+    stats: CalibStats
+    method: QuantMethod
+    block: int | None = None  # ggml types fix their own blocks
+    codes: dict[tuple[str, Precision], GgmlCodes] = field(default_factory=dict)
+
+    def codes_for(self, key: str, weight: torch.Tensor, precision: Precision) -> GgmlCodes:
+        if (key, precision) not in self.codes:
+            use = self.method is QuantMethod.IMATRIX_RTN and key != EMBED_KEY and key in self.stats.hessians
+            self.codes[(key, precision)] = ggml_quantize(weight, precision, self.stats.imatrix(key) if use else None)
+        return self.codes[(key, precision)]
 
 
 class Probe:
@@ -133,7 +166,7 @@ def swap(loaded: LoadedModel, weights: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def cache_name(stats: CalibStats, backend: Backend, method: QuantMethod, block: int) -> str:
-    blob = json.dumps([stats.key, backend.name, [p.value for p in backend.candidates], backend.zero_point, method.value, block, 1], sort_keys=True)
+    blob = json.dumps([stats.key, backend.name, [p.value for p in backend.candidates], backend.zero_point, method.value, block if backend.name != "gguf" else None, 1], sort_keys=True)
     return f"sensitivity-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
 
 
@@ -141,7 +174,7 @@ def measure(
     loaded: LoadedModel,
     stats: CalibStats,
     backend: Backend,
-    book: CodeBook,
+    book: CodeBook | GgmlCodeBook,
     *,
     cache_dir: Path | None = None,
     progress: Progress | None = None,
@@ -157,11 +190,10 @@ def measure(
         cached = json.loads(path.read_text())
     state = loaded.model.lm.state_dict()
     ints = [p for p in backend.candidates if not p.is_float]
-    todo = [(u, p) for u in units for p in ints if f"{u.name}|{p.value}" not in cached]
+    todo = [(u, p) for u in units for p in ints if backend.offers(p, u) and f"{u.name}|{p.value}" not in cached]
     probe = Probe(loaded, [TeacherSequence.from_json(s) for s in stats.sequences]) if todo else None
     for n, (u, p) in enumerate(todo):
-        bits = INT_BITS[p]
-        old = swap(loaded, {k: book.get(k, state[k], bits).dequantize() for k in u.keys})
+        old = swap(loaded, {k: book.codes_for(k, state[k], p).dequantize() for k in u.keys})
         try:
             assert probe is not None
             kl, agree = probe.measure()
@@ -178,9 +210,9 @@ def measure(
     return with_choices(units, stats, backend, book, cached)
 
 
-def with_choices(units: Sequence[Unit], stats: CalibStats, backend: Backend, book: CodeBook, measured: dict | None = None) -> list[Unit]:
-    """`units` with their choices: every candidate of `backend` at or above the unit's few-token
-    floor (`CalibStats.min_bits`), with its bytes and, from `measured` ("unit|precision" →
+def with_choices(units: Sequence[Unit], stats: CalibStats, backend: Backend, book: CodeBook | GgmlCodeBook, measured: dict | None = None) -> list[Unit]:
+    """`units` with their choices: every candidate of `backend` the unit can take (`Backend.offers`)
+    at or above its few-token floor (`CalibStats.min_bits`), with its bytes and, from `measured` ("unit|precision" →
     [ΔD, router agreement]), its sensitivity. Without `measured` the ΔD are 0: bytes only,
     what the budget check before measuring needs."""
     out = []
@@ -190,12 +222,12 @@ def with_choices(units: Sequence[Unit], stats: CalibStats, backend: Backend, boo
         for p in backend.candidates:
             if p.is_float:
                 choices.append(Choice(p, QuantMethod.CAST, choice_bytes(u.params, p, backend, book.block), 0.0, 1.0))
-            elif INT_BITS[p] >= floor:
+            elif backend.offers(p, u) and code_bits(p) >= floor:
                 kl, agree = measured[f"{u.name}|{p.value}"] if measured is not None else (0.0, 1.0)
                 method = QuantMethod.RTN if u.keys == (EMBED_KEY,) else book.method
                 choices.append(Choice(p, method, choice_bytes(u.params, p, backend, book.block), kl, agree))
-        out.append(Unit(u.name, u.keys, u.params, tuple(choices)))
+        out.append(replace(u, choices=tuple(choices)))
     return out
 
 
-__all__ = ["CodeBook", "EMBED_KEY", "Probe", "choice_bytes", "measure", "swap", "units_for", "with_choices"]
+__all__ = ["CodeBook", "EMBED_KEY", "GgmlCodeBook", "code_bits", "Probe", "choice_bytes", "measure", "swap", "units_for", "with_choices"]

@@ -309,27 +309,29 @@ class GgufExporter(Exporter):
             dtype = _WRITER_DTYPE[quant]
             write_loaded_text_gguf(loaded, out / TEXT_FILE, dtype=dtype, matrix_dtype=lambda t: plan.text_dtype.get(t.name, dtype))
         write_mmproj_gguf(loaded, out / MMPROJ_FILE, dtype=mmproj_dtype, matrix_dtype=lambda t: plan.mmproj_dtype.get(t.name, mmproj_dtype))
-
-        spec = loaded.spec
-        text_tensors = read_tensor_types(out / TEXT_FILE)
-        written = text_tensors + read_tensor_types(out / MMPROJ_FILE)
-        # Read back: each tensor's TensorIds and the type llama.cpp gave it. A stacked tensor counts for
-        # each expert of its layer with its one type: in GGUF types are per layer x projection.
-        tmap = gguf_map([name for name, *_ in written], spec)
-        state = released_state_dict(loaded.model)
-        model_sizes = checkpoint_map(state, spec).group_sizes({k: v.numel() for k, v in state.items()})
-        groups = stored_groups("GGUF", ((tmap.ids(name), Precision.from_ggml(ttype), n) for name, ttype, n, _ in written), model_sizes)
-        extra: dict[str, Any] = {"fallbacks": _fallbacks(text_tensors, quant, overrides), "tensor_overrides": user_overrides, "mmproj_dtype": mmproj_dtype}
+        extra: dict[str, Any] = {"fallbacks": _fallbacks(read_tensor_types(out / TEXT_FILE), quant, overrides), "tensor_overrides": user_overrides, "mmproj_dtype": mmproj_dtype}
         if plan.overrides:
             extra["plan_overrides"] = plan.overrides
-        return ExportParts(
-            roles={TEXT_FILE: "text-model", MMPROJ_FILE: "mmproj"},
-            graphs={"text": GraphSpec(TEXT_FILE, (), ()), "mmproj": GraphSpec(MMPROJ_FILE, (), ())},
-            tensor_groups=groups,
-            toolchain=_toolchain(),
-            layout={"expert_layout": EXPERT_LAYOUT},
-            extra=extra,
-        )
+        return bundle_parts(loaded, out, extra)
+
+
+def bundle_parts(loaded: LoadedModel, out: Path, extra: dict[str, Any]) -> ExportParts:
+    """The parts of a written GGUF bundle, its tensor groups read back from the two files: each
+    tensor's TensorIds and the type it was stored as. A stacked tensor counts for each expert of
+    its layer with its one type: in GGUF types are per layer x projection."""
+    written = read_tensor_types(out / TEXT_FILE) + read_tensor_types(out / MMPROJ_FILE)
+    tmap = gguf_map([name for name, *_ in written], loaded.spec)
+    state = released_state_dict(loaded.model)
+    model_sizes = checkpoint_map(state, loaded.spec).group_sizes({k: v.numel() for k, v in state.items()})
+    groups = stored_groups("GGUF", ((tmap.ids(name), Precision.from_ggml(ttype), n) for name, ttype, n, _ in written), model_sizes)
+    return ExportParts(
+        roles={TEXT_FILE: "text-model", MMPROJ_FILE: "mmproj"},
+        graphs={"text": GraphSpec(TEXT_FILE, (), ()), "mmproj": GraphSpec(MMPROJ_FILE, (), ())},
+        tensor_groups=groups,
+        toolchain=_toolchain(),
+        layout={"expert_layout": EXPERT_LAYOUT},
+        extra=extra,
+    )
 
 
 def _toolchain() -> dict:
@@ -373,4 +375,4 @@ def export_gguf(
     return GgufExporter().export(model, out, request)
 
 
-__all__ = ["FILE_TYPES", "MMPROJ_FILE", "TEXT_FILE", "GgufExporter", "export_gguf", "needs_llamacpp", "parse_tensor_types", "quantize", "read_tensor_types"]
+__all__ = ["FILE_TYPES", "MMPROJ_FILE", "TEXT_FILE", "GgufExporter", "bundle_parts", "export_gguf", "needs_llamacpp", "parse_tensor_types", "quantize", "read_tensor_types"]

@@ -35,12 +35,17 @@ class PlannedTensor:
 
     The data is produced only when it is written, so besides the loaded model at most one
     converted tensor (one expert stack; the F32 CLIP-L tower alone is ~1.2 GB) is in memory.
+
+    Attributes:
+        raw_type: a ggml block type id when the data are already-quantized codes (uint8, `shape`
+            in bytes per row, as gguf-py takes them); None for f32/f16 data.
     """
 
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
     data: Callable[[], np.ndarray]
+    raw_type: int | None = None
 
 
 def planned(name: str, make: Callable[[], torch.Tensor], shape: tuple[int, ...], dtype) -> PlannedTensor:
@@ -100,10 +105,15 @@ def table_tensors(state: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[list
     return files
 
 
-def plan_table(tensors: list[TableTensor], matrix_dtype: Callable[[TableTensor], str]) -> list[PlannedTensor]:
-    """Planned tensors of one file: F32 where the table says so, else `matrix_dtype(tensor)` ("f32" or "f16")."""
+def plan_table(tensors: list[TableTensor], matrix_dtype: Callable[[TableTensor], str], codes: Callable[[TableTensor], PlannedTensor | None] | None = None) -> list[PlannedTensor]:
+    """Planned tensors of one file: F32 where the table says so, else the quantized codes
+    `codes(tensor)` gives (a quantization plan's), else `matrix_dtype(tensor)` ("f32" or "f16")."""
     out = []
     for t in tensors:
+        coded = codes(t) if codes is not None and not t.f32 else None
+        if coded is not None:
+            out.append(coded)
+            continue
         parts = t.parts
         make = (lambda parts=parts: torch.stack(parts)) if t.stacked else (lambda parts=parts: parts[0])
         dtype = np.float32 if t.f32 else NUMPY[matrix_dtype(t)]
@@ -125,7 +135,8 @@ def write_gguf(out_path: str | Path, arch: str, write_metadata: Callable[[object
     try:
         write_metadata(w)
         for t in tensors:
-            w.add_tensor_info(t.name, t.shape, t.dtype, int(np.prod(t.shape)) * t.dtype.itemsize)
+            raw = None if t.raw_type is None else gguf.GGMLQuantizationType(t.raw_type)
+            w.add_tensor_info(t.name, t.shape, t.dtype, int(np.prod(t.shape)) * t.dtype.itemsize, raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()

@@ -47,7 +47,7 @@ from medmoe_edge.errors import InputError, UnsupportedCheckpoint
 from medmoe_edge.spec import ModelSpec, Variant
 from medmoe_edge.tensor_ids import released_state_dict
 
-from .gguf_io import DTYPES, FILE_TYPE, TableTensor, plan_table, require_gguf, table_tensors, write_gguf
+from .gguf_io import DTYPES, FILE_TYPE, PlannedTensor, TableTensor, plan_table, require_gguf, table_tensors, write_gguf
 
 ARCH = {Variant.PHI: "medmoe-phi2", Variant.STABLELM: "medmoe-stablelm"}
 
@@ -206,11 +206,19 @@ def write_text_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str =
     write_loaded_text_gguf(load_model(model_dir, dtype=export_load_dtype(model_dir), device="cpu"), out_path, dtype=dtype)
 
 
-def write_loaded_text_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str = "f32", matrix_dtype: Callable[[TableTensor], str] | None = None) -> None:
+def write_loaded_text_gguf(
+    loaded: LoadedModel,
+    out_path: str | Path,
+    *,
+    dtype: str = "f32",
+    matrix_dtype: Callable[[TableTensor], str] | None = None,
+    codes: Callable[[TableTensor], PlannedTensor | None] | None = None,
+) -> None:
     """`write_text_gguf` for a model already loaded (any dtype; each tensor is widened to fp32 when written).
 
     Args:
         matrix_dtype: "f32" or "f16" per weight matrix (a precision plan); default: `dtype` for all.
+        codes: the already-quantized codes of a matrix (a quantization plan's), None for the rest.
     """
     if dtype not in DTYPES:
         raise InputError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -219,5 +227,5 @@ def write_loaded_text_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: 
     model = loaded.model
     vocab = _vocab(loaded.tokenizer.hf, spec.variant, model.n_vocab)
     text, _mmproj = table_tensors(released_state_dict(model), spec)
-    tensors = plan_table(text, matrix_dtype or (lambda t: dtype))
+    tensors = plan_table(text, matrix_dtype or (lambda t: dtype), codes)
     write_gguf(out_path, ARCH[spec.variant], lambda w: _write_metadata(w, spec, vocab, loaded.tokenizer, dtype), tensors)

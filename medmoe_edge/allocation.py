@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import InputError
 from .quant_plan import QuantMethod
-from .vocab import Precision
+from .vocab import Component, Precision, PrecisionKind
 
 RESOLUTION = 4096  # byte buckets of the DP
 
@@ -38,6 +38,8 @@ class Backend:
         zero_point: asymmetric codes with a packed zero point per block.
         stacked_experts: one type per layer × projection for the routed experts (GGUF).
         quantize_embed: the embedding table can be stored quantized (it is a Gather, not a MatMul, in ONNX).
+        float_only: components this format stores in floating point only (GGUF: the projector,
+            which gguf-py writes into the mmproj file as f32/f16).
     """
 
     name: str
@@ -46,9 +48,34 @@ class Backend:
     zero_point: bool
     stacked_experts: bool = False
     quantize_embed: bool = True
+    float_only: frozenset[Component] = frozenset()
+
+    def offers(self, precision: Precision, unit: Unit) -> bool:
+        """Whether `unit` may take `precision` here: floating point always; an integer or ggml
+        type unless the unit's component is float-only, and for ggml types only when every
+        matrix's rows are whole blocks (llama.cpp would store another type otherwise)."""
+        if precision.is_float:
+            return True
+        if unit.component in self.float_only:
+            return False
+        if precision.kind is PrecisionKind.GGML:
+            from .ggml_codes import block_size
+
+            return all(r % block_size(precision) == 0 for r in unit.rows)
+        return True
+
+
+def unit_name(tensor_id, stacked_experts: bool) -> str:
+    """The allocation unit a TensorId belongs to: its group, or for a routed expert of a
+    stacked-experts format that projection of every expert of its layer (a glob the plan rule uses)."""
+    if stacked_experts and tensor_id.component is Component.EXPERT:
+        return f"layers.{tensor_id.layer}.expert.*.{tensor_id.proj}"
+    return str(tensor_id.group)
 
 
 INT_BITS = {Precision.INT2: 2, Precision.INT4: 4, Precision.INT8: 8}
+# GGUF: ggml's own block types (ggml_codes.CODE_BITS), quantized by ggml itself
+GGML_CANDIDATES = (Precision.Q2_K, Precision.Q3_K, Precision.Q4_K, Precision.Q5_K, Precision.Q6_K, Precision.Q8_0)
 
 BACKENDS: dict[str, Backend] = {
     # the PyTorch fake-quant oracle: every code width the quantizer core has, fp16 scales
@@ -58,6 +85,10 @@ BACKENDS: dict[str, Backend] = {
     "onnx": Backend("onnx", (Precision.INT4, Precision.INT8, Precision.FP32), 4, True, quantize_embed=False),
     # TensorRT: symmetric Q/DQ, int4 weight-only or int8 (quantization-study §3c)
     "tensorrt": Backend("tensorrt", (Precision.INT4, Precision.INT8, Precision.FP32), 4, False, quantize_embed=False),
+    # GGUF: ggml block types (scales and mins inside the blocks: scale_bytes/zero_point unused), one
+    # type per layer × projection for the stacked experts, the embedding quantizable (get_rows
+    # reads every type), the projector in f16/f32 (the mmproj file is written by gguf-py)
+    "gguf": Backend("gguf", (*GGML_CANDIDATES, Precision.FP16, Precision.FP32), 0, False, stacked_experts=True, float_only=frozenset({Component.PROJECTOR})),
 }
 
 
@@ -86,12 +117,16 @@ class Unit:
         keys: checkpoint weight keys of the matrices.
         params: their parameters.
         choices: what the allocator may pick.
+        rows: the input size of each matrix (a row of weights as ggml blocks them).
+        component: what part of the model the matrices are.
     """
 
     name: str
     keys: tuple[str, ...]
     params: int
     choices: tuple[Choice, ...] = field(default=())
+    rows: tuple[int, ...] = ()
+    component: Component | None = None
 
 
 @dataclass(frozen=True)
@@ -200,4 +235,4 @@ def solve(units: Sequence[Unit], budget: int, *, resolution: int = RESOLUTION) -
     return Allocation(units, tuple(reversed(picks)), budget)
 
 
-__all__ = ["BACKENDS", "INT_BITS", "RESOLUTION", "Allocation", "Backend", "Choice", "Unit", "budget_from", "check_budget", "guard", "solve"]
+__all__ = ["unit_name", "BACKENDS", "GGML_CANDIDATES", "INT_BITS", "RESOLUTION", "Allocation", "Backend", "Choice", "Unit", "budget_from", "check_budget", "guard", "solve"]

@@ -197,7 +197,7 @@ def plan_rows(model: str, bundles: Sequence[Path], runtimes: Sequence[str] | Non
             continue
         covered.add(runtime)
         c = Candidate(f"{runtime} {m.precision.value}", runtime, str(b), m.format.value, m.precision.value, size_bytes=model_size_bytes(b), decode=decode_bytes(b))
-        c.tolerances = tolerances_for(m.format, m.precision)
+        c.tolerances = tolerances_for(m.format, m.precision, m.plan)
         cls, why = _runtime_reason(runtime)
         if why is not None:
             c.reason = why
@@ -293,14 +293,11 @@ def _fidelity(res: RowResult, trace: Trace) -> dict[str, Any] | None:
     for it in res.items:
         t = trace.items[it["index"]]
         f = it["fidelity"]
-        samples.append(SampleResult(t.id, t.answer, it["answer"], f["logits_max_abs"], f["logits_cosine_min"], f["steps"], f["tokens_agreed"], f["routing_total"], f["routing_agreed"]))
+        samples.append(SampleResult(t.id, t.answer, it["answer"], f["logits_max_abs"], f["logits_cosine_min"], f["steps"], f["tokens_agreed"], f["routing_total"], f["routing_agreed"], f["kl_mean"] * f["steps"], f["kl_max"]))
     tol = res.cand.tolerances
     report = VerifyReport(tol or _NO_TOLERANCES, samples, "full" if trace.header.full_logits else f"top-{trace.header.topk}", bool(res.hello.get("reports_routing")))
-    m = report.metrics
-    kl = [it["fidelity"]["kl_mean"] for it in res.items]
     return {
-        **m,
-        "kl_mean": sum(kl) / len(kl),
+        **report.metrics,  # kl_mean over all steps, as verify reports it
         "kl_max": max(it["fidelity"]["kl_max"] for it in res.items),
         "logits_scope": report.logits_scope,
         "passed": report.passed if tol is not None else None,

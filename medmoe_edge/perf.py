@@ -364,21 +364,10 @@ class _Recorder:
 
 
 def kl_per_step(item, logits: list) -> list[float]:
-    """KL(reference ‖ runtime) of each teacher-forced step, over the whole row when the trace keeps
-    full logits, else over the reference's top-k entries (both renormalised over them)."""
-    import torch
+    """KL(reference ‖ runtime) of each teacher-forced step (`verify.step_kl`)."""
+    from .verify import step_kl
 
-    out = []
-    for step, got in enumerate(logits[: item.steps]):
-        if "logits" in item.tensors:
-            ref = item.tensors["logits"][step].double()
-            got = got.double()
-        else:
-            idx = item.tensors["topk_indices"][step]
-            ref, got = item.tensors["topk_values"][step].double(), got[idx].double()
-        lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
-        out.append(max(0.0, float((lp.exp() * (lp - lq)).sum())))
-    return out
+    return [step_kl(item, step, got) for step, got in enumerate(logits[: item.steps])]
 
 
 def _gpu_now(runtime) -> int | None:

@@ -106,6 +106,12 @@ class QuantPlan:
     def is_uniform(self) -> bool:
         return not self.rules
 
+    @property
+    def quantizes_groups(self) -> bool:
+        """Whether a rule gives some group an integer or ggml type (a `medmoe-edge quantize` plan);
+        a uniform export (`--quant q4_k_m`) is not one: its default is the file type."""
+        return any(not r.spec.precision.is_float for r in self.rules)
+
     def spec_for(self, tensor_id: str) -> QuantSpec:
         """The spec of one TensorId (its canonical string)."""
         return next((r.spec for r in self.rules if r.matches(tensor_id)), self.default)

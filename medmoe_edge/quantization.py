@@ -17,24 +17,25 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .allocation import BACKENDS, INT_BITS, Allocation, Unit, budget_from, check_budget, guard, solve
+from .allocation import BACKENDS, Allocation, Unit, budget_from, check_budget, guard, solve
 from .bundle import Manifest
 from .calib_stats import CalibSettings, CalibStats, read_key
 from .calibration.collect import collect, select
-from .calibration.sensitivity import CodeBook, measure, swap, units_for, with_choices
+from .calibration.sensitivity import CodeBook, GgmlCodeBook, measure, swap, units_for, with_choices
 from .calibration.sets import QuestionSet, resolve_set
 from .checkpoint import LoadedModel, load_model, resolve_model_dir
 from .ckpt_writer import atomic_dir, check_new_dir
 from .errors import InputError
 from .imaging import PreprocessMode
 from .quant_plan import QuantMethod, QuantPlan, QuantRule, QuantSpec
+from .ggml_codes import GgmlCodes
 from .quantizer import DEFAULT_BLOCK, QTensor
 from .support_files import checkpoint_source_sha256
-from .vocab import Precision
+from .vocab import Precision, PrecisionKind
 
 Status = Callable[[str], AbstractContextManager]
 Progress = Callable[[int, int], None]
@@ -120,11 +121,15 @@ class PlanResult:
 
     allocation: Allocation
     plan: QuantPlan
-    codes: dict[str, QTensor]
+    codes: dict[str, QTensor | GgmlCodes]  # checkpoint key → codes (QTensor: int backends; GgmlCodes: gguf)
     units: tuple[Unit, ...]
 
 
-IMPLEMENTED_FORMATS = ("onnx",)
+IMPLEMENTED_FORMATS = ("onnx", "gguf")
+# --method when none is given: GPTQ for the integer codes of ONNX; llama.cpp's own imatrix-weighted
+# rounding for ggml types (GPTQ codes are not packed into ggml blocks)
+DEFAULT_METHOD = {"onnx": QuantMethod.GPTQ, "tensorrt": QuantMethod.GPTQ, "gguf": QuantMethod.IMATRIX_RTN}
+FORMAT_METHODS = {"onnx": tuple(METHODS.values()), "tensorrt": tuple(METHODS.values()), "gguf": (QuantMethod.IMATRIX_RTN, QuantMethod.RTN)}
 
 
 def check_request(fmt: str, *, budget_mb: float | None, avg_bits: float | None) -> None:
@@ -135,10 +140,9 @@ def check_request(fmt: str, *, budget_mb: float | None, avg_bits: float | None) 
             of --budget-mb and --avg-bits; a value that is not positive.
     """
     if fmt not in FORMATS:
-        raise InputError(f"--format {fmt!r} cannot be quantized: use --format onnx")
+        raise InputError(f"--format {fmt!r} cannot be quantized: use --format {' or '.join(IMPLEMENTED_FORMATS)}")
     if fmt not in IMPLEMENTED_FORMATS:
-        other = "`medmoe-edge export --format gguf --quant TYPE` writes uniform GGUF types" if fmt == "gguf" else "`medmoe-edge export --format tensorrt` writes fp16/fp32 engines"
-        raise InputError(f"--format {fmt} quantization plans are not implemented yet: use --format onnx ({other})")
+        raise InputError(f"--format {fmt} quantization plans are not implemented yet: use --format onnx or gguf (`medmoe-edge export --format tensorrt` writes fp16/fp32 engines)")
     if (budget_mb is None) == (avg_bits is None):
         raise InputError("give exactly one of --budget-mb and --avg-bits")
     value = budget_mb if budget_mb is not None else avg_bits
@@ -146,15 +150,39 @@ def check_request(fmt: str, *, budget_mb: float | None, avg_bits: float | None) 
         raise InputError(f"{'--budget-mb' if budget_mb is not None else '--avg-bits'} must be positive, got {value}")
 
 
-def parse_method(text: str) -> QuantMethod:
-    """--method: gptq, rtn or imatrix-rtn.
+def parse_method(text: str | None, fmt: str = "onnx") -> QuantMethod:
+    """--method: gptq, rtn or imatrix-rtn (those the format's codes can be made with); None: the format's default.
 
     Raises:
-        InputError: anything else.
+        InputError: anything else, or a method the format does not take.
     """
+    if text is None:
+        return DEFAULT_METHOD.get(fmt, QuantMethod.GPTQ)
     if text.lower() not in METHODS:
         raise InputError(f"--method {text!r} is not a quantization method: use one of {', '.join(METHODS)}")
-    return METHODS[text.lower()]
+    method = METHODS[text.lower()]
+    allowed = FORMAT_METHODS.get(fmt, tuple(METHODS.values()))
+    if method not in allowed:
+        raise InputError(
+            f"--method {method.value} does not apply to --format {fmt}: its ggml types are rounded by llama.cpp's own quantizer, "
+            f"with each expert's importance vector (imatrix-rtn, the default) or without (rtn); use --method {' or '.join(m.value for m in allowed)}"
+        )
+    return method
+
+
+def check_block(fmt: str, block: int | None) -> int:
+    """--block: weights per scale block of the integer codes (default 32); ggml types fix their own.
+
+    Raises:
+        InputError: a block for --format gguf, or one that is not positive.
+    """
+    if block is None:
+        return DEFAULT_BLOCK
+    if fmt == "gguf":
+        raise InputError("--block does not apply to --format gguf: ggml types fix their own blocks (32 weights for q8_0, 256 for the k-quants); drop --block")
+    if block < 1:
+        raise InputError(f"--block must be at least 1, got {block}")
+    return block
 
 
 def load_stats(stats_dir: Path, model_dir: Path, model: str | Path, set_name: str | None = None) -> CalibStats:
@@ -205,11 +233,11 @@ def make_plan(
     if backend not in BACKENDS:
         raise InputError(f"no allocation backend {backend!r}: use one of {', '.join(BACKENDS)}")
     b = BACKENDS[backend]
-    book = CodeBook(stats, method, block, symmetric=not b.zero_point)
+    book = GgmlCodeBook(stats, method) if b.name == "gguf" else CodeBook(stats, method, block, symmetric=not b.zero_point)
     sized = with_choices(units_for(loaded, b), stats, b, book)  # bytes only: the budget is checked before minutes of measuring
     check_budget(sized, budget_from(sized, budget_mb=budget_mb, avg_bits=avg_bits))
     measured = measure(loaded, stats, b, book, cache_dir=cache_dir, progress=progress)
-    units = tuple(Unit(u.name, u.keys, u.params, guard(u.choices, router_guard)) for u in measured)
+    units = tuple(replace(u, choices=guard(u.choices, router_guard)) for u in measured)
     budget = budget_from(units, budget_mb=budget_mb, avg_bits=avg_bits)
     smallest = sum(min(c.nbytes for c in u.choices) for u in units)
     if smallest > budget:  # the bytes alone fitted (checked above): the router guard dropped the small types
@@ -223,12 +251,16 @@ def make_plan(
     state = loaded.model.lm.state_dict()
     rules, codes = [], {}
     for u, c in zip(units, alloc.picks):
-        if c.precision.is_float:
+        if c.precision is Precision.FP32:  # the plan's default
             continue
         note = {"delta_kl": c.delta, "router_agreement": c.router_agreement, "bytes": c.nbytes, "params": u.params, "calibration_set_sha256": stats.settings.set_sha256}
-        rules.append(QuantRule(u.name, QuantSpec(c.precision, c.method, block), note))
+        # a float pick (GGUF's fp16) is a rule too, so the file stores what the budget counted; ggml
+        # types fix their own block (32 for q8_0, 256 for k-quants): no group size of ours
+        rules.append(QuantRule(u.name, QuantSpec(c.precision, c.method, block if c.precision.kind is PrecisionKind.INT else None), note))
+        if c.precision.is_float:
+            continue
         for k in u.keys:
-            codes[k] = book.get(k, state[k], INT_BITS[c.precision])
+            codes[k] = book.codes_for(k, state[k], c.precision)
     plan = QuantPlan(QuantSpec(Precision.FP32), tuple(rules), calibration=stats.key)
     return PlanResult(alloc, plan, codes, units)
 
@@ -265,8 +297,8 @@ def quantize_bundle(
     *,
     budget_mb: float | None = None,
     avg_bits: float | None = None,
-    method: QuantMethod = QuantMethod.GPTQ,
-    block: int = DEFAULT_BLOCK,
+    method: QuantMethod | None = None,
+    block: int | None = None,
     trace_questions: int = 16,
     set_name: str | None = None,
     moe_dispatch: str | None = None,
@@ -281,10 +313,14 @@ def quantize_bundle(
             model or set. Every one of them before anything is written.
     """
     check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
+    method = parse_method(None if method is None else method.value, fmt)
+    block = check_block(fmt, block)
+    from .export.gguf_quant import GgufQuantExporter
     from .export.onnx_quant import OnnxQuantExporter
 
+    exporter_cls = GgufQuantExporter if fmt == "gguf" else OnnxQuantExporter
     given = {"--moe-dispatch": moe_dispatch} if moe_dispatch is not None else {}
-    OnnxQuantExporter.request(given)  # the format's own flags, checked before any work
+    exporter_cls.request(given)  # the format's own flags, checked before any work
     model_dir = resolve_model_dir(model)
     check_new_dir(out)
     stats = load_stats(stats_dir, model_dir, model, set_name)
@@ -298,8 +334,9 @@ def quantize_bundle(
     summary = {
         "backend": fmt,
         "method": method.value,
-        "block": block,
+        "block": None if fmt == "gguf" else block,
         "symmetric": fmt == "tensorrt",
+        "quantizer": "ggml_quantize_chunk (llama.cpp)" if fmt == "gguf" else "medmoe_edge.quantizer",
         "budget_bytes": a.budget,
         "predicted_bytes": a.nbytes,
         "predicted_delta_kl": a.predicted_delta,
@@ -307,8 +344,8 @@ def quantize_bundle(
         "planned_params": a.params,
         "calibration": {"key": stats.key, "set": stats.settings.set_name, "set_sha256": stats.settings.set_sha256, "domains": list(stats.settings.domains)},
     }
-    exporter = OnnxQuantExporter(result.codes, summary)
-    request = OnnxQuantExporter.request(given, plan=result.plan)
+    exporter = exporter_cls(result.codes, summary)
+    request = exporter_cls.request(given, plan=result.plan)
 
     def embed(tmp: Path) -> dict[str, str]:
         return {p.name: "reference-trace" for p in trace.save(tmp)} if trace is not None else {}
@@ -318,4 +355,4 @@ def quantize_bundle(
     return manifest, result
 
 
-__all__ = ["FORMATS", "IMPLEMENTED_FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "quantize_bundle", "resolve_calibration_set", "restore"]
+__all__ = ["DEFAULT_METHOD", "check_block", "FORMATS", "IMPLEMENTED_FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "quantize_bundle", "resolve_calibration_set", "restore"]

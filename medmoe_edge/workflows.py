@@ -193,7 +193,7 @@ def verify_bundle(
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
     manifest = read_manifest(bundle)  # the runtime verifies every file's SHA-256 when it loads the bundle
-    tolerances = tolerances_for(manifest.format, manifest.precision)
+    tolerances = tolerances_for(manifest.format, manifest.precision, manifest.plan)
     if tolerances is None and manifest.format is ArtifactKind.PLUGIN:
         maker = str(manifest.toolchain.get("exporter"))
         if maker not in registered():

@@ -60,6 +60,26 @@ def test_quantize_prints_the_plan_the_size_and_the_fidelity(bundle):
     assert "layers.0.expert.3" in output and "router agree" in output
     assert "bits per weight" in output and "written against" in output and "(+0.00%)" in output
     assert "fidelity vs the fp32 PyTorch reference on 16 eval questions" in output and "token_agreement" in output
+    # judged by the quantized-bundle bounds (KL, routing ≥ 97.5 %), not the fp32 bundle's 1e-4, and passing
+    assert "kl_mean" in output and "≤ 0.005" in output and "≥ 97.5%" in output and "FAIL" not in output
+
+
+def test_verify_judges_a_plan_bundle_by_the_quantized_tolerances_and_a_uniform_one_by_its_type(bundle):
+    from medmoe_edge.verify import QUANTIZED_TOLERANCES, TOLERANCES, tolerances_for
+    from medmoe_edge.vocab import ArtifactKind, Precision
+
+    m = read_manifest(bundle[0])
+    assert m.precision is Precision.FP32 and m.plan.quantizes_groups
+    assert tolerances_for(m.format, m.precision, m.plan) is QUANTIZED_TOLERANCES[ArtifactKind.ONNX]
+    assert tolerances_for(m.format, m.precision) is TOLERANCES[(ArtifactKind.ONNX, Precision.FP32)]
+    # a uniform export's plan (its default is the file type) keeps the type's own bounds
+    q4 = QuantPlan.uniform(Precision.Q4_K_M)
+    assert not q4.quantizes_groups and tolerances_for(ArtifactKind.GGUF, Precision.Q4_K_M, q4) is TOLERANCES[(ArtifactKind.GGUF, Precision.Q4_K_M)]
+    r = CliRunner().invoke(app, ["verify", str(bundle[0]), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["passed"] and report["tolerances"]["kl_mean_max"] == QUANTIZED_TOLERANCES[ArtifactKind.ONNX].kl_mean_max
+    assert 0 < report["metrics"]["kl_mean"] <= report["tolerances"]["kl_mean_max"]
 
 
 def test_manifest_carries_the_plan_per_tensor_id(bundle, stats_dir):
@@ -232,9 +252,8 @@ def _changed_set_stats(stats_dir: Path, tmp: Path) -> Path:
 @pytest.mark.parametrize(
     "case,message",
     [
-        ("gguf", "--format gguf quantization plans are not implemented yet: use --format onnx"),
-        ("tensorrt", "--format tensorrt quantization plans are not implemented yet: use --format onnx"),
-        ("unknown-format", "--format 'coreml' cannot be quantized: use --format onnx"),
+        ("tensorrt", "--format tensorrt quantization plans are not implemented yet: use --format onnx or gguf"),
+        ("unknown-format", "--format 'coreml' cannot be quantized: use --format onnx or gguf"),
         ("neither", "give exactly one of --budget-mb and --avg-bits"),
         ("both", "give exactly one of --budget-mb and --avg-bits"),
         ("negative", "--budget-mb must be positive"),
@@ -253,7 +272,7 @@ def test_bad_input_is_one_line_with_exit_code_2_and_leaves_nothing(case, message
     out = tmp_path / "out"
     args = {"--format": "onnx", "--stats": str(stats_dir), "--avg-bits": AVG_BITS, "--out": str(out)}
     extra: list[str] = []
-    if case in ("gguf", "tensorrt"):
+    if case == "tensorrt":
         args["--format"] = case
     elif case == "unknown-format":
         args["--format"] = "coreml"

@@ -9,54 +9,48 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from ..quantization import METHODS, check_request, parse_method, quantize_bundle
+from ..quantization import METHODS, check_block, check_request, parse_method, quantize_bundle
 from ..quantizer import DEFAULT_BLOCK
 from ..workflows import EMBEDDED_TRACE_QUESTIONS
 from .common import err, out, user_errors
-from .verify_cmd import check_written_bundle, format_metric
+from .verify_cmd import check_written_bundle, print_report
 
 QUANTIZE_VERIFY_LIMIT = EMBEDDED_TRACE_QUESTIONS
 
 
-def _fidelity_table(report) -> Table:
-    """The fidelity figures of a quantized bundle against the fp32 reference. No pass/fail column:
-    the fp32 bundle tolerances do not apply to a quantized one, so the numbers are shown as they are."""
-    t = Table()
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for name, value in report.metrics.items():
-        t.add_row(name, "not reported" if value is None else format_metric(name, value))
-    return t
-
-
 @user_errors
 def quantize_cmd(
-    fmt: Annotated[str, typer.Option("--format", help="Bundle format: onnx (DequantizeLinear → MatMul, int4/int8 per TensorId; gguf and tensorrt plans are not implemented yet).")],
+    fmt: Annotated[str, typer.Option("--format", help="Bundle format: onnx (DequantizeLinear → MatMul, int4/int8 per TensorId) or gguf (ggml types q2_k…q8_0 per layer × projection, each expert rounded with its own imatrix); tensorrt plans are not implemented yet.")],
     stats_dir: Annotated[Path, typer.Option("--stats", help="Statistics directory written by `medmoe-edge calibrate` for this model (measured sensitivities are cached there).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Bundle directory to create (must not exist or be empty).")],
     model: Annotated[str, typer.Option("--model", help="'demo' (built-in), a checkpoint directory, or a hub id.")] = "demo",
     budget_mb: Annotated[float | None, typer.Option("--budget-mb", help="Bytes (10^6) for the planned matrices (LLM matrices and projector, scales included).")] = None,
     avg_bits: Annotated[float | None, typer.Option("--avg-bits", help="Average bits per weight of the planned matrices, scales included (give this or --budget-mb).")] = None,
-    method: Annotated[str, typer.Option("--method", help=f"How codes are chosen: {', '.join(METHODS)}.")] = "gptq",
+    method: Annotated[str | None, typer.Option("--method", help=f"How codes are chosen: {', '.join(METHODS)} [default: gptq for onnx, imatrix-rtn for gguf].")] = None,
     set_name: Annotated[str | None, typer.Option("--set", help="Calibration set the statistics must come from [default: the one they record, checked unchanged].")] = None,
-    block: Annotated[int, typer.Option("--block", help="Weights per scale block.")] = DEFAULT_BLOCK,
+    block: Annotated[int | None, typer.Option("--block", help=f"Weights per scale block of the integer codes (onnx) [default: {DEFAULT_BLOCK}].")] = None,
     moe_dispatch: Annotated[str | None, typer.Option("--moe-dispatch", help="ONNX: 'scatter' (NonZero per expert) or 'if' (an If per expert, what TensorRT builds) [default: scatter].")] = None,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {QUANTIZE_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
     """Quantize each expert (and every other weight group) to its own precision from measured sensitivities, under a byte budget."""
-    q_method = parse_method(method)
     check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
+    q_method = parse_method(method, fmt)
+    shown_block = check_block(fmt, block)  # checked before any work; quantize_bundle takes the flag as given
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("measuring sensitivities", total=None)
         manifest, result = quantize_bundle(
             model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch,
             trace_questions=QUANTIZE_VERIFY_LIMIT, status=err.status, progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
-    from ..export.onnx_quant import read_back
+    if fmt == "gguf":
+        from ..export.gguf_quant import read_back
+    else:
+        from ..export.onnx_quant import read_back
 
     a = result.allocation
     stored = read_back(out_dir)
-    t = Table(title=f"plan ({q_method.value}, block {block}): ΔKL measured with only that group quantized")
+    blocks = "ggml blocks" if fmt == "gguf" else f"block {shown_block}"
+    t = Table(title=f"plan ({q_method.value}, {blocks}): ΔKL measured with only that group quantized")
     for col in ("TensorId", "type", "written", "MB", "ΔKL", "router agree"):
         t.add_column(col, justify="left" if col in ("TensorId", "type", "written") else "right")
     predicted_int = written_int = 0
@@ -65,7 +59,7 @@ def quantize_cmd(
         if not c.precision.is_float:
             predicted_int += c.nbytes
             written_int += got[2] if got else 0
-        shown = f"{got[0].value}/{got[1]}" if got else "fp32"
+        shown = f"{got[0].value}/{got[1]}" if got else c.precision.value if c.precision.is_float else "missing"
         t.add_row(u.name, c.precision.value, shown, f"{c.nbytes / 1e6:.3f}", f"{c.delta:.2e}", f"{c.router_agreement:.2%}")
     out.print(t)
     gap = (written_int - predicted_int) / predicted_int if predicted_int else 0.0
@@ -79,6 +73,13 @@ def quantize_cmd(
     if not check:
         return
     report = check_written_bundle(out_dir, QUANTIZE_VERIFY_LIMIT)
-    out.print(f"fidelity vs the fp32 PyTorch reference on {len(report.samples)} eval questions (ONNX Runtime at its default MatMulNBits accuracy level; `medmoe-edge verify {out_dir}` for more):", highlight=False)
-    out.print(_fidelity_table(report))
+    # the bounds of quantized bundles (verify.QUANTIZED_TOLERANCES), not the fp32 bundle's
+    print_report(report, f"fidelity vs the fp32 PyTorch reference on {len(report.samples)} eval questions ({_kernels(manifest.format.value)}; `medmoe-edge verify {out_dir}` for more)")
+    if not report.passed:
+        err.print(f"[bold red]the bundle was written to {out_dir} but is outside the quantized-bundle tolerances: give it more bytes (a larger --budget-mb or --avg-bits)[/]")
+        raise typer.Exit(1)
+
+
+def _kernels(fmt: str) -> str:
+    return {"onnx": "ONNX Runtime at its default MatMulNBits accuracy level", "gguf": "llama.cpp"}.get(fmt, fmt)
 

@@ -20,8 +20,8 @@ DEFAULT_LIMIT = 64
 
 
 def format_metric(name: str, value: float) -> str:
-    """A verify metric as printed: logits max-abs in e-notation, cosine to 6 places, agreements in %."""
-    return f"{value:.3e}" if name == "logits_max_abs" else (f"{value:.6f}" if name == "logits_cosine_min" else f"{value:.2%}")
+    """A verify metric as printed: logits max-abs and KL in e-notation, cosine to 6 places, agreements in %."""
+    return f"{value:.3e}" if name in ("logits_max_abs", "kl_mean") else (f"{value:.6f}" if name == "logits_cosine_min" else f"{value:.2%}")
 
 
 def print_report(report: VerifyReport, title: str) -> None:
