@@ -184,3 +184,24 @@ def test_bad_gguf_options_are_one_line_errors_that_leave_nothing(extra, message,
     assert r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1
     assert message in " ".join(r.output.split()), r.output
     assert not out.exists()
+
+
+def test_plan_show_lists_each_stack_and_marks_its_experts_with_both_projections(bundle):
+    out, _ = bundle
+    m = read_manifest(out)
+    r = CliRunner().invoke(app, ["plan", "show", str(out)], env=WIDE)
+    assert r.exit_code == 0, r.output
+    rules = {x.pattern: x for x in m.plan.rules}
+    fc1, fc2 = rules["layers.0.expert.*.fc1"].spec.precision, rules["layers.0.expert.*.fc2"].spec.precision
+    text = " ".join(r.output.split())
+    assert "layers.0.expert.*.fc1" in text and fc1.value in text
+    from medmoe_edge.ggml_codes import CODE_BITS
+
+    # the heatmap cell of every expert of layer 0: fc1 bits / fc2 bits (code bits, not q2_k's 2.625)
+    assert f"{CODE_BITS[fc1]}/{CODE_BITS[fc2]}" in text
+    # the projector's fp16 pick is a rule, so the mmproj stores it in f16 as the budget counted
+    if "projector" in rules:
+        assert rules["projector"].spec.precision is Precision.FP16
+        from medmoe_edge.export.gguf_export import read_tensor_types
+
+        assert {t for n, t, _, shape in read_tensor_types(out / "mmproj.gguf") if n.startswith("mm.") and len(shape) == 2} == {"f16"}

@@ -17,6 +17,8 @@ from rich.text import Text
 from ..bundle import read_manifest
 from ..devices import PROFILES, get_profile
 from ..errors import InputError
+from ..ggml_codes import CODE_BITS, block_size
+from ..tensor_ids import PROJECTIONS
 from ..planning import COMPUTE_EFFICIENCY, MARGIN, PLANNABLE_PRECISIONS, gib, plan, resolve_model
 from ..vocab import Precision
 from .common import human_count, out, print_json, user_errors
@@ -99,56 +101,77 @@ plan_app.callback()(plan_cmd)
 # --- plan show BUNDLE -----------------------------------------------------------------------
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^layers\.\d+\.expert\.(\d+)$")
 # cell colours of the heatmap by stored bits (fewer bits: warmer)
-_BIT_STYLE = {2: "bold white on red", 3: "bold white on dark_orange", 4: "bold black on yellow", 8: "bold black on green", 16: "bold white on blue", 32: "bold white on grey35"}
+_BIT_STYLE = {2: "bold white on red", 3: "bold white on dark_orange", 4: "bold black on yellow", 5: "bold black on khaki1", 6: "bold black on pale_green1", 8: "bold black on green", 16: "bold white on blue", 32: "bold white on grey35"}
 
 
 def _bits(precision: Precision) -> int:
-    """Code bits of an integer type (its `bits` counts the scales too); the nearest whole bits otherwise."""
-    return {Precision.INT2: 2, Precision.INT4: 4, Precision.INT8: 8}.get(precision, int(round(precision.bits)))
+    """Code bits of an integer or ggml type (their `bits` count the scales too: q2_k is 2, not 2.625); float widths otherwise."""
+    return {Precision.INT2: 2, Precision.INT4: 4, Precision.INT8: 8, **CODE_BITS}.get(precision, int(round(precision.bits)))
+
+
+def _row(name: str, spec, note: dict) -> dict:
+    return {
+        "tensor_id": name,
+        "precision": spec.precision.value,
+        "bits": _bits(spec.precision),
+        "block": spec.group_size or (block_size(spec.precision) if spec.precision in CODE_BITS else None),
+        "method": spec.method.value,
+        "delta_kl": note.get("delta_kl"),
+        "router_agreement": note.get("router_agreement"),
+        "bytes": note.get("bytes"),
+        "calibration_set_sha256": note.get("calibration_set_sha256"),
+    }
 
 
 def _plan_rows(manifest) -> list[dict]:
-    """One row per TensorId group of the bundle (as read back from its files): the plan's spec and notes."""
+    """One row per TensorId group of the bundle (as read back from its files) with the plan's spec
+    and notes; where the plan gives a group's projections their own rules (GGUF's stacked experts:
+    `layers.L.expert.*.fc1`, one type per layer × projection), one row per such rule instead."""
     plan = manifest.plan
     seen: dict[str, dict] = {}
     for g in manifest.tensor_groups:
         if g.name in seen:
             continue
         rule = next((r for r in plan.rules if r.matches(g.name)), None)
-        spec = rule.spec if rule is not None else plan.default
-        note = rule.note if rule is not None else {}
-        seen[g.name] = {
-            "tensor_id": g.name,
-            "precision": spec.precision.value,
-            "bits": _bits(spec.precision),
-            "block": spec.group_size,
-            "method": spec.method.value,
-            "delta_kl": note.get("delta_kl"),
-            "router_agreement": note.get("router_agreement"),
-            "bytes": note.get("bytes"),
-            "calibration_set_sha256": note.get("calibration_set_sha256"),
-        }
+        if rule is None:
+            per_proj = [r for r in plan.rules if any(r.matches(f"{g.name}.{p}") for p in PROJECTIONS)]
+            for r in per_proj:
+                seen.setdefault(r.pattern, _row(r.pattern, r.spec, r.note))
+            if per_proj:
+                continue
+        seen[g.name] = _row(g.name, rule.spec if rule is not None else plan.default, rule.note if rule is not None else {})
     return list(seen.values())
 
 
-def _heatmap(rows: list[dict]) -> Table:
-    """Layers × (attention, meta/dense FFN, experts), each cell its planned bits, coloured."""
+def _heatmap(rows: list[dict], experts: list[int]) -> Table:
+    """Layers × (attention, meta/dense FFN, experts), each cell its planned bits, coloured; an expert
+    whose projections are stacked with the layer's other experts shows each projection's bits (fc1/fc2)."""
     cells: dict[int, dict[str, int]] = {}
+    stacks: dict[int, list[int]] = {}
     for r in rows:
         m = _LAYER.match(r["tensor_id"])
-        if m and not m.group(2).startswith("router") and not m.group(2).startswith("norm"):
-            cells.setdefault(int(m.group(1)), {})[m.group(2)] = r["bits"]
-    experts = sorted({int(k.split(".")[1]) for c in cells.values() for k in c if k.startswith("expert.")})
+        if not m or m.group(2).startswith(("router", "norm")):
+            continue
+        if m.group(2).startswith("expert.*."):
+            stacks.setdefault(int(m.group(1)), []).append(r["bits"])
+        cells.setdefault(int(m.group(1)), {})[m.group(2)] = r["bits"]
     cols = ["attn", "meta/ffn", *(f"expert.{e}" for e in experts)]
     t = Table(title="bits per layer and expert (router, norms and biases stay in floating point)")
     t.add_column("layer", justify="right")
     for c in cols:
         t.add_column(c, justify="center")
+
+    def cell(v: int | None, stack: list[int] | None) -> Text:
+        if v is None and stack:
+            return Text(" " + "/".join(map(str, stack)) + " ", style=_BIT_STYLE.get(min(stack), ""))
+        return Text(f" {v} ", style=_BIT_STYLE.get(v, "")) if v is not None else Text("-", style="dim")
+
     for layer in sorted(cells):
         c = cells[layer]
-        vals = [c.get("attn"), c.get("meta", c.get("ffn")), *(c.get(f"expert.{e}") for e in experts)]
-        t.add_row(str(layer), *(Text(f" {v} ", style=_BIT_STYLE.get(v, "")) if v is not None else Text("-", style="dim") for v in vals))
+        vals = [c.get("attn"), c.get("meta", c.get("ffn"))]
+        t.add_row(str(layer), *(cell(v, None) for v in vals), *(cell(c.get(f"expert.{e}"), stacks.get(layer)) for e in experts))
     return t
 
 
@@ -183,7 +206,8 @@ def plan_show(
             f"{r['bytes'] / 1e6:.3f}" if r["bytes"] is not None else "-",
         )
     out.print(t)
-    out.print(_heatmap(rows))
+    experts = sorted({int(m.group(1)) for g in manifest.tensor_groups if (m := _EXPERT.match(g.name))})
+    out.print(_heatmap(rows, experts))
     if summary:
         cal = summary.get("calibration", {})
         out.print(
