@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from medmoe_edge.allocation import unit_name
 from medmoe_edge.checkpoint import LoadedModel, read_spec
 from medmoe_edge.errors import CheckpointError, InputError
 from medmoe_edge.exporter import ExportParts, ExportRequest
-from medmoe_edge.allocation import unit_name
 from medmoe_edge.ggml_codes import GgmlCodes, block_size, ggml_type
 from medmoe_edge.tensor_ids import gguf_map, gguf_target, plan_rule, plan_spec, released_state_dict
 from medmoe_edge.vocab import Precision, PrecisionKind

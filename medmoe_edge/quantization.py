@@ -29,7 +29,8 @@ from .calibration.sensitivity import CodeBook, GgmlCodeBook, measure, swap, unit
 from .calibration.sets import QuestionSet, resolve_set
 from .checkpoint import LoadedModel, load_model, resolve_model_dir
 from .ckpt_writer import atomic_dir, check_new_dir
-from .errors import InputError
+from .errors import InputError, RuntimeUnavailable
+from .llamacpp_lib import require_patched_llama_cpp
 from .imaging import PreprocessMode
 from .quant_plan import QuantMethod, QuantPlan, QuantRule, QuantSpec
 from .ggml_codes import GgmlCodes
@@ -321,6 +322,11 @@ def quantize_bundle(
     exporter_cls = GgufQuantExporter if fmt == "gguf" else OnnxQuantExporter
     given = {"--moe-dispatch": moe_dispatch} if moe_dispatch is not None else {}
     exporter_cls.request(given)  # the format's own flags, checked before any work
+    ok, why = exporter_cls.availability()
+    if not ok:
+        raise RuntimeUnavailable(why)
+    if fmt == "gguf":  # ggml's quantizer lives in the patched llama-cpp-python: say so before minutes of measuring
+        require_patched_llama_cpp()
     model_dir = resolve_model_dir(model)
     check_new_dir(out)
     stats = load_stats(stats_dir, model_dir, model, set_name)
