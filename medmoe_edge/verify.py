@@ -198,7 +198,9 @@ def step_kl(item: TraceItem, step: int, logits: torch.Tensor) -> float:
 def _compare_logits(item: TraceItem, step: int, logits: torch.Tensor) -> tuple[float, float, float]:
     """(max-abs, cosine, KL) of one step's [V] logits against the trace (full row or the reference's top-k)."""
     ref, got = _step_logits(item, step, logits)
-    cos = float(torch.nn.functional.cosine_similarity(ref[None], got[None], dim=-1)[0])
+    # identical rows are exactly 1 (the fp64 reduction can land one ulp below, which a bit-exact
+    # bound of cosine ≥ 1 must not fail on)
+    cos = 1.0 if torch.equal(ref, got) else float(torch.nn.functional.cosine_similarity(ref[None], got[None], dim=-1)[0])
     return float((ref - got).abs().max()), cos, step_kl(item, step, logits)
 
 
