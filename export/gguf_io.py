@@ -67,6 +67,7 @@ class TableTensor:
         ids: the TensorIds it holds (every expert of a layer for a stacked `ffn_*_exps` tensor).
         parts: the checkpoint tensors it is made of, in expert order when stacked.
         f32: stored F32 whatever the file type (norms, biases, the router, CLIP embeddings).
+        keys: the released-name state-dict keys of `parts`, in the same order.
     """
 
     name: str
@@ -74,6 +75,7 @@ class TableTensor:
     parts: tuple[torch.Tensor, ...]
     f32: bool
     stacked: bool
+    keys: tuple[str, ...] = ()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -91,17 +93,17 @@ def table_tensors(state: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[list
     groups: dict[str, list] = {}
     for key, t in state.items():
         target = gguf_target(key)
-        groups.setdefault(target.name, []).append((target, t))
+        groups.setdefault(target.name, []).append((target, t, key))
     files: tuple[list[TableTensor], list[TableTensor]] = ([], [])
     for name, items in groups.items():
         first = items[0][0]
         items.sort(key=lambda it: -1 if it[0].tensor_id.expert is None else it[0].tensor_id.expert)
-        ids = tuple(target.tensor_id for target, _ in items)
+        ids = tuple(target.tensor_id for target, _, _ in items)
         if first.stacked and [i.expert for i in ids] != list(range(spec.moe.num_experts)):
             raise UnmappedTensor(f"GGUF tensor {name} stacks experts {[i.expert for i in ids]} but the model has {spec.moe.num_experts}")
         if not first.stacked and len(items) > 1:
             raise UnmappedTensor(f"GGUF tensor {name} would be written from {len(items)} checkpoint tensors ({', '.join(map(str, ids))})")
-        files[first.mmproj].append(TableTensor(name, ids, tuple(t for _, t in items), first.f32, first.stacked))
+        files[first.mmproj].append(TableTensor(name, ids, tuple(t for _, t, _ in items), first.f32, first.stacked, tuple(k for _, _, k in items)))
     return files
 
 

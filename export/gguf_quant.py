@@ -24,7 +24,7 @@ from medmoe_edge.checkpoint import LoadedModel, read_spec
 from medmoe_edge.errors import CheckpointError, InputError
 from medmoe_edge.exporter import ExportParts, ExportRequest
 from medmoe_edge.ggml_codes import GgmlCodes, block_size, ggml_type
-from medmoe_edge.tensor_ids import gguf_map, gguf_target, plan_rule, plan_spec, released_state_dict
+from medmoe_edge.tensor_ids import gguf_map, plan_rule, plan_spec, released_state_dict
 from medmoe_edge.vocab import Precision, PrecisionKind
 
 from .gguf_export import MMPROJ_FILE, TEXT_FILE, GgufExporter, bundle_parts, read_tensor_types
@@ -53,18 +53,6 @@ class GgufQuantExporter(GgufExporter):
     def __init__(self, codes: dict[str, GgmlCodes], summary: dict[str, Any] | None = None) -> None:
         self.codes = dict(codes)
         self.summary = dict(summary or {})
-        self._keys: dict[str, list[str]] = {}  # GGUF tensor name → checkpoint keys, in expert order
-
-    def _tensor_keys(self, loaded: LoadedModel) -> dict[str, list[str]]:
-        """GGUF tensor name → the checkpoint keys it is made of (a TensorId names a group, e.g. one
-        layer's attention, not each of its matrices, so codes are matched by key)."""
-        if not self._keys:
-            found: dict[str, list[tuple[int, str]]] = {}
-            for key in released_state_dict(loaded.model):
-                target = gguf_target(key)
-                found.setdefault(target.name, []).append((-1 if target.tensor_id.expert is None else target.tensor_id.expert, key))
-            self._keys = {name: [k for _, k in sorted(items)] for name, items in found.items()}
-        return self._keys
 
     def _types(self, loaded: LoadedModel, request: ExportRequest) -> tuple[dict[str, Precision], dict[str, str]]:
         """(text tensor → its plan precision, mmproj tensor → f32|f16), every quantized tensor's codes checked.
@@ -74,12 +62,11 @@ class GgufQuantExporter(GgufExporter):
                 or a planned matrix without codes of its type.
         """
         text, mmproj = table_tensors(released_state_dict(loaded.model), loaded.spec)
-        keys = self._tensor_keys(loaded)
         types: dict[str, Precision] = {}
         for t in (t for t in text if not t.f32):
             p = _one({plan_spec(request.plan, i).precision for i in t.ids}, f"the experts of {t.name}")
             if p.kind is PrecisionKind.GGML:
-                missing = [k for k in keys[t.name] if k not in self.codes or self.codes[k].precision is not p]
+                missing = [k for k in t.keys if k not in self.codes or self.codes[k].precision is not p]
                 if missing:
                     raise InputError(f"the plan gives {t.name} {p.value} but no {p.value} codes were given for {missing[0]}: quantize it first")
             elif p not in _FLOAT:
@@ -107,7 +94,7 @@ class GgufQuantExporter(GgufExporter):
 
     def _coded(self, t: TableTensor, p: Precision) -> PlannedTensor:
         """The codes of a text tensor as gguf-py writes pre-quantized data: uint8, bytes per row."""
-        parts = [self.codes[k].data for k in self._keys[t.name]]
+        parts = [self.codes[k].data for k in t.keys]  # in expert order for a stack
         data = np.stack(parts) if t.stacked else parts[0]
         return PlannedTensor(t.name, np.dtype(np.uint8), tuple(data.shape), lambda data=data: np.ascontiguousarray(data), ggml_type(p))
 

@@ -334,40 +334,22 @@ def _options(d: dict[str, Any]):
 
 
 class _Recorder:
-    """A runtime seen through `verify.replay_one`, keeping the logits of the passes it makes itself
-    (teacher forcing) for KL. When the teacher-forced argmax disagrees somewhere, replay_one runs the
-    runtime free for its own answer; this hands back the timed free run's tokens instead (greedy
-    decoding is deterministic: the same tokens), so no question is generated twice."""
+    """A runtime seen through `verify.replay_one` (which measures the KL of each teacher-forced step
+    itself). When the teacher-forced argmax disagrees somewhere, replay_one runs the runtime free for
+    its own answer; this hands back the timed free run's tokens instead (greedy decoding is
+    deterministic: the same tokens), so no question is generated twice."""
 
     def __init__(self, runtime, own_tokens: list[int]) -> None:
         self._rt = runtime
         self._own = list(own_tokens)
-        self.logits: list = []
 
     def generate(self, requests, cfg, timings=None, on_step=None):
         from .generation import FinishReason, RowResult
 
         yield [RowResult(list(self._own), FinishReason.EOS, [], {})]
 
-    def prefill(self, requests, max_new_tokens):
-        out = self._rt.prefill(requests, max_new_tokens)
-        self.logits.append(out.logits[0].detach().float().cpu())
-        return out
-
-    def decode(self, tokens):
-        out = self._rt.decode(tokens)
-        self.logits.append(out.logits[0].detach().float().cpu())
-        return out
-
     def __getattr__(self, name: str):
         return getattr(self._rt, name)
-
-
-def kl_per_step(item, logits: list) -> list[float]:
-    """KL(reference ‖ runtime) of each teacher-forced step (`verify.step_kl`)."""
-    from .verify import step_kl
-
-    return [step_kl(item, step, got) for step, got in enumerate(logits[: item.steps])]
 
 
 def _gpu_now(runtime) -> int | None:
@@ -438,8 +420,7 @@ class _Session:
         answers, timing = self.timed_generate([item.request], mnt)
         answer = self.rt.model_info.tokenizer.decode(answers[0]).strip()
         rec = _Recorder(self.rt, answers[0])
-        sample = replay_one(rec, item, mnt)
-        kl = kl_per_step(item, rec.logits)
+        sample = replay_one(rec, item, mnt)  # its KL per step too (verify.step_kl)
         timing.pop("step_s")
         return {
             "ok": True,
@@ -454,8 +435,8 @@ class _Session:
                 "tokens_agreed": sample.tokens_agreed,
                 "routing_total": sample.routing_total,
                 "routing_agreed": sample.routing_agreed,
-                "kl_mean": sum(kl) / len(kl) if kl else 0.0,
-                "kl_max": max(kl, default=0.0),
+                "kl_mean": sample.kl_sum / sample.steps if sample.steps else 0.0,
+                "kl_max": sample.kl_max,
             },
             **self.memory(),
         }

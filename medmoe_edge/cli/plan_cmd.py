@@ -154,9 +154,10 @@ def _heatmap(rows: list[dict], experts: list[int]) -> Table:
         m = _LAYER.match(r["tensor_id"])
         if not m or m.group(2).startswith(("router", "norm")):
             continue
-        if m.group(2).startswith("expert.*."):
+        if m.group(2).startswith("expert.*."):  # a stack: its bits go to every expert of the layer
             stacks.setdefault(int(m.group(1)), []).append(r["bits"])
-        cells.setdefault(int(m.group(1)), {})[m.group(2)] = r["bits"]
+        else:
+            cells.setdefault(int(m.group(1)), {})[m.group(2)] = r["bits"]
     cols = ["attn", "meta/ffn", *(f"expert.{e}" for e in experts)]
     t = Table(title="bits per layer and expert (router, norms and biases stay in floating point)")
     t.add_column("layer", justify="right")
@@ -168,8 +169,8 @@ def _heatmap(rows: list[dict], experts: list[int]) -> Table:
             return Text(" " + "/".join(map(str, stack)) + " ", style=_BIT_STYLE.get(min(stack), ""))
         return Text(f" {v} ", style=_BIT_STYLE.get(v, "")) if v is not None else Text("-", style="dim")
 
-    for layer in sorted(cells):
-        c = cells[layer]
+    for layer in sorted(cells.keys() | stacks.keys()):
+        c = cells.get(layer, {})
         vals = [c.get("attn"), c.get("meta", c.get("ffn"))]
         t.add_row(str(layer), *(cell(v, None) for v in vals), *(cell(c.get(f"expert.{e}"), stacks.get(layer)) for e in experts))
     return t
