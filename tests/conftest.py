@@ -27,6 +27,17 @@ def tiny_ckpt(request, tiny_ckpts) -> Path:
 
 
 @pytest.fixture(scope="session")
+def stats_dir(tmp_path_factory) -> Path:
+    """Calibration statistics of the demo model, one question per domain (quick), shared by the
+    quantize tests; each backend caches its measured sensitivities there under its own name."""
+    from medmoe_edge.quantization import calibrate
+
+    out = tmp_path_factory.mktemp("qstats") / "stats"
+    calibrate("demo", out, per_domain=1, sensitivity_per_domain=1)
+    return out
+
+
+@pytest.fixture(scope="session")
 def sample_png(tmp_path_factory) -> Path:
     """A deterministic 48×40 RGB test image (non-square, so pad and crop differ)."""
     rng = np.random.default_rng(0)

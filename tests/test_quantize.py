@@ -21,20 +21,13 @@ from medmoe_edge.calib_stats import CalibSettings
 from medmoe_edge.cli.app import app
 from medmoe_edge.presets import Preset
 from medmoe_edge.quant_plan import QuantMethod, QuantPlan
-from medmoe_edge.quantization import calibrate, fake_quantize, load_stats, make_plan
+from medmoe_edge.quantization import fake_quantize, load_stats, make_plan
 from medmoe_edge.runtime_contract import RuntimeOptions
 
 pytest.importorskip("onnxruntime")
 
 AVG_BITS = "6"  # the demo's smallest ONNX plan is 5.13 bits per weight (int4 + fp32 scale + 4-bit zero point): 6 mixes int4 and int8
 WIDE = {"COLUMNS": "200"}
-
-
-@pytest.fixture(scope="module")
-def stats_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("qstats") / "stats"
-    calibrate("demo", out, per_domain=1, sensitivity_per_domain=1)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from medmoe_edge.checkpoint import load_model, resolve_model_dir
 from medmoe_edge.cli.app import app
 from medmoe_edge.presets import Preset
 from medmoe_edge.quant_plan import QuantMethod, QuantPlan
-from medmoe_edge.quantization import calibrate, fake_quantize, load_stats, make_plan
+from medmoe_edge.quantization import fake_quantize, load_stats, make_plan
 from medmoe_edge.runtime_contract import RuntimeOptions
 from medmoe_edge.trace import Trace, TraceQuestion, record
 from medmoe_edge.verify import QUANTIZED_TOLERANCES, TOLERANCES, replay
@@ -32,13 +32,6 @@ gguf = pytest.importorskip("gguf")
 
 AVG_BITS = "5"  # the demo's smallest GGUF plan that keeps the router guard is ~3.7 bits per weight (projector in f16)
 WIDE = {"COLUMNS": "200"}
-
-
-@pytest.fixture(scope="module")
-def stats_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("gstats") / "stats"
-    calibrate("demo", out, per_domain=1, sensitivity_per_domain=1)
-    return out
 
 
 @pytest.fixture(scope="module")
