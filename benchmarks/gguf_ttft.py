@@ -54,6 +54,7 @@ def child(kind: str, model: str, threads: int, settings: dict) -> None:
         import medmoe_edge.runtimes.llamacpp_runtime as lr
 
         lr.N_UBATCH = settings.get("ubatch", lr.N_UBATCH)
+        lr.USE_EXTRA_BUFTS = settings.get("repack", lr.USE_EXTRA_BUFTS)
         if "fa_lm" in settings:
             lr.FLASH_ATTN = {k: (1 if settings["fa_lm"] or k is KvType.Q8_0 else 0) for k in KvType}
         if "fa_clip" in settings:
@@ -136,20 +137,22 @@ def main() -> None:
                 export_gguf(ckpt, out, quant, mmproj_dtype=mm)
             bundles[(quant.value, mm)] = out
 
-    before = {"ubatch": 512, "fa_lm": False, "fa_clip": False, "kv": "f32"}
+    before = {"ubatch": 512, "fa_lm": False, "fa_clip": False, "kv": "f32", "repack": True}
     rows: list[tuple[str, str, Path | str, int, dict]] = [("torch fp32 (reference)", "torch", ckpt, a.threads, {})]
     for q in ("fp16", "q4_k_m"):
-        rows.append((f"llamacpp {q}, before: mmproj f32, n_ubatch 512, no FA, KV f32", "llamacpp", bundles[(q, "f32")], a.threads, before))
+        rows.append((f"llamacpp {q}, before: mmproj f32, n_ubatch 512, no FA, KV f32, repacked weights", "llamacpp", bundles[(q, "f32")], a.threads, before))
     if not a.quick:
         q = "q4_k_m"
         sweep = [
             ("mmproj f16", bundles[(q, "f16")], a.threads, before),
             ("n_ubatch 256", bundles[(q, "f32")], a.threads, before | {"ubatch": 256}),
+            ("n_ubatch 128", bundles[(q, "f32")], a.threads, before | {"ubatch": 128}),
             ("n_ubatch 2048 (whole prompt)", bundles[(q, "f32")], a.threads, before | {"ubatch": 2048}),
             ("flash attention in the text model", bundles[(q, "f32")], a.threads, before | {"fa_lm": True}),
             ("flash attention in mtmd", bundles[(q, "f32")], a.threads, before | {"fa_clip": True}),
             ("KV f16", bundles[(q, "f32")], a.threads, before | {"kv": "f16"}),
             ("KV q8_0 (flash attention on)", bundles[(q, "f32")], a.threads, before | {"kv": "q8_0"}),
+            ("no weight repacking", bundles[(q, "f32")], a.threads, before | {"repack": False}),
             ("1 thread", bundles[(q, "f32")], 1, before),
         ]
         rows += [(f"llamacpp {q}, {name}", "llamacpp", b, th, s) for name, b, th, s in sweep]

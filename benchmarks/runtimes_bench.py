@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ def child(kind: str, model: str, decode: int, threads: int) -> None:
 
     from medmoe_edge import api
     from medmoe_edge.generation import GenerationConfig, LoopTimings
+    from medmoe_edge.perf import peak_rss_bytes
     from medmoe_edge.runtimes.base import RuntimeOptions
 
     t0 = time.perf_counter()
@@ -70,15 +70,6 @@ def child(kind: str, model: str, decode: int, threads: int) -> None:
     assert len(rt.timings.decode_s) == decode
     rss = peak_rss_bytes()
     print(json.dumps({"load_s": load_s, "ttft_s": loop.prefill_s, "decode_tok_s": 1.0 / statistics.median(rt.timings.decode_s), "peak_rss": rss, "torch_threads": torch.get_num_threads()}))
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (VmHWM). Unlike ru_maxrss it starts afresh at exec, so the
-    parent's memory at fork time does not count."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: kB on Linux-likes, bytes on macOS
 
 
 def measure(kind: str, model: Path | str, decode: int, threads: int) -> dict:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +266,17 @@ class GgufExporter(Exporter):
     )
 
     @classmethod
+    def request(cls, given: dict[str, Any], *, plan: QuantPlan | None = None, vision_tower: Path | None = None) -> ExportRequest:
+        """As `Exporter.request`; without `--mmproj-dtype`, a uniformly quantized bundle (q8_0,
+        q4_k_m, ...) gets an f16 mmproj: 0.57 GB less to read, hold and convert for the
+        ViT-L tower, and a load inside `run`'s bounds (docs/GGUF.md "Load time and memory");
+        f32 and f16 bundles keep the f32 mmproj their parity checks are set on."""
+        req = super().request(given, plan=plan, vision_tower=vision_tower)
+        if "--mmproj-dtype" not in given and plan is None and needs_llamacpp(req.precision):
+            req = replace(req, options=req.options | {"mmproj_dtype": "f16"})
+        return req
+
+    @classmethod
     def availability(cls) -> tuple[bool, str]:
         try:
             import gguf
@@ -351,7 +362,7 @@ def export_gguf(
     out: Path,
     quant: Precision | str = Precision.FP32,
     *,
-    mmproj_dtype: str = "f32",
+    mmproj_dtype: str | None = None,
     vision_tower: Path | None = None,
     overrides: dict[str, str] | None = None,
 ):
@@ -359,7 +370,8 @@ def export_gguf(
 
     Args:
         quant: language-model file type (f32 and f16 are spelled fp32/fp16 in the manifest).
-        mmproj_dtype: "f32" or "f16" for the vision tower and projector.
+        mmproj_dtype: "f32" or "f16" for the vision tower and projector (default: f16 for a
+            quantized `quant`, else f32; see `GgufExporter.request`).
         overrides: per-tensor type overrides for `llama_model_quantize` (regex → ggml type).
     Returns:
         The bundle's manifest.
@@ -368,7 +380,9 @@ def export_gguf(
         RuntimeUnavailable: gguf missing; llama_cpp missing/unpatched for quantized types.
         CheckpointError / UnsupportedCheckpoint: the checkpoint cannot be exported.
     """
-    given: dict[str, Any] = {"--quant": Precision.parse(str(getattr(quant, "value", quant)), option="--quant").value, "--mmproj-dtype": mmproj_dtype}
+    given: dict[str, Any] = {"--quant": Precision.parse(str(getattr(quant, "value", quant)), option="--quant").value}
+    if mmproj_dtype is not None:
+        given["--mmproj-dtype"] = mmproj_dtype
     if overrides:
         given["--tensor-type"] = dict(overrides)
     request = GgufExporter.request(given, vision_tower=vision_tower)

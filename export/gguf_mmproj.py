@@ -60,7 +60,7 @@ from medmoe_edge.checkpoint import LoadedModel
 from medmoe_edge.errors import InputError, UnsupportedCheckpoint
 from medmoe_edge.tensor_ids import released_state_dict
 
-from .gguf_io import DTYPES, FILE_TYPE, TableTensor, plan_table, require_gguf, table_tensors, write_gguf
+from .gguf_io import DTYPES, FILE_TYPE, PlannedTensor, TableTensor, plan_table, require_gguf, table_tensors, write_gguf
 
 PROJECTOR_TYPE = "mlp"  # PROJECTOR_TYPE_MLP in tools/mtmd/clip-impl.h
 # The projector's activation: exact erf GELU (Med-MoE's mlp2x_gelu is nn.GELU()). Read by the
@@ -123,7 +123,14 @@ def _write_metadata(w, loaded: LoadedModel, dtype: str) -> None:
     w.add_bool(PROJ_GELU_ERF_KEY, True)
 
 
-def write_mmproj_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str = "f32", matrix_dtype: Callable[[TableTensor], str] | None = None) -> None:
+def write_mmproj_gguf(
+    loaded: LoadedModel,
+    out_path: str | Path,
+    *,
+    dtype: str = "f32",
+    matrix_dtype: Callable[[TableTensor], str] | None = None,
+    codes: Callable[[TableTensor], PlannedTensor | None] | None = None,
+) -> None:
     """Write the image tower and projector of a loaded Med-MoE model as an mmproj GGUF.
 
     Args:
@@ -132,6 +139,7 @@ def write_mmproj_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str =
         out_path: the .gguf file to write (replaced atomically: temp file + os.replace).
         dtype: "f32" (for parity checks) or "f16" (weight matrices F16; embeddings, norms, biases F32).
         matrix_dtype: "f32" or "f16" per weight matrix (a precision plan); default: `dtype` for all.
+        codes: the already-quantized codes of a matrix (a quantization plan's projector), None for the rest.
     Raises:
         InputError: unknown dtype.
         UnsupportedCheckpoint: a tower or processor mtmd's llava graph cannot express.
@@ -142,7 +150,7 @@ def write_mmproj_gguf(loaded: LoadedModel, out_path: str | Path, *, dtype: str =
     require_gguf()
     check_supported(loaded)
     _text, mmproj = table_tensors(released_state_dict(loaded.model), loaded.spec)
-    tensors = plan_table(mmproj, matrix_dtype or (lambda t: dtype))
+    tensors = plan_table(mmproj, matrix_dtype or (lambda t: dtype), codes)
     write_gguf(out_path, "clip", lambda w: _write_metadata(w, loaded, dtype), tensors)
 
 

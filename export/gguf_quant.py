@@ -9,7 +9,8 @@ per-expert imatrix slice of each stacked tensor (`size == ne[0]·ne[2]`), is exa
 
 GGUF stores a layer's experts as one tensor per projection (`ffn_*_exps`) of one type, so a
 plan gives the experts of a layer one type per projection (the allocator's `stacked_experts`
-units). Norms, biases and the router stay F32; the projector (in the mmproj file) f32/f16.
+units). Norms, biases and the router stay F32. The projector's codes go into the mmproj file
+(mtmd's projector matmuls take any ggml type); the vision tower stays in the mmproj's f32/f16.
 """
 
 from __future__ import annotations
@@ -54,32 +55,31 @@ class GgufQuantExporter(GgufExporter):
         self.codes = dict(codes)
         self.summary = dict(summary or {})
 
-    def _types(self, loaded: LoadedModel, request: ExportRequest) -> tuple[dict[str, Precision], dict[str, str]]:
-        """(text tensor → its plan precision, mmproj tensor → f32|f16), every quantized tensor's codes checked.
+    def _types(self, loaded: LoadedModel, request: ExportRequest) -> tuple[dict[str, Precision], dict[str, Precision]]:
+        """(text tensor → its plan precision, mmproj tensor → its precision), every quantized tensor's codes checked.
+
+        A text matrix takes its plan precision (fp32 by the plan's default); an mmproj matrix the
+        mmproj's own dtype unless a rule names it (the projector, when the plan quantized it: the
+        vision tower is not an allocation unit).
 
         Raises:
             InputError: experts of one stack with different types, a type GGUF cannot take here,
                 or a planned matrix without codes of its type.
         """
         text, mmproj = table_tensors(released_state_dict(loaded.model), loaded.spec)
-        types: dict[str, Precision] = {}
-        for t in (t for t in text if not t.f32):
-            p = _one({plan_spec(request.plan, i).precision for i in t.ids}, f"the experts of {t.name}")
-            if p.kind is PrecisionKind.GGML:
-                missing = [k for k in t.keys if k not in self.codes or self.codes[k].precision is not p]
-                if missing:
-                    raise InputError(f"the plan gives {t.name} {p.value} but no {p.value} codes were given for {missing[0]}: quantize it first")
-            elif p not in _FLOAT:
-                raise InputError(f"--format gguf plans take ggml types, fp16 and fp32, not {p.value} ({t.name})")
-            types[t.name] = p
         mm_default = Precision.parse(request.options["mmproj_dtype"])
-        mm: dict[str, str] = {}
-        for t in (t for t in mmproj if not t.f32):
-            # the mmproj's own dtype unless a rule names the tensor (the plan's fp32 default is the text file's)
-            p = _one({rule.precision if (rule := plan_rule(request.plan, i)) else mm_default for i in t.ids}, t.name)
-            if p not in _FLOAT:
-                raise InputError(f"the mmproj file is written in f32/f16: the plan gives {t.name} {p.value}")
-            mm[t.name] = _FLOAT[p]
+        types: dict[str, Precision] = {}
+        mm: dict[str, Precision] = {}
+        for table, out, of in ((text, types, lambda i: plan_spec(request.plan, i).precision), (mmproj, mm, lambda i: rule.precision if (rule := plan_rule(request.plan, i)) else mm_default)):
+            for t in (t for t in table if not t.f32):
+                p = _one({of(i) for i in t.ids}, f"the experts of {t.name}")
+                if p.kind is PrecisionKind.GGML:
+                    missing = [k for k in t.keys if k not in self.codes or self.codes[k].precision is not p]
+                    if missing:
+                        raise InputError(f"the plan gives {t.name} {p.value} but no {p.value} codes were given for {missing[0]}: quantize it first")
+                elif p not in _FLOAT:
+                    raise InputError(f"--format gguf plans take ggml types, fp16 and fp32, not {p.value} ({t.name})")
+                out[t.name] = p
         return types, mm
 
     def load(self, model: str | Path, request: ExportRequest) -> LoadedModel:
@@ -93,7 +93,7 @@ class GgufQuantExporter(GgufExporter):
         self._types(loaded, request)
 
     def _coded(self, t: TableTensor, p: Precision) -> PlannedTensor:
-        """The codes of a text tensor as gguf-py writes pre-quantized data: uint8, bytes per row."""
+        """The codes of a planned matrix as gguf-py writes pre-quantized data: uint8, bytes per row."""
         parts = [self.codes[k].data for k in t.keys]  # in expert order for a stack
         data = np.stack(parts) if t.stacked else parts[0]
         return PlannedTensor(t.name, np.dtype(np.uint8), tuple(data.shape), lambda data=data: np.ascontiguousarray(data), ggml_type(p))
@@ -107,13 +107,21 @@ class GgufQuantExporter(GgufExporter):
             matrix_dtype=lambda t: _FLOAT[types[t.name]],
             codes=lambda t: self._coded(t, types[t.name]) if types[t.name].kind is PrecisionKind.GGML else None,
         )
-        write_mmproj_gguf(loaded, out / MMPROJ_FILE, dtype=request.options["mmproj_dtype"], matrix_dtype=lambda t: mm[t.name])
-        stored = {name: Precision.from_ggml(ttype) for name, ttype, *_ in read_tensor_types(out / TEXT_FILE)}
-        wrong = {n: (p, stored.get(n)) for n, p in types.items() if stored.get(n) is not p}
-        if wrong:
-            name, (asked, got) = next(iter(wrong.items()))
-            raise CheckpointError(f"{name} was planned as {asked.value} but the written file stores {getattr(got, 'value', got)}: report this as a bug")
-        extra = {"mmproj_dtype": request.options["mmproj_dtype"], "quantization": self.summary | {"quantized_tensors": sum(p.kind is PrecisionKind.GGML for p in types.values())}}
+        write_mmproj_gguf(
+            loaded,
+            out / MMPROJ_FILE,
+            dtype=request.options["mmproj_dtype"],
+            matrix_dtype=lambda t: _FLOAT[mm[t.name]],
+            codes=lambda t: self._coded(t, mm[t.name]) if mm[t.name].kind is PrecisionKind.GGML else None,
+        )
+        for file, planned in ((TEXT_FILE, types), (MMPROJ_FILE, mm)):
+            stored = {name: Precision.from_ggml(ttype) for name, ttype, *_ in read_tensor_types(out / file)}
+            wrong = {n: (p, stored.get(n)) for n, p in planned.items() if stored.get(n) is not p}
+            if wrong:
+                name, (asked, got) = next(iter(wrong.items()))
+                raise CheckpointError(f"{name} was planned as {asked.value} but {file} stores {getattr(got, 'value', got)}: report this as a bug")
+        quantized = sum(p.kind is PrecisionKind.GGML for p in (*types.values(), *mm.values()))
+        extra = {"mmproj_dtype": request.options["mmproj_dtype"], "quantization": self.summary | {"quantized_tensors": quantized}}
         return bundle_parts(loaded, out, extra)
 
 
@@ -127,18 +135,19 @@ def read_back(bundle: Path, spec=None) -> dict[str, tuple[Precision, int, int]]:
     """
     gguf = require_gguf()
     spec = spec if spec is not None else read_spec(bundle)[0]  # a bundle carries its config.json
-    reader = gguf.GGUFReader(str(bundle / TEXT_FILE))
-    tmap = gguf_map([t.name for t in reader.tensors], spec)
     found: dict[str, tuple[Precision, int, int]] = {}
-    for t in reader.tensors:
-        p = Precision.from_ggml(t.tensor_type.name)
-        if p.kind is not PrecisionKind.GGML:
-            continue
-        ids = tmap.ids(t.name)
-        key = unit_name(ids[0], stacked_experts=True)
-        if key in found and found[key][0] is not p:
-            raise CheckpointError(f"{key} is stored as {found[key][0].value} and as {p.value} in {TEXT_FILE}: a unit has one type")
-        found[key] = (p, block_size(p), found.get(key, (p, 0, 0))[2] + int(t.n_bytes))
+    for file in (TEXT_FILE, MMPROJ_FILE):  # the projector's codes are in the mmproj file
+        reader = gguf.GGUFReader(str(bundle / file))
+        tmap = gguf_map([t.name for t in reader.tensors], spec)
+        for t in reader.tensors:
+            p = Precision.from_ggml(t.tensor_type.name)
+            if p.kind is not PrecisionKind.GGML:
+                continue
+            ids = tmap.ids(t.name)
+            key = unit_name(ids[0], stacked_experts=True)
+            if key in found and found[key][0] is not p:
+                raise CheckpointError(f"{key} is stored as {found[key][0].value} and as {p.value} in {file}: a unit has one type")
+            found[key] = (p, block_size(p), found.get(key, (p, 0, 0))[2] + int(t.n_bytes))
     return found
 
 

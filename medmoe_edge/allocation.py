@@ -38,8 +38,6 @@ class Backend:
         zero_point: asymmetric codes with a packed zero point per block.
         stacked_experts: one type per layer × projection for the routed experts (GGUF).
         quantize_embed: the embedding table can be stored quantized (it is a Gather, not a MatMul, in ONNX).
-        float_only: components this format stores in floating point only (GGUF: the projector,
-            which gguf-py writes into the mmproj file as f32/f16).
     """
 
     name: str
@@ -48,16 +46,13 @@ class Backend:
     zero_point: bool
     stacked_experts: bool = False
     quantize_embed: bool = True
-    float_only: frozenset[Component] = frozenset()
 
     def offers(self, precision: Precision, unit: Unit) -> bool:
-        """Whether `unit` may take `precision` here: floating point always; an integer or ggml
-        type unless the unit's component is float-only, and for ggml types only when every
-        matrix's rows are whole blocks (llama.cpp would store another type otherwise)."""
+        """Whether `unit` may take `precision` here: floating point and integer types always, ggml
+        types only when every matrix's rows are whole blocks (llama.cpp would store another type
+        otherwise)."""
         if precision.is_float:
             return True
-        if unit.component in self.float_only:
-            return False
         if precision.kind is PrecisionKind.GGML:
             from .ggml_codes import block_size
 
@@ -87,8 +82,9 @@ BACKENDS: dict[str, Backend] = {
     "tensorrt": Backend("tensorrt", (Precision.INT4, Precision.INT8, Precision.FP32), 4, False, quantize_embed=False),
     # GGUF: ggml block types (scales and mins inside the blocks: scale_bytes/zero_point unused), one
     # type per layer × projection for the stacked experts, the embedding quantizable (get_rows
-    # reads every type), the projector in f16/f32 (the mmproj file is written by gguf-py)
-    "gguf": Backend("gguf", (*GGML_CANDIDATES, Precision.FP16, Precision.FP32), 0, False, stacked_experts=True, float_only=frozenset({Component.PROJECTOR})),
+    # reads every type), the projector too (mtmd's projector matmuls take any ggml type; its codes
+    # go into the mmproj file, the vision tower stays f32/f16 there)
+    "gguf": Backend("gguf", (*GGML_CANDIDATES, Precision.FP16, Precision.FP32), 0, False, stacked_experts=True),
 }
 
 

@@ -66,14 +66,19 @@ _SPLIT_MODE_NONE = 0  # LLAMA_SPLIT_MODE_NONE: the whole model on main_gpu
 _MAX_BATCH = 2048  # tokens per llama_decode call (llama.cpp splits it into n_ubatch micro-batches)
 # Prefill micro-batch and mtmd's attention: measured on the real-dimension proxy
 # (benchmarks/gguf_ttft.py, docs/GGUF.md "Time to first token"); module-level so that benchmark
-# children can set other values before loading.
-N_UBATCH = 512
+# children can set other values before loading. n_ubatch 256 prefills an image prompt faster than
+# 512 on this CPU and halves the attention scores' compute buffer (n_ubatch x n_ctx x heads floats,
+# -48 MiB peak at 4,096 positions: docs/GGUF.md "Load time and memory").
+N_UBATCH = 256
 MTMD_FLASH_ATTN = _FLASH_ATTN_DISABLED
 # How the text GGUF's weights are loaded (benchmarks/gguf_load_memory.py, docs/GGUF.md "Load time
 # and memory"): LOAD_MODE is a llama_load_mode (None: llama.cpp's default, mmap), USE_EXTRA_BUFTS
-# whether ggml-cpu may repack weights into its interleaved layouts at load.
+# whether ggml-cpu may repack weights into its interleaved layouts at load. Off: repacking copies
+# every repackable weight out of the mapped file (1.3 GB more resident and 4 s more load for the
+# 24-layer q4_k_m model, over `run`'s bounds) and buys about 10 % decode at q4_k_m while q8_0 MoE
+# decodes slower with it (benchmarks/gguf_bandwidth.py, docs/GGUF.md "Decode per activated byte").
 LOAD_MODE: int | None = None
-USE_EXTRA_BUFTS = True
+USE_EXTRA_BUFTS = False
 
 
 def _gpu_offload(device: Device, lib) -> bool:
@@ -187,7 +192,7 @@ class LlamaCppRuntime(Runtime):
         mp.n_gpu_layers = -1 if gpu else 0  # -1: every layer
         if LOAD_MODE is not None:
             mp.load_mode = LOAD_MODE
-        mp.use_extra_bufts = USE_EXTRA_BUFTS
+        mp.use_extra_bufts = self.repack_weights = USE_EXTRA_BUFTS
         if gpu:
             mp.split_mode = _SPLIT_MODE_NONE
             mp.main_gpu = gpu_index
@@ -289,6 +294,7 @@ class LlamaCppRuntime(Runtime):
             "n_ubatch": self.n_ubatch,
             "mtmd_flash_attn": MTMD_FLASH_ATTN == _FLASH_ATTN_ENABLED,
             "kv_cache_mib": round(self.kv_cache_bytes / 2**20, 1),
+            "repack_weights": self.repack_weights,
         }
 
     # ---- llama.cpp calls -------------------------------------------------------------------

@@ -188,6 +188,13 @@ def test_quantized_export_reports_types_fallbacks_and_overrides(tiny_ckpts, tmp_
     """q4_k_m on a 64-wide tiny model: k-quants need rows of 256, so llama.cpp falls back, and the manifest says so."""
     src = tiny_ckpts[Preset.TINY_PHI]
     m = export_gguf(src, tmp_path / "q4", Precision.Q4_K_M)
+    # a quantized bundle's mmproj defaults to f16 (docs/GGUF.md "Load time and memory"); asked for, f32 stays
+    assert m.extra["mmproj_dtype"] == "f16"
+    assert {t for n, t, _, shape in read_tensor_types(tmp_path / "q4" / "mmproj.gguf") if len(shape) == 2 and n.startswith("mm.")} == {"f16"}
+    from medmoe_edge.export.gguf_export import GgufExporter
+
+    assert GgufExporter.request({"--quant": "q4_k_m", "--mmproj-dtype": "f32"}).options["mmproj_dtype"] == "f32"
+    assert GgufExporter.request({"--quant": "f16"}).options["mmproj_dtype"] == "f32" and GgufExporter.request({}).options["mmproj_dtype"] == "f32"
     fb = m.extra["fallbacks"]
     assert fb and all(t not in ("q4_k", "q5_k", "q6_k") for t in fb.values())
     types = {n: t for n, t, _, _ in read_tensor_types(tmp_path / "q4" / "model.gguf")}

@@ -114,6 +114,17 @@ def test_run_json_reports_load_time_threads_memory_and_no_rate_over_one_token(ti
     assert t["decode_tokens"] <= 1 and t["decode_tokens_per_s"] is None
 
 
+def test_run_peak_rss_is_its_own_not_its_parents():
+    # Linux carries ru_maxrss across exec: `run` started by a 1.5 GB parent once reported >= 1.5 GB.
+    import subprocess
+    import sys
+
+    ballast = b"\x01" * (1536 * 2**20)  # touched pages: the parent's RSS really is 1.5 GB
+    code = "from medmoe_edge.cli.run_cmd import peak_rss_mb; print(peak_rss_mb())"
+    peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert len(ballast) and 10 < peak < 1024, peak
+
+
 def test_eval_takes_the_runtime_options_and_checks_them_before_loading(monkeypatch):
     monkeypatch.setattr("medmoe_edge.cli.eval_cmd.load", lambda *a, **k: pytest.fail("loaded"))
     assert "--dtype 'fp8' is not supported" in _one_line_error(runner.invoke(app, ["eval", "--limit", "1", "--dtype", "fp8"]))

@@ -80,6 +80,7 @@ def test_run_json_reports_kv_type_load_parts_and_peak_rss(demo_bundles, sample_p
     assert j["memory"]["peak_rss_mb"] > 0
     j = json.loads(runner.invoke(app, args).stdout)
     assert j["runtime_settings"]["kv_type"] == DEFAULT_KV_TYPE.value
+    assert j["runtime_settings"]["repack_weights"] is False  # docs/GGUF.md: load time and memory over ~10 % q4_k_m decode
 
 
 def test_bad_kv_type_is_a_one_line_error(demo_bundles, sample_png):

@@ -85,7 +85,7 @@ def test_types_read_back_equal_the_plan_one_per_layer_and_projection(bundle):
         assert nbytes == rule.note["bytes"], name  # ggml sizes are exact: bytes per block × blocks
         # the embedding is a lookup table: no calibrated inputs, no imatrix
         assert rule.spec.method is (QuantMethod.RTN if name == "embed" else QuantMethod.IMATRIX_RTN) and rule.spec.group_size is None
-    assert rules["projector"].spec.precision in (Precision.FP16, Precision.FP32)  # the mmproj is written in f16/f32
+    assert "projector" in rules  # planned like any unit: its type (ggml codes in the mmproj file, or f16) is checked below
     for tid in ("layers.0.router", "layers.2.router", "vision"):
         assert m.plan.spec_for(tid).precision.is_float
     # the manifest's own read-back: every expert of a stack has the stack's type
@@ -100,11 +100,10 @@ def test_the_file_holds_the_measured_codes_each_expert_rounded_with_its_own_imat
 
     out, _ = bundle
     loaded, result = planned
-    reader = gguf.GGUFReader(str(out / "model.gguf"))
-    data = {t.name: np.asarray(t.data) for t in reader.tensors}
+    data = {(f, t.name): np.asarray(t.data) for f in ("model.gguf", "mmproj.gguf") for t in gguf.GGUFReader(str(out / f)).tensors}
     for key, codes in result.codes.items():
         target = gguf_target(key)
-        stored = data[target.name]
+        stored = data[("mmproj.gguf" if target.mmproj else "model.gguf", target.name)]
         got = stored[target.tensor_id.expert] if target.stacked else stored
         assert np.array_equal(got.reshape(codes.data.shape), codes.data), key
     # a routed expert's codes use its own importance vector: without it (or with another expert's) they differ
@@ -141,21 +140,23 @@ def test_llamacpp_on_the_bundle_equals_the_fake_quant_oracle_of_the_same_codes(b
 def test_rows_that_are_not_whole_blocks_are_never_offered_that_type(tiny_ckpts):
     """k-quants need rows of 256 weights and q8_0 rows of 32 (llama.cpp would store another type), so
     the allocator offers only the types a unit's rows fit: none of the k-quants on a tiny model, all
-    of them on the demo (rows of 256 and 512); the projector floating point only."""
+    of them for the demo's decoder (rows of 256 and 512), q8_0 for its projector (rows of 128 from
+    the tower) as for any unit."""
     from medmoe_edge.calibration.sensitivity import units_for
 
     b = BACKENDS["gguf"]
     floats = {Precision.FP16, Precision.FP32}
-    for model, k_quants in ((tiny_ckpts[Preset.TINY_PHI], False), (resolve_model_dir("demo"), True)):
+    k_quants = {Precision.Q2_K, Precision.Q3_K, Precision.Q4_K, Precision.Q5_K, Precision.Q6_K}
+    for model, any_k_quant in ((tiny_ckpts[Preset.TINY_PHI], False), (resolve_model_dir("demo"), True)):
+        offered_k = False
         for u in units_for(load_model(model), b):
             offered = {p for p in b.candidates if b.offers(p, u)}
-            if u.component is Component.PROJECTOR:
-                assert offered == floats, u.name
-                continue
-            expected = floats | ({Precision.Q8_0} if all(r % 32 == 0 for r in u.rows) else set())
-            if k_quants:
-                expected |= {Precision.Q2_K, Precision.Q3_K, Precision.Q4_K, Precision.Q5_K, Precision.Q6_K}
+            expected = floats | ({Precision.Q8_0} if all(r % 32 == 0 for r in u.rows) else set()) | (k_quants if all(r % 256 == 0 for r in u.rows) else set())
             assert offered == expected, (model.name, u.name, u.rows)
+            offered_k |= bool(offered & k_quants)
+            if u.component is Component.PROJECTOR and model.name != "tiny-phi":
+                assert Precision.Q8_0 in offered, u.rows
+        assert offered_k is any_k_quant, model.name
 
 
 @pytest.mark.parametrize(
@@ -192,9 +193,9 @@ def test_plan_show_lists_each_stack_and_marks_its_experts_with_both_projections(
 
     # the heatmap cell of every expert of layer 0: fc1 bits / fc2 bits (code bits, not q2_k's 2.625)
     assert f"{CODE_BITS[fc1]}/{CODE_BITS[fc2]}" in text
-    # the projector's fp16 pick is a rule, so the mmproj stores it in f16 as the budget counted
-    if "projector" in rules:
-        assert rules["projector"].spec.precision is Precision.FP16
-        from medmoe_edge.export.gguf_export import read_tensor_types
+    # the projector's pick is a rule, so the mmproj stores it as the budget counted (ggml codes or f16)
+    from medmoe_edge.export.gguf_export import read_tensor_types
 
-        assert {t for n, t, _, shape in read_tensor_types(out / "mmproj.gguf") if n.startswith("mm.") and len(shape) == 2} == {"f16"}
+    projector = rules["projector"].spec.precision
+    assert projector is not Precision.FP32 and projector.value in text
+    assert {Precision.from_ggml(t) for n, t, _, shape in read_tensor_types(out / "mmproj.gguf") if n.startswith("mm.") and len(shape) == 2} == {projector}

@@ -47,7 +47,7 @@ def export(
     model: Annotated[str, typer.Option("--model", help="'demo' (built-in), a checkpoint directory, or a hub id.")] = "demo",
     precision: Annotated[str | None, typer.Option("--precision", help="ONNX: fp32 (default) or fp16; TensorRT: fp16 (default), fp32 or bf16 (Ampere or later).")] = None,
     quant: Annotated[str | None, typer.Option("--quant", help="GGUF: f32 (default), f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0.")] = None,
-    mmproj_dtype: Annotated[str | None, typer.Option("--mmproj-dtype", help="GGUF: f32 (default) or f16 for the vision tower + projector file.")] = None,
+    mmproj_dtype: Annotated[str | None, typer.Option("--mmproj-dtype", help="GGUF: f32 or f16 for the vision tower + projector file [default: f16 for a quantized --quant, else f32].")] = None,
     tensor_types: Annotated[list[str] | None, typer.Option("--tensor-type", help="GGUF: REGEX=TYPE, a ggml type for the tensors whose names match (repeatable; first match wins), e.g. 'blk\\.0\\.ffn_.*_exps=q8_0'.")] = None,
     vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="HF CLIP directory overriding config.json mm_image_tower.")] = None,
     max_batch: Annotated[int | None, typer.Option("--max-batch", help="ONNX/TensorRT: largest batch in the TensorRT optimisation profiles [default: 4 for onnx, 1 for tensorrt].")] = None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,14 +12,18 @@ from ..api import load
 from ..demo import DEMO_LABEL, is_demo
 from ..generation import GenerationConfig
 from ..imaging import PreprocessMode, load_image
+from ..perf import peak_rss_bytes
 from ..prompt import build_prompt
 from .common import DeviceOption, DtypeOption, KvTypeOption, ProviderOption, ThreadsOption, VisionTowerOption, err, print_json, runtime_options, user_errors
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    """Peak resident memory of this process so far, in MiB.
+
+    VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a `run` started by a large parent
+    (a benchmark, a PACS bridge in Python) reported the parent's peak (2.5 GB too much, measured).
+    """
+    return peak_rss_bytes() / 2**20
 
 
 @user_errors
