@@ -51,11 +51,6 @@ PROMPT = 32
 # ---- building the two GGUFs ----------------------------------------------------------------------
 
 
-def _value(field):
-    """A GGUFReader field's value, as GGUFWriter.add_key_value takes it."""
-    return field.contents()
-
-
 def rewrite(src: Path, dst: Path, *, dense: bool) -> None:
     """Write `dst` from the Med-MoE text GGUF `src`: the vocabulary widened to VOCAB rows, and for
     `dense` the MoE layers' meta experts as their FFNs under the stock stablelm arch."""
@@ -74,7 +69,7 @@ def rewrite(src: Path, dst: Path, *, dense: bool) -> None:
         key = name.replace(MOE_ARCH + ".", arch + ".", 1)
         if dense and ".expert_" in key:
             continue
-        val = _value(f)
+        val = f.contents()  # what GGUFWriter.add_key_value takes
         if name == "tokenizer.ggml.tokens":
             val = list(val) + [f"<|pad{i}|>" for i in range(VOCAB - n_vocab)]
         elif name == "tokenizer.ggml.token_type":
