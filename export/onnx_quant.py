@@ -9,8 +9,9 @@ with transB=1, Wᵀ for a MatMul), and
     Gemm(A, W_init, C, transB=1)         →  Add(MatMul(A, DequantizeLinear(codes, ...)), C)
 
 DQ works on Wᵀ [K, N] with axis 0 and block_size = the quantizer's block: codes [K, N],
-scales [K/bs, N] fp32 (DQ's output type is its scale's), zero points [K/bs, N] in the codes'
-type (uint4/uint8; none for TensorRT's symmetric int4/int8). ONNX Runtime 1.32 CPU fuses DQ +
+scales [K/bs, N] in the replaced weight's float type (DQ's output type is its scale's: fp32 in
+ONNX bundles, fp16 in TensorRT's fp16 networks), zero points [K/bs, N] in the codes' type
+(uint4/uint8; none for TensorRT's symmetric int4). ONNX Runtime 1.32 CPU fuses DQ +
 MatMul into MatMulNBits, and DQ + Gemm it does not (quantization-study §3a), which is why the
 experts' and meta experts' Gemm nodes become MatMul + Add. The new nodes take the scope of the
 node they replace (`/text/layers.0/mlp/deepspeed_experts.1/fc1/DequantizeLinear`), so
@@ -144,7 +145,8 @@ def rewrite_graph(path: Path, codes: dict[str, QTensor], weights: dict[str, torc
             else:
                 cvals = q.codes.numpy().T
             owner.initializer.append(_tensor(onnx, base + ".codes", np.ascontiguousarray(cvals), dtype, q.bits))
-            owner.initializer.append(numpy_helper.from_array(np.ascontiguousarray(q.scales.numpy().T.astype(np.float32)), base + ".scales"))
+            # the quantizer's scales are fp16-exact, so an fp16 graph stores them without loss
+            owner.initializer.append(numpy_helper.from_array(np.ascontiguousarray(q.scales.numpy().T.astype(arr.dtype)), base + ".scales"))
             dq_inputs = [base + ".codes", base + ".scales"]
             if not q.symmetric:
                 owner.initializer.append(_tensor(onnx, base + ".zero_point", np.ascontiguousarray(q.zeros.numpy().T), dtype, q.bits))

@@ -18,7 +18,7 @@
   engine's file (hashed like every file); `runtimes/tensorrt_runtime.py` checks them before it
   deserializes anything.
 
-Not yet: int8/int4 weight-only experts (Q/DQ from a per-expert QuantPlan).
+Per-expert int4/int8 weights (a `medmoe-edge quantize --format tensorrt` plan): `tensorrt_quant`.
 """
 
 from __future__ import annotations
@@ -84,8 +84,12 @@ class TensorRTExporter(Exporter):
             return False, f"no TensorRT library: {TrtLibrary.RTX.install_hint}, or {TrtLibrary.STANDARD.install_hint}"
         return True, ", ".join(found)
 
+    def graph_exporter(self) -> OnnxExporter:
+        """The exporter of the ONNX graphs the engines are built from (a quantized one for a plan)."""
+        return OnnxExporter()
+
     def check(self, loaded: LoadedModel, request: ExportRequest) -> None:
-        OnnxExporter().check(loaded, request)
+        self.graph_exporter().check(loaded, request)
         target: TrtTarget = request.options["target"]
         if target is TrtTarget.JETSON and request.options["compute_capabilities"] is not None:
             raise InputError("--compute-capability is for --target rtx: standard TensorRT builds for the GPU it runs on")
@@ -105,7 +109,7 @@ class TensorRTExporter(Exporter):
     def write(self, loaded: LoadedModel, out: Path, request: ExportRequest) -> ExportParts:
         opts = request.options
         onnx_request = ExportRequest(request.plan, {"max_batch": opts["max_batch"], "moe_dispatch": "if"}, request.vision_tower)
-        parts = OnnxExporter().write(loaded, out, onnx_request)
+        parts = self.graph_exporter().write(loaded, out, onnx_request)
         spec = loaded.spec
         context = opts["max_context"] or spec.text.max_position_embeddings
         profiles = tensorrt_profiles(spec.image_tokens, context, opts["max_batch"])

@@ -38,6 +38,7 @@ class Backend:
         zero_point: asymmetric codes with a packed zero point per block.
         stacked_experts: one type per layer × projection for the routed experts (GGUF).
         quantize_embed: the embedding table can be stored quantized (it is a Gather, not a MatMul, in ONNX).
+        float_precision: what the format stores a floating-point group as (the plan's default).
     """
 
     name: str
@@ -46,6 +47,7 @@ class Backend:
     zero_point: bool
     stacked_experts: bool = False
     quantize_embed: bool = True
+    float_precision: Precision = Precision.FP32
 
     def offers(self, precision: Precision, unit: Unit) -> bool:
         """Whether `unit` may take `precision` here: floating point and integer types always, ggml
@@ -68,18 +70,22 @@ def unit_name(tensor_id, stacked_experts: bool) -> str:
     return str(tensor_id.group)
 
 
-INT_BITS = {Precision.INT2: 2, Precision.INT4: 4, Precision.INT8: 8}
+INT_BITS = {Precision.INT2: 2, Precision.INT3: 3, Precision.INT4: 4, Precision.INT8: 8}
 # GGUF: ggml's own block types (ggml_codes.CODE_BITS), quantized by ggml itself
 GGML_CANDIDATES = (Precision.Q2_K, Precision.Q3_K, Precision.Q4_K, Precision.Q5_K, Precision.Q6_K, Precision.Q8_0)
 
 BACKENDS: dict[str, Backend] = {
-    # the PyTorch fake-quant oracle: every code width the quantizer core has, fp16 scales
-    "torch": Backend("torch", (Precision.INT2, Precision.INT4, Precision.INT8, Precision.FP32), 2, True),
+    # the PyTorch fake-quant oracle: the quantizer core's widths (3 bits too, which no format's
+    # integer codes have: the oracle's plans bound what a format with them could reach), fp16 scales
+    "torch": Backend("torch", (Precision.INT2, Precision.INT3, Precision.INT4, Precision.INT8, Precision.FP32), 2, True),
     # DequantizeLinear (opset 21) → MatMul: int4/int8 only (no 2- or 3-bit DQ that ORT fuses); the
     # fp32 graph needs fp32 scales (DQ's output type is its scale's type)
     "onnx": Backend("onnx", (Precision.INT4, Precision.INT8, Precision.FP32), 4, True, quantize_embed=False),
-    # TensorRT: symmetric Q/DQ, int4 weight-only or int8 (quantization-study §3c)
-    "tensorrt": Backend("tensorrt", (Precision.INT4, Precision.INT8, Precision.FP32), 4, False, quantize_embed=False),
+    # TensorRT: symmetric blocked int4 weight-only Q/DQ in an fp16 network with fp16 scales
+    # (quantization-study §3c). No int8: measured with TensorRT-RTX 1.7.1 on the demo's decoder
+    # (docs/TENSORRT.md), weight-only int8 is folded into fp16 weights (the engine grows) and int8
+    # q/k/v projections make the builder fail
+    "tensorrt": Backend("tensorrt", (Precision.INT4, Precision.FP16), 2, False, quantize_embed=False, float_precision=Precision.FP16),
     # GGUF: ggml block types (scales and mins inside the blocks: scale_bytes/zero_point unused), one
     # type per layer × projection for the stacked experts, the embedding quantizable (get_rows
     # reads every type), the projector too (mtmd's projector matmuls take any ggml type; its codes

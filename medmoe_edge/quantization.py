@@ -126,7 +126,6 @@ class PlanResult:
     units: tuple[Unit, ...]
 
 
-IMPLEMENTED_FORMATS = ("onnx", "gguf")
 # --method when none is given: GPTQ for the integer codes of ONNX; llama.cpp's own imatrix-weighted
 # rounding for ggml types (GPTQ codes are not packed into ggml blocks)
 DEFAULT_METHOD = {"onnx": QuantMethod.GPTQ, "tensorrt": QuantMethod.GPTQ, "gguf": QuantMethod.IMATRIX_RTN}
@@ -137,13 +136,11 @@ def check_request(fmt: str, *, budget_mb: float | None, avg_bits: float | None) 
     """What `quantize` can check before reading anything: the format and the budget's form.
 
     Raises:
-        InputError: an unknown format or one whose emitter is not written yet; neither or both
-            of --budget-mb and --avg-bits; a value that is not positive.
+        InputError: an unknown format; neither or both of --budget-mb and --avg-bits; a value
+            that is not positive.
     """
     if fmt not in FORMATS:
-        raise InputError(f"--format {fmt!r} cannot be quantized: use --format {' or '.join(IMPLEMENTED_FORMATS)}")
-    if fmt not in IMPLEMENTED_FORMATS:
-        raise InputError(f"--format {fmt} quantization plans are not implemented yet: use --format onnx or gguf (`medmoe-edge export --format tensorrt` writes fp16/fp32 engines)")
+        raise InputError(f"--format {fmt!r} cannot be quantized: use --format {', '.join(FORMATS)}")
     if (budget_mb is None) == (avg_bits is None):
         raise InputError("give exactly one of --budget-mb and --avg-bits")
     value = budget_mb if budget_mb is not None else avg_bits
@@ -252,7 +249,7 @@ def make_plan(
     state = loaded.model.lm.state_dict()
     rules, codes = [], {}
     for u, c in zip(units, alloc.picks):
-        if c.precision is Precision.FP32:  # the plan's default
+        if c.precision is b.float_precision:  # the plan's default
             continue
         note = {"delta_kl": c.delta, "router_agreement": c.router_agreement, "bytes": c.nbytes, "params": u.params, "calibration_set_sha256": stats.settings.set_sha256}
         # a float pick (GGUF's fp16) is a rule too, so the file stores what the budget counted; ggml
@@ -262,7 +259,7 @@ def make_plan(
             continue
         for k in u.keys:
             codes[k] = book.codes_for(k, state[k], c.precision)
-    plan = QuantPlan(QuantSpec(Precision.FP32), tuple(rules), calibration=stats.key)
+    plan = QuantPlan(QuantSpec(b.float_precision), tuple(rules), calibration=stats.key)
     return PlanResult(alloc, plan, codes, units)
 
 
@@ -318,8 +315,9 @@ def quantize_bundle(
     block = check_block(fmt, block)
     from .export.gguf_quant import GgufQuantExporter
     from .export.onnx_quant import OnnxQuantExporter
+    from .export.tensorrt_quant import TensorRTQuantExporter
 
-    exporter_cls = GgufQuantExporter if fmt == "gguf" else OnnxQuantExporter
+    exporter_cls = {"gguf": GgufQuantExporter, "onnx": OnnxQuantExporter, "tensorrt": TensorRTQuantExporter}[fmt]
     given = {"--moe-dispatch": moe_dispatch} if moe_dispatch is not None else {}
     exporter_cls.request(given)  # the format's own flags, checked before any work
     ok, why = exporter_cls.availability()
@@ -341,7 +339,7 @@ def quantize_bundle(
         "backend": fmt,
         "method": method.value,
         "block": None if fmt == "gguf" else block,
-        "symmetric": fmt == "tensorrt",
+        "symmetric": not BACKENDS[fmt].zero_point,
         "quantizer": "ggml_quantize_chunk (llama.cpp)" if fmt == "gguf" else "medmoe_edge.quantizer",
         "budget_bytes": a.budget,
         "predicted_bytes": a.nbytes,
@@ -361,4 +359,4 @@ def quantize_bundle(
     return manifest, result
 
 
-__all__ = ["DEFAULT_METHOD", "check_block", "FORMATS", "IMPLEMENTED_FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "quantize_bundle", "resolve_calibration_set", "restore"]
+__all__ = ["DEFAULT_METHOD", "check_block", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "quantize_bundle", "resolve_calibration_set", "restore"]

@@ -46,7 +46,7 @@ class PrecisionKind(str, Enum):
 class Precision(str, Enum):
     """A storage / compute type, for a whole bundle or one tensor group.
 
-    Canonical spellings: fp32, fp16, bf16 for floating point; int8/int4/int2 for blocked integer
+    Canonical spellings: fp32, fp16, bf16 for floating point; int8/int4/int3/int2 for blocked integer
     weight-only codes; ggml's own type names (q8_0, q4_k, ...) for GGUF tensors; and llama.cpp's
     file-type mixes (q4_k_m, q5_k_m) for a GGUF bundle as a whole.
     """
@@ -56,6 +56,7 @@ class Precision(str, Enum):
     BF16 = "bf16"
     INT8 = "int8"
     INT4 = "int4"
+    INT3 = "int3"  # the quantizer core and the PyTorch oracle only: no format stores 3-bit integer codes
     INT2 = "int2"
     Q8_0 = "q8_0"
     Q6_K = "q6_k"
@@ -126,7 +127,7 @@ class Precision(str, Enum):
 FLOAT_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.BF16)
 
 _KIND = {p: PrecisionKind.FLOAT for p in (Precision.FP32, Precision.FP16, Precision.BF16)}
-_KIND |= {p: PrecisionKind.INT for p in (Precision.INT8, Precision.INT4, Precision.INT2)}
+_KIND |= {p: PrecisionKind.INT for p in (Precision.INT8, Precision.INT4, Precision.INT3, Precision.INT2)}
 _KIND |= {p: PrecisionKind.GGML_MIX for p in (Precision.Q5_K_M, Precision.Q4_K_M)}
 _KIND |= {p: PrecisionKind.GGML for p in Precision if p not in _KIND}
 
@@ -137,6 +138,7 @@ _BITS = {
     Precision.BF16: 16.0,
     Precision.INT8: 8.5,
     Precision.INT4: 4.5,
+    Precision.INT3: 3.5,
     Precision.INT2: 2.5,
     Precision.Q8_0: 8.5,
     Precision.Q6_K: 6.5625,

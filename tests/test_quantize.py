@@ -245,8 +245,8 @@ def _changed_set_stats(stats_dir: Path, tmp: Path) -> Path:
 @pytest.mark.parametrize(
     "case,message",
     [
-        ("tensorrt", "--format tensorrt quantization plans are not implemented yet: use --format onnx or gguf"),
-        ("unknown-format", "--format 'coreml' cannot be quantized: use --format onnx or gguf"),
+        ("tensorrt-dispatch", "--moe-dispatch does not apply to --format tensorrt (it applies to --format onnx)"),
+        ("unknown-format", "--format 'coreml' cannot be quantized: use --format onnx, gguf, tensorrt"),
         ("neither", "give exactly one of --budget-mb and --avg-bits"),
         ("both", "give exactly one of --budget-mb and --avg-bits"),
         ("negative", "--budget-mb must be positive"),
@@ -265,8 +265,9 @@ def test_bad_input_is_one_line_with_exit_code_2_and_leaves_nothing(case, message
     out = tmp_path / "out"
     args = {"--format": "onnx", "--stats": str(stats_dir), "--avg-bits": AVG_BITS, "--out": str(out)}
     extra: list[str] = []
-    if case == "tensorrt":
-        args["--format"] = case
+    if case == "tensorrt-dispatch":  # TensorRT builds the `if` dispatch; the flag is the ONNX bundle's
+        args["--format"] = "tensorrt"
+        extra = ["--moe-dispatch", "scatter"]
     elif case == "unknown-format":
         args["--format"] = "coreml"
     elif case == "neither":

@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from ..allocation import INT_BITS
 from ..bundle import read_manifest
 from ..devices import PROFILES, get_profile
 from ..errors import InputError
@@ -108,7 +109,7 @@ _BIT_STYLE = {2: "bold white on red", 3: "bold white on dark_orange", 4: "bold b
 
 def _bits(precision: Precision) -> int:
     """Code bits of an integer or ggml type (their `bits` count the scales too: q2_k is 2, not 2.625); float widths otherwise."""
-    return {Precision.INT2: 2, Precision.INT4: 4, Precision.INT8: 8, **CODE_BITS}.get(precision, int(round(precision.bits)))
+    return {**INT_BITS, **CODE_BITS}.get(precision, int(round(precision.bits)))
 
 
 def _row(name: str, spec, note: dict) -> dict:

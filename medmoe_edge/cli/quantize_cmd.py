@@ -13,6 +13,7 @@ from ..quantization import METHODS, check_block, check_request, parse_method, qu
 from ..quantizer import DEFAULT_BLOCK
 from ..workflows import EMBEDDED_TRACE_QUESTIONS
 from .common import err, out, user_errors
+from .export_cmd import tensorrt_check_runtime
 from .verify_cmd import check_written_bundle, print_report
 
 QUANTIZE_VERIFY_LIMIT = EMBEDDED_TRACE_QUESTIONS
@@ -20,7 +21,7 @@ QUANTIZE_VERIFY_LIMIT = EMBEDDED_TRACE_QUESTIONS
 
 @user_errors
 def quantize_cmd(
-    fmt: Annotated[str, typer.Option("--format", help="Bundle format: onnx (DequantizeLinear → MatMul, int4/int8 per TensorId) or gguf (ggml types q2_k…q8_0 per layer × projection, each expert rounded with its own imatrix); tensorrt plans are not implemented yet.")],
+    fmt: Annotated[str, typer.Option("--format", help="Bundle format: onnx (DequantizeLinear → MatMul, int4/int8 per TensorId), gguf (ggml types q2_k…q8_0 per layer × projection, each expert rounded with its own imatrix) or tensorrt (fp16 engines with symmetric blocked int4 weights per TensorId, built with TensorRT-RTX).")],
     stats_dir: Annotated[Path, typer.Option("--stats", help="Statistics directory written by `medmoe-edge calibrate` for this model (measured sensitivities are cached there).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Bundle directory to create (must not exist or be empty).")],
     model: Annotated[str, typer.Option("--model", help="'demo' (built-in), a checkpoint directory, or a hub id.")] = "demo",
@@ -28,7 +29,7 @@ def quantize_cmd(
     avg_bits: Annotated[float | None, typer.Option("--avg-bits", help="Average bits per weight of the planned matrices, scales included (give this or --budget-mb).")] = None,
     method: Annotated[str | None, typer.Option("--method", help=f"How codes are chosen: {', '.join(METHODS)} [default: gptq for onnx, imatrix-rtn for gguf].")] = None,
     set_name: Annotated[str | None, typer.Option("--set", help="Calibration set the statistics must come from [default: the one they record, checked unchanged].")] = None,
-    block: Annotated[int | None, typer.Option("--block", help=f"Weights per scale block of the integer codes (onnx) [default: {DEFAULT_BLOCK}].")] = None,
+    block: Annotated[int | None, typer.Option("--block", help=f"Weights per scale block of the integer codes (onnx; tensorrt's int4) [default: {DEFAULT_BLOCK}].")] = None,
     moe_dispatch: Annotated[str | None, typer.Option("--moe-dispatch", help="ONNX: 'scatter' (NonZero per expert) or 'if' (an If per expert, what TensorRT builds) [default: scatter].")] = None,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {QUANTIZE_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
@@ -44,7 +45,7 @@ def quantize_cmd(
         )
     if fmt == "gguf":
         from ..export.gguf_quant import read_back
-    else:
+    else:  # a TensorRT bundle holds the ONNX graphs its engines were built from
         from ..export.onnx_quant import read_back
 
     a = result.allocation
@@ -72,9 +73,14 @@ def quantize_cmd(
     out.print(f"quantized groups read back from the files: {written_int / 1e6:.3f} MB written against {predicted_int / 1e6:.3f} MB predicted ({gap:+.2%}); bundle {total / 1e6:.2f} MB in {out_dir}", highlight=False)
     if not check:
         return
-    report = check_written_bundle(out_dir, QUANTIZE_VERIFY_LIMIT)
+    runtime, device, kernels = None, "cpu", _kernels(fmt)
+    if fmt == "tensorrt":
+        runtime, device, why = tensorrt_check_runtime()
+        err.print(f"[yellow]{why}[/]")
+        kernels = "TensorRT engines" if runtime == "tensorrt" else "ONNX Runtime on the graphs the engines were built from"
+    report = check_written_bundle(out_dir, QUANTIZE_VERIFY_LIMIT, runtime=runtime, device=device)
     # the bounds of quantized bundles (verify.QUANTIZED_TOLERANCES), not the fp32 bundle's
-    print_report(report, f"fidelity vs the fp32 PyTorch reference on {len(report.samples)} eval questions ({_kernels(manifest.format.value)}; `medmoe-edge verify {out_dir}` for more)")
+    print_report(report, f"fidelity vs the fp32 PyTorch reference on {len(report.samples)} eval questions ({kernels}; `medmoe-edge verify {out_dir}` for more)")
     if not report.passed:
         err.print(f"[bold red]the bundle was written to {out_dir} but is outside the quantized-bundle tolerances: give it more bytes (a larger --budget-mb or --avg-bits)[/]")
         raise typer.Exit(1)
