@@ -7,14 +7,18 @@ agreement, routing agreement, answer agreement, per domain for KL):
 
 * PyTorch fake-quant (the oracle every emitter is checked against): uniform int8 / int4 / int3 / int2,
   RTN and GPTQ, block 32, fp16 scale + 4-bit zero point (the torch backend's bytes); every
-  planned matrix (LLM matrices, embedding, projector) at that width;
-* plans of the torch backend (int2/int4/int8/fp32 per TensorId group, router guard 99.5 %) at
+  planned matrix (LLM matrices, embedding, projector) at that width; int3 and int2 GPTQ again
+  from CT-only statistics (the calibration's effect alone);
+* plans of the torch backend (int2/int3/int4/int8/fp32 per TensorId group, router guard 99.5 %) at
   the bytes of uniform int3 GPTQ (from per-domain and from CT-only statistics) and at 3.5 bits
   per weight;
 * `quantize --format onnx` (DequantizeLinear → MatMulNBits in ONNX Runtime, default accuracy
   level) and `quantize --format gguf` (ggml types, llama.cpp) bundles at a few budgets.
 
-    python benchmarks/quantization_report.py [--per-domain 12] [--calib-per-domain 16] [--no-doc]
+    python benchmarks/quantization_report.py [--per-domain 12] [--calib-per-domain 16] [--sens-per-domain 8] [--accuracy 400] [--no-doc]
+
+--accuracy N answers up to N eval questions per domain greedily with every configuration (400:
+the whole 1,600-question split) for closed accuracy and open recall per domain against fp32.
 
 Writes docs/QUANTIZATION.md (the block between its markers) and prints the table.
 """
@@ -64,10 +68,30 @@ def _row(name: str, bits: float | None, mb: float | None, report, trace) -> dict
     return {"name": name, "bits": bits, "mb": mb, "kl": m["kl_mean"], "tokens": m["token_agreement"], "routing": m["routing_agreement"], "answers": m["answer_agreement"], "domains": per_domain}
 
 
+def _accuracy_samples(per_domain: int):
+    from medmoe_edge.calibration.collect import select
+    from medmoe_edge.calibration.sets import resolve_set
+
+    samples, root = resolve_set("eval")
+    return select(samples, None, per_domain)[0], root
+
+
+def _accuracy(pipe, acc_set) -> dict | None:
+    """Closed accuracy and open recall (official scoring), per domain and overall, of greedy answers."""
+    if acc_set is None:
+        return None
+    from medmoe_edge.evaluate import evaluate
+
+    samples, root = acc_set
+    return evaluate(pipe, samples, root).summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-domain", type=int, default=12, help="eval questions per domain in the reference trace")
     ap.add_argument("--calib-per-domain", type=int, default=16, help="calibration questions per domain for the statistics")
+    ap.add_argument("--sens-per-domain", type=int, default=8, help="calibration sequences per domain kept for measuring sensitivities")
+    ap.add_argument("--accuracy", type=int, default=0, help="eval questions per domain answered greedily for closed accuracy and open recall (0: none; 400: the whole split)")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
     t0 = time.time()
@@ -89,13 +113,14 @@ def main() -> None:
     torch.set_num_threads(2)
     model_dir = resolve_model_dir("demo")
     trace = _trace(model_dir, args.per_domain)
+    acc_set = _accuracy_samples(args.accuracy) if args.accuracy else None
     tol = QUANTIZED_TOLERANCES[ArtifactKind.ONNX]
     rows: list[dict] = []
     refused: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        stats, _ = calibrate("demo", work / "stats", per_domain=args.calib_per_domain)
-        stats_ct, _ = calibrate("demo", work / "stats-ct", per_domain=args.calib_per_domain * 4, domains=["ct"])
+        stats, _ = calibrate("demo", work / "stats", per_domain=args.calib_per_domain, sensitivity_per_domain=args.sens_per_domain)
+        stats_ct, _ = calibrate("demo", work / "stats-ct", per_domain=args.calib_per_domain * 4, domains=["ct"], sensitivity_per_domain=args.sens_per_domain * 4)
         opts = RuntimeOptions(num_threads=2)
         oracle = api.load(model_dir, runtime="torch", options=opts)
         loaded = oracle.runtime.loaded
@@ -107,10 +132,12 @@ def main() -> None:
         def fake(name: str, codes: dict, nbytes: int) -> None:
             old = fake_quantize(loaded, codes)
             try:
-                rows.append(_row(name, 8 * nbytes / params, nbytes / 1e6, replay(oracle.runtime, trace, tol), trace))
+                rows.append(_row(name, 8 * nbytes / params, nbytes / 1e6, replay(oracle.runtime, trace, tol), trace) | {"accuracy": _accuracy(oracle, acc_set)})
             finally:
                 restore(loaded, old)
             print(rows[-1], flush=True)
+
+        reference_accuracy = _accuracy(oracle, acc_set)
 
         uniform_bytes = {}
         for method in (QuantMethod.RTN, QuantMethod.GPTQ):
@@ -120,6 +147,10 @@ def main() -> None:
                 nbytes = sum(packed_bytes(u.params, bits, 32, scale_bytes=torch_b.scale_bytes, zero_point=True) for u in units)
                 uniform_bytes[(method, bits)] = nbytes
                 fake(f"uniform int{bits} {method.value} (fake-quant)", codes, nbytes)
+        # the calibration's own effect, without the allocation's: the same uniform types, GPTQ on CT-only Hessians
+        book_ct = CodeBook(stats_ct, QuantMethod.GPTQ, 32, symmetric=False)
+        for bits in (3, 2):
+            fake(f"uniform int{bits} gptq, CT-only calibration (fake-quant)", {k: book_ct.get(k, state[k], bits) for u in units for k in u.keys}, uniform_bytes[(QuantMethod.GPTQ, bits)])
         budgets = [("uniform int3 GPTQ bytes", uniform_bytes[(QuantMethod.GPTQ, 3)] / 1e6, None), ("3.5 bits per weight", None, 3.5)]
         for label, mb, avg in budgets:
             for s, cal, cache in ((stats, "per-domain", "stats"), (stats_ct, "CT-only", "stats-ct")):
@@ -134,7 +165,7 @@ def main() -> None:
                 fake(f"plan at {label}, {cal} calibration (fake-quant)", res.codes, res.allocation.nbytes)
         oracle.close()
 
-        for fmt, bits_list, runtime in (("onnx", (5.5, 6.5), "onnxruntime"), ("gguf", (4.0, 5.0), "llamacpp")):
+        for fmt, bits_list, runtime in (("onnx", (5.5, 6.5), "onnxruntime"), ("gguf", (3.5, 4.0, 5.0), "llamacpp"), ("tensorrt", (5.0, 6.0), "onnxruntime")):
             for bits in bits_list:
                 out = work / f"{fmt}-{bits}"
                 try:
@@ -145,7 +176,9 @@ def main() -> None:
                     continue
                 with api.load(out, runtime=runtime, options=opts) as pipe:
                     rep = replay(pipe.runtime, trace, QUANTIZED_TOLERANCES[ArtifactKind(fmt)])
-                rows.append(_row(f"quantize --format {fmt} --avg-bits {bits} ({runtime})", res.allocation.bits_per_weight, res.allocation.nbytes / 1e6, rep, trace))
+                    acc = _accuracy(pipe, acc_set)
+                where = "onnxruntime on the engines' graphs, level 0" if fmt == "tensorrt" else runtime
+                rows.append(_row(f"quantize --format {fmt} --avg-bits {bits} ({where})", res.allocation.bits_per_weight, res.allocation.nbytes / 1e6, rep, trace) | {"accuracy": acc})
                 print(rows[-1], flush=True)
 
     import llama_cpp
@@ -153,11 +186,12 @@ def main() -> None:
 
     n = len(trace.items)
     lines = [
-        f"Command: `python benchmarks/quantization_report.py --per-domain {args.per_domain} --calib-per-domain {args.calib_per_domain}` "
+        f"Command: `python benchmarks/quantization_report.py --per-domain {args.per_domain} --calib-per-domain {args.calib_per_domain} --sens-per-domain {args.sens_per_domain}"
+        f"{f' --accuracy {args.accuracy}' if args.accuracy else ''}` "
         f"(torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, llama-cpp-python {llama_cpp.__version__}; demo model; {n} eval questions, "
         f"{args.per_domain} per domain, teacher-forced over 32 new tokens at most, against one fp32 reference trace; statistics from {args.calib_per_domain} calibration "
         f"questions per domain, CT-only: {args.calib_per_domain * 4} CT questions; {(time.time() - t0) / 60:.1f} min). Bits per weight and MB count the planned "
-        f"matrices ({params:,} weights: LLM matrices, embedding and projector for the PyTorch rows; the ONNX backend leaves the embedding in fp32), scales included.",
+        f"matrices ({params:,} weights: LLM matrices, embedding and projector for the PyTorch rows; the ONNX and TensorRT backends leave the embedding in floating point), scales included. TensorRT rows: the graphs the engines were built from, on ONNX Runtime CPU at MatMulNBits accuracy level 0 (the engines need a GPU).",
         "",
         "| configuration | bits/weight | MB | KL (mean) | KL CT | KL MRI | KL X-ray | KL pathology | top-1 tokens | routing | answers |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -169,12 +203,38 @@ def main() -> None:
             f"| {r['name']} | {r['bits']:.2f} | {r['mb']:.3f} | {r['kl']:.2e} | {d['ct']:.2e} | {d['mri']:.2e} | {d['xray']:.2e} | {d['pathology']:.2e} | "
             f"{r['tokens']:.2%} | {routing} | {r['answers']:.2%} |"
         )
+    if acc_set is not None:
+        lines += _accuracy_table(rows, reference_accuracy, len(acc_set[0]), args.accuracy)
     if refused:
         lines += ["", "Refused (the tool's own message):", "", *(f"* {r}" for r in refused)]
     if not args.no_doc:
         publish_block(DOC, "<!-- quantization_report:begin -->", "<!-- quantization_report:end -->", lines, "Per-expert quantization")
     else:
         print("\n".join(lines))
+
+
+def _accuracy_table(rows: list[dict], ref: dict, n: int, per_domain: int) -> list[str]:
+    """Closed accuracy and open recall against the fp32 reference's, overall and per domain; the
+    issue's bounds: closed ≥ fp32 − 1 point overall and − 2 points per domain, open recall ≥ 97 % of fp32."""
+    keys = ("overall", *DOMAINS)
+    head = " | ".join(f"closed {k}" for k in keys) + " | " + " | ".join(f"open {k}" for k in keys)
+    lines = [
+        "",
+        f"Greedy answers on {n} eval questions ({per_domain} per domain at most; official scoring: closed accuracy, open recall, in %), "
+        "each cell the configuration's value and its difference from the fp32 reference (closed: points; open: % of fp32's recall).",
+        "",
+        f"| configuration | {head} |",
+        "|---|" + "---|" * (2 * len(keys)),
+        "| fp32 reference | " + " | ".join(f"{ref[k]['closed_accuracy']:.1f}" for k in keys) + " | " + " | ".join(f"{ref[k]['open_recall']:.1f}" for k in keys) + " |",
+    ]
+    for r in rows:
+        a = r.get("accuracy")
+        if a is None:
+            continue
+        closed = " | ".join(f"{a[k]['closed_accuracy']:.1f} ({a[k]['closed_accuracy'] - ref[k]['closed_accuracy']:+.1f})" for k in keys)
+        opened = " | ".join(f"{a[k]['open_recall']:.1f} ({100 * a[k]['open_recall'] / ref[k]['open_recall']:.0f} %)" for k in keys)
+        lines.append(f"| {r['name']} | {closed} | {opened} |")
+    return lines
 
 
 if __name__ == "__main__":

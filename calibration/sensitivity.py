@@ -29,7 +29,8 @@ import torch
 from medmoe_edge.allocation import INT_BITS, Backend, Choice, Unit, unit_name
 from medmoe_edge.calib_stats import CalibStats
 from medmoe_edge.checkpoint import LoadedModel
-from medmoe_edge.ggml_codes import CODE_BITS, GgmlCodes
+from medmoe_edge.ggml_codes import CODE_BITS, PACKABLE, GgmlCodes
+from medmoe_edge.ggml_codes import pack as ggml_pack
 from medmoe_edge.ggml_codes import nbytes as ggml_nbytes
 from medmoe_edge.ggml_codes import quantize as ggml_quantize
 from medmoe_edge.quant_plan import QuantMethod
@@ -106,17 +107,34 @@ class CodeBook:
 class GgmlCodeBook:
     """The GGUF backend's codes: ggml's own quantizer (`ggml_codes.quantize`), each matrix rounded
     with its own importance vector (imatrix-rtn: a routed expert's is over its routed tokens) or
-    without one (rtn). The embedding never has one (llama-imatrix collects none for a lookup table)."""
+    without one (rtn). The embedding never has one (llama-imatrix collects none for a lookup table).
+
+    With GPTQ, the types whose blocks hold the quantizer core's codes (`ggml_codes.PACKABLE`: q4_0,
+    q8_0) get GPTQ on each matrix's own Hessian, packed bit for bit; the k-quants (per-sub-block
+    scales and mins GPTQ does not produce) stay ggml's imatrix-weighted rounding."""
 
     stats: CalibStats
     method: QuantMethod
     block: int | None = None  # ggml types fix their own blocks
     codes: dict[tuple[str, Precision], GgmlCodes] = field(default_factory=dict)
 
+    def method_for(self, key: str, precision: Precision) -> QuantMethod:
+        """How the codes of `key` at `precision` are made (what the plan records)."""
+        if key == EMBED_KEY or key not in self.stats.hessians:
+            return QuantMethod.RTN
+        if self.method is QuantMethod.GPTQ:
+            return QuantMethod.GPTQ if precision in PACKABLE else QuantMethod.IMATRIX_RTN
+        return self.method
+
     def codes_for(self, key: str, weight: torch.Tensor, precision: Precision) -> GgmlCodes:
         if (key, precision) not in self.codes:
-            use = self.method is QuantMethod.IMATRIX_RTN and key != EMBED_KEY and key in self.stats.hessians
-            self.codes[(key, precision)] = ggml_quantize(weight, precision, self.stats.imatrix(key) if use else None)
+            method = self.method_for(key, precision)
+            if method is QuantMethod.GPTQ:
+                q = quantize(weight, QuantizerConfig(PACKABLE[precision], 32, QuantMethod.GPTQ, symmetric=True), self.stats.hessians[key], self.stats.tokens.get(key, 0))
+                self.codes[(key, precision)] = ggml_pack(q, precision)
+            else:
+                use = method is QuantMethod.IMATRIX_RTN
+                self.codes[(key, precision)] = ggml_quantize(weight, precision, self.stats.imatrix(key) if use else None)
         return self.codes[(key, precision)]
 
 
@@ -224,7 +242,7 @@ def with_choices(units: Sequence[Unit], stats: CalibStats, backend: Backend, boo
                 choices.append(Choice(p, QuantMethod.CAST, choice_bytes(u.params, p, backend, book.block), 0.0, 1.0))
             elif backend.offers(p, u) and code_bits(p) >= floor:
                 kl, agree = measured[f"{u.name}|{p.value}"] if measured is not None else (0.0, 1.0)
-                method = QuantMethod.RTN if u.keys == (EMBED_KEY,) else book.method
+                method = book.method_for(u.keys[0], p) if isinstance(book, GgmlCodeBook) else QuantMethod.RTN if u.keys == (EMBED_KEY,) else book.method
                 choices.append(Choice(p, method, choice_bytes(u.params, p, backend, book.block), kl, agree))
         out.append(replace(u, choices=tuple(choices)))
     return out

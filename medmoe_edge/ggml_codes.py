@@ -7,6 +7,11 @@ expert's own importance vector (mean x² per input column over the calibration t
 it, `CalibStats.imatrix`; quantization-study §3b). So the codes whose ΔKL the allocator measures
 are byte for byte the codes the emitter writes into the GGUF file: nothing is quantized twice.
 
+GPTQ codes need no ggml quantizer where a ggml type can hold them as they are (`pack`): q4_0 and
+q8_0 are blocks of 32 weights with one fp16 scale and symmetric codes (x = d·(q − 8) for q4_0,
+x = d·q for q8_0), exactly the quantizer core's symmetric block-32 int4/int8 with fp16-exact
+scales, so those bytes are copied, not re-rounded.
+
 Dequantization (for the fake-quant oracle and the sensitivity passes) is gguf-py's numpy
 implementation of the same formats, independent of the C code that made the codes.
 """
@@ -25,10 +30,14 @@ from .errors import InputError, RuntimeUnavailable
 from .llamacpp_lib import BUILD_COMMAND, import_llama
 from .vocab import Precision
 
+# ggml types whose blocks hold the quantizer core's symmetric block-32 codes as they are (type → code bits)
+PACKABLE: dict[Precision, int] = {Precision.Q4_0: 4, Precision.Q8_0: 8}
+
 # ggml types the GGUF allocator may choose, with their code bits (the few-token floor compares these)
 CODE_BITS: dict[Precision, int] = {
     Precision.Q2_K: 2,
     Precision.Q3_K: 3,
+    Precision.Q4_0: 4,
     Precision.Q4_K: 4,
     Precision.Q5_K: 5,
     Precision.Q6_K: 6,
@@ -58,7 +67,7 @@ def ggml_type(precision: Precision) -> int:
 def block_size(precision: Precision) -> int:
     """Weights per ggml block (ggml-common.h: QK_K = 256, QK8_0 = 32): a matrix's rows (its input
     size) must be a multiple of it, else llama.cpp falls back to another type."""
-    return 32 if precision is Precision.Q8_0 else 256
+    return 32 if precision in PACKABLE else 256
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,6 +97,7 @@ class GgmlCodes:
     data: np.ndarray
     shape: tuple[int, int]
     imatrix: bool
+    gptq: bool = False  # the quantizer core's GPTQ codes, packed (`pack`), not ggml's rounding
 
     @property
     def nbytes(self) -> int:
@@ -124,9 +134,33 @@ def quantize(weight: torch.Tensor, precision: Precision, imatrix: torch.Tensor |
     return GgmlCodes(precision, out, (n, k), imat is not None)
 
 
+def pack(q, precision: Precision) -> GgmlCodes:
+    """The quantizer core's codes `q` (a `quantizer.QTensor`: symmetric, block 32) as ggml blocks of
+    `precision` (q4_0 or q8_0), bit for bit: a block is the fp16 scale, then the codes (q4_0: byte j
+    holds code j in its low nibble and code j + 16 in its high one; q8_0: signed bytes).
+
+    Raises:
+        InputError: a type that cannot hold them, or codes of another width, block or symmetry.
+    """
+    if precision not in PACKABLE:
+        raise InputError(f"{precision.value} blocks cannot hold the quantizer's codes: pack into {' or '.join(p.value for p in PACKABLE)}")
+    if not q.symmetric or q.block != 32 or q.bits != PACKABLE[precision]:
+        raise InputError(f"{precision.value} holds symmetric {PACKABLE[precision]}-bit codes in blocks of 32, not {q.bits}-bit block {q.block} ({'symmetric' if q.symmetric else 'asymmetric'})")
+    n, k = q.shape
+    blocks = k // 32
+    scale = q.scales.to(torch.float16).numpy().reshape(n, blocks, 1).view(np.uint8)  # [n, blocks, 2]
+    if precision is Precision.Q8_0:
+        body = q.signed_codes().numpy().reshape(n, blocks, 32).view(np.uint8)
+    else:  # q4_0: unsigned nibbles, the zero point 8 fixed (the core's symmetric 4-bit codes are 0..15 around 8)
+        c = q.codes.to(torch.uint8).numpy().reshape(n, blocks, 32)
+        body = c[..., :16] | (c[..., 16:] << 4)
+    data = np.ascontiguousarray(np.concatenate([scale, body], axis=-1).reshape(n, -1))
+    return GgmlCodes(precision, data, (n, k), imatrix=False, gptq=True)
+
+
 def nbytes(params: int, precision: Precision) -> int:
     """Bytes of `params` weights in a ggml block type (exact when rows are whole blocks)."""
     return int(round(params * precision.bits / 8))
 
 
-__all__ = ["CODE_BITS", "GgmlCodes", "block_size", "ggml_type", "nbytes", "quantize"]
+__all__ = ["CODE_BITS", "PACKABLE", "GgmlCodes", "block_size", "ggml_type", "nbytes", "pack", "quantize"]

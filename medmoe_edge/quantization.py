@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .allocation import BACKENDS, Allocation, Unit, budget_from, check_budget, guard, solve
+from .allocation import BACKENDS, Allocation, Unit, budget_from, check_budget, guard, solve_routed
 from .bundle import Manifest
 from .calib_stats import CalibSettings, CalibStats, read_key
 from .calibration.collect import collect, select
@@ -126,10 +126,9 @@ class PlanResult:
     units: tuple[Unit, ...]
 
 
-# --method when none is given: GPTQ for the integer codes of ONNX; llama.cpp's own imatrix-weighted
-# rounding for ggml types (GPTQ codes are not packed into ggml blocks)
+# --method when none is given: GPTQ for the integer codes of ONNX and TensorRT; llama.cpp's own
+# imatrix-weighted rounding for ggml types (--method gptq packs GPTQ codes into q4_0/q8_0 blocks)
 DEFAULT_METHOD = {"onnx": QuantMethod.GPTQ, "tensorrt": QuantMethod.GPTQ, "gguf": QuantMethod.IMATRIX_RTN}
-FORMAT_METHODS = {"onnx": tuple(METHODS.values()), "tensorrt": tuple(METHODS.values()), "gguf": (QuantMethod.IMATRIX_RTN, QuantMethod.RTN)}
 
 
 def check_request(fmt: str, *, budget_mb: float | None, avg_bits: float | None) -> None:
@@ -149,30 +148,27 @@ def check_request(fmt: str, *, budget_mb: float | None, avg_bits: float | None) 
 
 
 def parse_method(text: str | None, fmt: str = "onnx") -> QuantMethod:
-    """--method: gptq, rtn or imatrix-rtn (those the format's codes can be made with); None: the format's default.
+    """--method: gptq, rtn or imatrix-rtn (every format takes each; for GGUF, gptq packs GPTQ codes
+    into q4_0/q8_0 and leaves the k-quants to ggml's imatrix rounding); None: the format's default.
 
     Raises:
-        InputError: anything else, or a method the format does not take.
+        InputError: anything else.
     """
     if text is None:
         return DEFAULT_METHOD.get(fmt, QuantMethod.GPTQ)
     if text.lower() not in METHODS:
         raise InputError(f"--method {text!r} is not a quantization method: use one of {', '.join(METHODS)}")
-    method = METHODS[text.lower()]
-    allowed = FORMAT_METHODS.get(fmt, tuple(METHODS.values()))
-    if method not in allowed:
-        raise InputError(
-            f"--method {method.value} does not apply to --format {fmt}: its ggml types are rounded by llama.cpp's own quantizer, "
-            f"with each expert's importance vector (imatrix-rtn, the default) or without (rtn); use --method {' or '.join(m.value for m in allowed)}"
-        )
-    return method
+    return METHODS[text.lower()]
+
+
+TENSORRT_BLOCKS = (32, 64, 128)  # TensorRT's blocked int4 weight-only quantization (32 and 128 built here, export/tensorrt_quant.py)
 
 
 def check_block(fmt: str, block: int | None) -> int:
     """--block: weights per scale block of the integer codes (default 32); ggml types fix their own.
 
     Raises:
-        InputError: a block for --format gguf, or one that is not positive.
+        InputError: a block for --format gguf, one TensorRT's int4 does not take, or one that is not positive.
     """
     if block is None:
         return DEFAULT_BLOCK
@@ -180,6 +176,8 @@ def check_block(fmt: str, block: int | None) -> int:
         raise InputError("--block does not apply to --format gguf: ggml types fix their own blocks (32 weights for q8_0, 256 for the k-quants); drop --block")
     if block < 1:
         raise InputError(f"--block must be at least 1, got {block}")
+    if fmt == "tensorrt" and block not in TENSORRT_BLOCKS:
+        raise InputError(f"--block {block} is not a TensorRT int4 block: use one of {', '.join(map(str, TENSORRT_BLOCKS))}")
     return block
 
 
@@ -245,7 +243,8 @@ def make_plan(
             f"the budget {budget / 1e6:.3f} MB is below the smallest plan that keeps router agreement >= {router_guard:.1%} ({smallest / 1e6:.3f} MB, {8 * smallest / params:.2f} bits per weight; "
             f"{len(held)} groups flip routes at their smallest type, first {held[0]}): raise --budget-mb to at least {math.ceil(smallest / 1e3) / 1e3:.3f} or --avg-bits to at least {math.ceil(800 * smallest / params) / 100:.2f}"
         )
-    alloc = solve(units, budget)
+    # the guard holds per unit, and the plan's summed flips are held to the same share (allocation.solve_routed)
+    alloc = solve_routed(units, budget, 1.0 - router_guard)
     state = loaded.model.lm.state_dict()
     rules, codes = [], {}
     for u, c in zip(units, alloc.picks):

@@ -246,6 +246,7 @@ def _changed_set_stats(stats_dir: Path, tmp: Path) -> Path:
     "case,message",
     [
         ("tensorrt-dispatch", "--moe-dispatch does not apply to --format tensorrt (it applies to --format onnx)"),
+        ("tensorrt-block", "--block 256 is not a TensorRT int4 block: use one of 32, 64, 128"),
         ("unknown-format", "--format 'coreml' cannot be quantized: use --format onnx, gguf, tensorrt"),
         ("neither", "give exactly one of --budget-mb and --avg-bits"),
         ("both", "give exactly one of --budget-mb and --avg-bits"),
@@ -268,6 +269,9 @@ def test_bad_input_is_one_line_with_exit_code_2_and_leaves_nothing(case, message
     if case == "tensorrt-dispatch":  # TensorRT builds the `if` dispatch; the flag is the ONNX bundle's
         args["--format"] = "tensorrt"
         extra = ["--moe-dispatch", "scatter"]
+    elif case == "tensorrt-block":
+        args["--format"] = "tensorrt"
+        extra = ["--block", "256"]
     elif case == "unknown-format":
         args["--format"] = "coreml"
     elif case == "neither":

@@ -151,7 +151,7 @@ def test_rows_that_are_not_whole_blocks_are_never_offered_that_type(tiny_ckpts):
         offered_k = False
         for u in units_for(load_model(model), b):
             offered = {p for p in b.candidates if b.offers(p, u)}
-            expected = floats | ({Precision.Q8_0} if all(r % 32 == 0 for r in u.rows) else set()) | (k_quants if all(r % 256 == 0 for r in u.rows) else set())
+            expected = floats | ({Precision.Q8_0, Precision.Q4_0} if all(r % 32 == 0 for r in u.rows) else set()) | (k_quants if all(r % 256 == 0 for r in u.rows) else set())
             assert offered == expected, (model.name, u.name, u.rows)
             offered_k |= bool(offered & k_quants)
             if u.component is Component.PROJECTOR and model.name != "tiny-phi":
@@ -162,7 +162,6 @@ def test_rows_that_are_not_whole_blocks_are_never_offered_that_type(tiny_ckpts):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--method", "gptq"], "--method gptq does not apply to --format gguf: its ggml types are rounded by llama.cpp's own quantizer"),
         (["--block", "64"], "--block does not apply to --format gguf: ggml types fix their own blocks"),
         (["--moe-dispatch", "if"], "--moe-dispatch does not apply to --format gguf"),
         (["--avg-bits", "3"], "is below what the smallest types allow"),
@@ -199,3 +198,41 @@ def test_plan_show_lists_each_stack_and_marks_its_experts_with_both_projections(
     projector = rules["projector"].spec.precision
     assert projector is not Precision.FP32 and projector.value in text
     assert {Precision.from_ggml(t) for n, t, _, shape in read_tensor_types(out / "mmproj.gguf") if n.startswith("mm.") and len(shape) == 2} == {projector}
+
+
+def test_gptq_codes_are_packed_into_q4_0_and_q8_0_bit_for_bit_and_written_as_they_are(stats_dir, tmp_path):
+    """--method gptq: where a ggml type holds the quantizer core's symmetric block-32 codes (q4_0,
+    q8_0), the file holds GPTQ on the matrix's own Hessian, packed, not re-rounded by ggml; the
+    k-quants stay ggml's imatrix rounding, and the plan says which method made each group."""
+    from medmoe_edge.ggml_codes import PACKABLE
+    from medmoe_edge.quantizer import QuantizerConfig, quantize
+    from medmoe_edge.tensor_ids import gguf_target
+
+    out = tmp_path / "gptq"
+    r = CliRunner().invoke(app, ["quantize", "--format", "gguf", "--method", "gptq", "--stats", str(stats_dir), "--avg-bits", "6", "--out", str(out)], env=WIDE)
+    assert r.exit_code in (0, 1), r.output  # 1: written, outside the tolerances (said so)
+    m = read_manifest(out)
+    picks = {rule.pattern: rule.spec for rule in m.plan.rules if not rule.spec.precision.is_float}
+    packed = [name for name, spec in picks.items() if spec.precision in PACKABLE]
+    assert packed, picks  # the demo's plan at 6 bits holds q8_0/q4_0 groups
+    for name, spec in picks.items():
+        want = QuantMethod.GPTQ if spec.precision in PACKABLE else QuantMethod.IMATRIX_RTN
+        assert spec.method is want or (name == "embed" and spec.method is QuantMethod.RTN), (name, spec)
+    model_dir = resolve_model_dir("demo")
+    loaded = load_model(model_dir)
+    stats = load_stats(stats_dir, model_dir, "demo")
+    result = make_plan(loaded, stats, "gguf", method=QuantMethod.GPTQ, avg_bits=6.0, cache_dir=stats_dir)
+    data = {(f, t.name): np.asarray(t.data) for f in ("model.gguf", "mmproj.gguf") for t in gguf.GGUFReader(str(out / f)).tensors}
+    state = loaded.model.lm.state_dict()
+    checked = 0
+    for key, codes in result.codes.items():
+        if codes.precision not in PACKABLE or key not in stats.hessians:
+            continue
+        q = quantize(state[key], QuantizerConfig(PACKABLE[codes.precision], 32, QuantMethod.GPTQ, symmetric=True), stats.hessians[key], stats.tokens[key])
+        assert codes.gptq and torch.equal(codes.dequantize(), q.dequantize()), key  # packed bit for bit: gguf-py reads back the GPTQ weights exactly
+        target = gguf_target(key)
+        stored = data[("mmproj.gguf" if target.mmproj else "model.gguf", target.name)]
+        got = stored[target.tensor_id.expert] if target.stacked else stored
+        assert np.array_equal(got.reshape(codes.data.shape), codes.data), key
+        checked += 1
+    assert checked

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from medmoe_edge.allocation import Choice, Unit, budget_from, guard, solve
+from medmoe_edge.allocation import Choice, Unit, budget_from, guard, route_flips, solve, solve_routed
 from medmoe_edge.errors import InputError
 from medmoe_edge.quant_plan import QuantMethod
 from medmoe_edge.quantizer import QuantizerConfig, gptq, packed_bytes, quantize, relative_error, rtn
@@ -125,3 +125,31 @@ def test_budget_flags_and_router_guard():
     cs = (Choice(Precision.INT2, QuantMethod.RTN, 10, 1e-3, 0.90), Choice(Precision.INT4, QuantMethod.RTN, 20, 1e-4, 0.999))
     assert [c.precision for c in guard(cs, 0.995)] == [Precision.INT4]
     assert [c.precision for c in guard(cs[:1], 0.995)] == [Precision.INT2]  # never none
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_routed_knapsack_holds_the_plans_summed_flips_when_a_plan_can(seed):
+    """Each choice passes the per-unit guard, but the flips of the ΔD-optimal plan add up beyond
+    the cap: the routed solve finds the least-ΔD plan within the budget that meets it (brute force)."""
+    rnd = random.Random(seed)
+    units = [
+        Unit(f"u{u}", (f"k{u}",), 4000, tuple(Choice(p, QuantMethod.RTN, int(4000 * b / 8), d, 1 - f) for p, b, d, f in (
+            (Precision.INT2, 2.6, rnd.uniform(1e-4, 1e-3), rnd.uniform(2e-3, 4.9e-3)),
+            (Precision.INT4, 4.6, rnd.uniform(1e-5, 1e-4), rnd.uniform(0, 2e-3)),
+            (Precision.INT8, 8.6, 0.0, 0.0),
+        )))
+        for u in range(6)
+    ]
+    budget = int(6 * 4000 * 3.6 / 8) + 60  # not an exact fit: the byte buckets round up (solve's docstring)
+    plain = solve(units, budget)
+    least = min(sum(1 - x.router_agreement for x in c) for c in itertools.product(*(u.choices for u in units)) if sum(x.nbytes for x in c) <= budget)
+    cap = (least + route_flips(plain)) / 2
+    assert route_flips(plain) > cap  # the case the routed solve exists for
+    a = solve_routed(units, budget, cap)
+    assert a.nbytes <= budget and route_flips(a) <= cap
+    feasible = [c for c in itertools.product(*(u.choices for u in units)) if sum(x.nbytes for x in c) <= budget and sum(1 - x.router_agreement for x in c) <= cap]
+    best = min(sum(x.delta for x in c) for c in feasible)
+    assert a.predicted_delta <= best * 1.05  # a Lagrangian optimum: exact where the multiplier reaches it, near otherwise
+    # a cap no plan within the budget meets: the fewest flips the budget allows
+    fewest = solve_routed(units, budget, least / 2)
+    assert route_flips(fewest) == pytest.approx(least)

@@ -27,9 +27,9 @@ def quantize_cmd(
     model: Annotated[str, typer.Option("--model", help="'demo' (built-in), a checkpoint directory, or a hub id.")] = "demo",
     budget_mb: Annotated[float | None, typer.Option("--budget-mb", help="Bytes (10^6) for the planned matrices (LLM matrices and projector, scales included).")] = None,
     avg_bits: Annotated[float | None, typer.Option("--avg-bits", help="Average bits per weight of the planned matrices, scales included (give this or --budget-mb).")] = None,
-    method: Annotated[str | None, typer.Option("--method", help=f"How codes are chosen: {', '.join(METHODS)} [default: gptq for onnx, imatrix-rtn for gguf].")] = None,
+    method: Annotated[str | None, typer.Option("--method", help=f"How codes are chosen: {', '.join(METHODS)} (gguf: gptq packs GPTQ codes into q4_0/q8_0, k-quants stay imatrix-rtn) [default: gptq for onnx/tensorrt, imatrix-rtn for gguf].")] = None,
     set_name: Annotated[str | None, typer.Option("--set", help="Calibration set the statistics must come from [default: the one they record, checked unchanged].")] = None,
-    block: Annotated[int | None, typer.Option("--block", help=f"Weights per scale block of the integer codes (onnx; tensorrt's int4) [default: {DEFAULT_BLOCK}].")] = None,
+    block: Annotated[int | None, typer.Option("--block", help=f"Weights per scale block of the integer codes (onnx; tensorrt's int4: 32, 64 or 128) [default: {DEFAULT_BLOCK}].")] = None,
     moe_dispatch: Annotated[str | None, typer.Option("--moe-dispatch", help="ONNX: 'scatter' (NonZero per expert) or 'if' (an If per expert, what TensorRT builds) [default: scatter].")] = None,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {QUANTIZE_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
