@@ -91,10 +91,14 @@ class CodeBook:
     symmetric: bool = False
     codes: dict[tuple[str, int], QTensor] = field(default_factory=dict)
 
+    def method_for(self, key: str, precision: Precision | None = None) -> QuantMethod:
+        """How the codes of `key` are made (what the plan records): the embedding is a lookup
+        table, not a matrix fed by calibrated inputs, so RTN; every other matrix by the book's method."""
+        return QuantMethod.RTN if key == EMBED_KEY or key not in self.stats.hessians else self.method
+
     def get(self, key: str, weight: torch.Tensor, bits: int) -> QTensor:
         if (key, bits) not in self.codes:
-            # the embedding is a lookup table, not a matrix fed by calibrated inputs: RTN
-            method = QuantMethod.RTN if key == EMBED_KEY or key not in self.stats.hessians else self.method
+            method = self.method_for(key)
             cfg = QuantizerConfig(bits, self.block, method, self.symmetric)
             self.codes[(key, bits)] = quantize(weight, cfg, self.stats.hessians.get(key), self.stats.tokens.get(key, 0))
         return self.codes[(key, bits)]
@@ -242,7 +246,7 @@ def with_choices(units: Sequence[Unit], stats: CalibStats, backend: Backend, boo
                 choices.append(Choice(p, QuantMethod.CAST, choice_bytes(u.params, p, backend, book.block), 0.0, 1.0))
             elif backend.offers(p, u) and code_bits(p) >= floor:
                 kl, agree = measured[f"{u.name}|{p.value}"] if measured is not None else (0.0, 1.0)
-                method = book.method_for(u.keys[0], p) if isinstance(book, GgmlCodeBook) else QuantMethod.RTN if u.keys == (EMBED_KEY,) else book.method
+                method = book.method_for(u.keys[0], p)
                 choices.append(Choice(p, method, choice_bytes(u.params, p, backend, book.block), kl, agree))
         out.append(replace(u, choices=tuple(choices)))
     return out

@@ -18,7 +18,7 @@
   engine's file (hashed like every file); `runtimes/tensorrt_runtime.py` checks them before it
   deserializes anything.
 
-Per-expert int4/int8 weights (a `medmoe-edge quantize --format tensorrt` plan): `tensorrt_quant`.
+Per-expert int4 weights (a `medmoe-edge quantize --format tensorrt` plan): `tensorrt_quant`.
 """
 
 from __future__ import annotations

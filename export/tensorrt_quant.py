@@ -1,4 +1,4 @@
-"""`medmoe-edge quantize --format tensorrt`: TensorRT engines whose planned weights are int4/int8.
+"""`medmoe-edge quantize --format tensorrt`: TensorRT engines whose planned weights are int4.
 
 The graphs are `onnx_quant`'s rewrite of the `if`-dispatch graphs (each expert its own MatMul
 inside its branch, fed by a `DequantizeLinear` of its own codes), in the bundle's fp16 with fp16

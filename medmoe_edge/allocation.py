@@ -71,7 +71,7 @@ def unit_name(tensor_id, stacked_experts: bool) -> str:
 
 
 INT_BITS = {Precision.INT2: 2, Precision.INT3: 3, Precision.INT4: 4, Precision.INT8: 8}
-# GGUF: ggml's own block types (ggml_codes.CODE_BITS), quantized by ggml itself
+# GGUF: ggml's own block types (ggml_codes.CODE_BITS), rounded by ggml itself (q4_0/q8_0 also hold GPTQ codes as they are)
 GGML_CANDIDATES = (Precision.Q2_K, Precision.Q3_K, Precision.Q4_0, Precision.Q4_K, Precision.Q5_K, Precision.Q6_K, Precision.Q8_0)
 
 BACKENDS: dict[str, Backend] = {
