@@ -70,6 +70,7 @@ def test_quantize_prints_the_plan_and_judges_the_bundle_by_the_quantized_toleran
 
 def test_types_read_back_equal_the_plan_one_per_layer_and_projection(bundle):
     from medmoe_edge.export.gguf_quant import read_back
+    from medmoe_edge.ggml_codes import block_size
 
     out, _ = bundle
     m = read_manifest(out)
@@ -81,7 +82,7 @@ def test_types_read_back_equal_the_plan_one_per_layer_and_projection(bundle):
     assert set(stored) == set(quantized) and quantized
     for name, (precision, block, nbytes) in stored.items():
         rule = quantized[name]
-        assert precision is rule.spec.precision and block == (32 if precision is Precision.Q8_0 else 256), name
+        assert precision is rule.spec.precision and block == block_size(precision), name
         assert nbytes == rule.note["bytes"], name  # ggml sizes are exact: bytes per block × blocks
         # the embedding is a lookup table: no calibrated inputs, no imatrix
         assert rule.spec.method is (QuantMethod.RTN if name == "embed" else QuantMethod.IMATRIX_RTN) and rule.spec.group_size is None
