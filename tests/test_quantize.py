@@ -52,7 +52,7 @@ def test_quantize_prints_the_plan_the_size_and_the_fidelity(bundle):
     output = " ".join(bundle[1].split())
     assert "layers.0.expert.3" in output and "router agree" in output
     assert "bits per weight" in output and "written against" in output and "(+0.00%)" in output
-    assert "fidelity vs the fp32 PyTorch reference on 16 eval questions" in output and "token_agreement" in output
+    assert "fidelity vs the fp32 PyTorch reference on 40 eval questions" in output and "token_agreement" in output
     # judged by the quantized-bundle bounds (KL, routing ≥ 97.5 %), not the fp32 bundle's 1e-4, and passing
     assert "kl_mean" in output and "≤ 0.005" in output and "≥ 97.5%" in output and "FAIL" not in output
 

@@ -56,7 +56,7 @@ def test_quantize_prints_the_plan_and_judges_the_bundle_by_the_quantized_toleran
     text = " ".join(r.output.split())
     assert "plan (imatrix-rtn, ggml blocks)" in text and "layers.0.expert.*.fc1" in text
     assert "written against" in text and "(+0.00%)" in text
-    assert "llamacpp runtime against the embedded reference trace (16 eval questions)" in text
+    assert "llamacpp runtime against the embedded reference trace (40 eval questions)" in text
     tol = QUANTIZED_TOLERANCES[ArtifactKind.GGUF]
     assert f"≤ {tol.kl_mean_max:g}" in text and "≥ 95%" in text  # the quantized bounds, not the F32 file's ≤ 0.25
     report = read_manifest(out)

@@ -11,12 +11,14 @@ from rich.table import Table
 
 from ..quantization import METHODS, check_block, check_request, parse_method, quantize_bundle
 from ..quantizer import DEFAULT_BLOCK
-from ..workflows import EMBEDDED_TRACE_QUESTIONS
 from .common import err, out, user_errors
 from .export_cmd import tensorrt_check_runtime
 from .verify_cmd import check_written_bundle, print_report
 
-QUANTIZE_VERIFY_LIMIT = EMBEDDED_TRACE_QUESTIONS
+# A quantized bundle is judged by answers kept ≥ 95 % (verify.QUANTIZED_TOLERANCES): on the 16
+# questions an export embeds that bound allows no differing answer at all (15/16 = 93.75 %), so a
+# bundle keeping 99.5 % on the whole split failed its own check. 40 questions allow two.
+QUANTIZE_VERIFY_LIMIT = 40
 
 
 @user_errors
