@@ -16,12 +16,13 @@ one the bundle's check runs the very graphs they were built from with ONNX Runti
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from medmoe_edge.checkpoint import LoadedModel
 from medmoe_edge.errors import InputError
-from medmoe_edge.exporter import ExportRequest
+from medmoe_edge.exporter import ExportParts, ExportRequest
 from medmoe_edge.quantizer import QTensor
 from medmoe_edge.vocab import Precision
 
@@ -67,11 +68,10 @@ class TensorRTQuantExporter(TensorRTExporter):
             raise InputError(f"TensorRT quantization plans are built in fp16 (the plan's float groups and scales), not {request.precision.value}")
         super().check(loaded, request)
 
-    def write(self, loaded: LoadedModel, out: Path, request: ExportRequest):
+    def write(self, loaded: LoadedModel, out: Path, request: ExportRequest) -> ExportParts:
         parts = super().write(loaded, out, request)
         engines = {name: (out / file).stat().st_size for name, file in parts.extra["tensorrt"]["engines"].items()}
-        tensorrt = dict(parts.extra["tensorrt"], engine_bytes=engines)
-        return type(parts)(parts.roles, parts.graphs, parts.tensor_groups, parts.toolchain, parts.layout, dict(parts.extra, tensorrt=tensorrt))
+        return replace(parts, extra=parts.extra | {"tensorrt": parts.extra["tensorrt"] | {"engine_bytes": engines}})
 
 
 __all__ = ["TensorRTQuantExporter", "check_codes"]

@@ -258,17 +258,20 @@ def solve_routed(units: Sequence[Unit], budget: int, max_flips: float, *, resolu
     if route_flips(plan) <= max_flips:
         return plan
     lo, hi = 0.0, 1e-3
-    while route_flips(solve(units, budget, resolution=resolution, penalty=hi)) > max_flips:
+    best = solve(units, budget, resolution=resolution, penalty=hi)  # the plan at hi, which meets max_flips once the loop ends
+    while route_flips(best) > max_flips:
         lo, hi = hi, hi * 4
+        best = solve(units, budget, resolution=resolution, penalty=hi)
         if hi > 1e6:  # ΔD no longer matters: the fewest flips the budget allows
-            return solve(units, budget, resolution=resolution, penalty=hi)
+            return best
     for _ in range(steps):
         mid = (lo + hi) / 2
-        if route_flips(solve(units, budget, resolution=resolution, penalty=mid)) <= max_flips:
-            hi = mid
+        plan = solve(units, budget, resolution=resolution, penalty=mid)
+        if route_flips(plan) <= max_flips:
+            hi, best = mid, plan
         else:
             lo = mid
-    return solve(units, budget, resolution=resolution, penalty=hi)
+    return best
 
 
 __all__ = ["route_flips", "solve_routed", "unit_name", "BACKENDS", "GGML_CANDIDATES", "INT_BITS", "RESOLUTION", "Allocation", "Backend", "Choice", "Unit", "budget_from", "check_budget", "guard", "solve"]

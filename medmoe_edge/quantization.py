@@ -36,7 +36,7 @@ from .quant_plan import QuantMethod, QuantPlan, QuantRule, QuantSpec
 from .ggml_codes import GgmlCodes
 from .quantizer import DEFAULT_BLOCK, QTensor
 from .support_files import checkpoint_source_sha256
-from .vocab import Precision, PrecisionKind
+from .vocab import PrecisionKind
 
 Status = Callable[[str], AbstractContextManager]
 Progress = Callable[[int, int], None]
@@ -339,7 +339,7 @@ def quantize_bundle(
         "method": method.value,
         "block": None if fmt == "gguf" else block,
         "symmetric": not BACKENDS[fmt].zero_point,
-        "quantizer": "ggml_quantize_chunk (llama.cpp)" if fmt == "gguf" else "medmoe_edge.quantizer",
+        "quantizer": ("ggml_quantize_chunk (llama.cpp)" + ("; q4_0/q8_0: medmoe_edge.quantizer GPTQ codes, packed" if method is QuantMethod.GPTQ else "")) if fmt == "gguf" else "medmoe_edge.quantizer",
         "budget_bytes": a.budget,
         "predicted_bytes": a.nbytes,
         "predicted_delta_kl": a.predicted_delta,
