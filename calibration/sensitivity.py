@@ -11,7 +11,20 @@ sequences are run once, batched, and compared with the fp32 run:
 
 The vision tower stays in floating point, so its output is computed once. Codes are cached per
 (matrix, bits), so the final plan's codes are those that were measured. Results are cached in the
-statistics directory by (statistics key, backend, method, block, symmetric).
+statistics directory by (statistics key, backend, method, block, symmetric, mode).
+
+`SensitivityMode.PROXY`, for models where a probe per unit and candidate is too slow for 2 cores
+(a real-dimension model's probe is a forward of every kept sequence at full size), estimates
+both numbers from the output energy the codes add over the calibration tokens,
+
+    e(u, p) = Σ_matrices tr(ΔW H ΔWᵀ),   ΔW = dequantized codes − W,   H = Σ x xᵀ over the tokens that reach W,
+
+scaled by one end-to-end probe per (layer, component): ΔD(u, p) ≈ ΔD(r, p₀) · e(u, p) / e(r, p₀),
+and likewise the flipped routes, where r is the class's unit with the largest energy at its
+smallest candidate p₀. A unit without a Hessian (the embedding, a lookup table) is probed at every
+candidate. Because H counts an expert's own routed tokens, a rarely routed expert's energy is small
+in proportion, as its share of the measured ΔD is. Its agreement with the measured mode on the
+demo model is reported by `benchmarks/quantization_proxy.py` (docs/QUANTIZATION.md).
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -43,6 +57,13 @@ from .teacher import TeacherSequence, image_features
 
 Progress = Callable[[int, int], None]
 EMBED_KEY = "model.embed_tokens.weight"
+
+
+class SensitivityMode(str, Enum):
+    """How `quantize` gets each unit's ΔD and router agreement per candidate."""
+
+    MEASURED = "measured"  # one end-to-end probe per unit and candidate
+    PROXY = "proxy"  # tr(ΔW H ΔWᵀ) scaled by one probe per (layer, component): see the module docstring
 
 
 def units_for(loaded: LoadedModel, backend: Backend) -> list[Unit]:
@@ -187,9 +208,49 @@ def swap(loaded: LoadedModel, weights: dict[str, torch.Tensor]) -> dict[str, tor
     return old
 
 
-def cache_name(stats: CalibStats, backend: Backend, method: QuantMethod, block: int) -> str:
-    blob = json.dumps([stats.key, backend.name, [p.value for p in backend.candidates], backend.zero_point, method.value, block if backend.name != "gguf" else None, 1], sort_keys=True)
-    return f"sensitivity-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+def cache_name(stats: CalibStats, backend: Backend, method: QuantMethod, block: int, mode: SensitivityMode = SensitivityMode.MEASURED) -> str:
+    blob = [stats.key, backend.name, [p.value for p in backend.candidates], backend.zero_point, method.value, block if backend.name != "gguf" else None, 1]
+    if mode is not SensitivityMode.MEASURED:  # the measured mode keeps its earlier cache names
+        blob.append(mode.value)
+    return f"sensitivity-{hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]}.json"
+
+
+def _read_cache(path: Path | None) -> dict:
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def _write_cache(path: Path | None, cached: dict) -> None:
+    if path is None:
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(cached, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _probe_one(loaded: LoadedModel, probe: Probe, weights: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(ΔD, router agreement) with `weights` in the model, which is then restored."""
+    old = swap(loaded, weights)
+    try:
+        return probe.measure()
+    finally:
+        swap(loaded, old)
+
+
+def output_energy(stats: CalibStats, key: str, weight: torch.Tensor, dequantized: torch.Tensor) -> float | None:
+    """tr(ΔW H ΔWᵀ): the squared output error the codes add, summed over the calibration tokens
+    that reach the matrix (None: no Hessian, e.g. the embedding)."""
+    h = stats.hessians.get(key)
+    if h is None:
+        return None
+    dw = dequantized.float() - weight.float()  # float32 matmul: a real-dimension down projection is 2048 x 5632 @ 5632²
+    return float(((dw @ h.float()) * dw).double().sum())
+
+
+def probe_class(unit: Unit) -> tuple:
+    """The units that share one end-to-end probe in the proxy: same layer, same component."""
+    tid = checkpoint_id(unit.keys[0])
+    return (tid.layer, tid.component.value)
 
 
 def measure(
@@ -206,30 +267,90 @@ def measure(
     A unit with a few-token linear (`CalibStats.min_bits`) offers no choice below that floor.
     """
     units = units_for(loaded, backend)
-    cached: dict = {}
     path = cache_dir / cache_name(stats, backend, book.method, book.block) if cache_dir is not None else None
-    if path is not None and path.is_file():
-        cached = json.loads(path.read_text())
+    cached = _read_cache(path)
     state = loaded.model.lm.state_dict()
     ints = [p for p in backend.candidates if not p.is_float]
     todo = [(u, p) for u in units for p in ints if backend.offers(p, u) and f"{u.name}|{p.value}" not in cached]
     probe = Probe(loaded, [TeacherSequence.from_json(s) for s in stats.sequences]) if todo else None
     for n, (u, p) in enumerate(todo):
-        old = swap(loaded, {k: book.codes_for(k, state[k], p).dequantize() for k in u.keys})
-        try:
-            assert probe is not None
-            kl, agree = probe.measure()
-        finally:
-            swap(loaded, old)
-        cached[f"{u.name}|{p.value}"] = [kl, agree]
+        assert probe is not None
+        cached[f"{u.name}|{p.value}"] = list(_probe_one(loaded, probe, {k: book.codes_for(k, state[k], p).dequantize() for k in u.keys}))
         if progress:
             progress(n + 1, len(todo))
-    if path is not None and todo:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(cached, f, indent=1)
-        os.replace(tmp, path)
+    if todo:
+        _write_cache(path, cached)
     return with_choices(units, stats, backend, book, cached)
+
+
+def estimate(
+    loaded: LoadedModel,
+    stats: CalibStats,
+    backend: Backend,
+    book: CodeBook | GgmlCodeBook,
+    *,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> list[Unit]:
+    """Every unit of `backend` with proxy sensitivities (`SensitivityMode.PROXY`, module docstring).
+
+    The cache also records, under "probes", which unit and candidate each class was probed at
+    with its measured (ΔD, agreement) and energy, so a report can show what the scale rests on.
+    """
+    units = units_for(loaded, backend)
+    path = cache_dir / cache_name(stats, backend, book.method, book.block, SensitivityMode.PROXY) if cache_dir is not None else None
+    cached = _read_cache(path)
+    if "probes" in cached:
+        return with_choices(units, stats, backend, book, cached["values"])
+    state = loaded.model.lm.state_dict()
+    # what `with_choices` will offer: a type below a few-token floor is never probed nor estimated
+    floor = {u.name: max((stats.min_bits(k) or 0) for k in u.keys) for u in units}
+    offered = {u.name: [p for p in backend.candidates if not p.is_float and backend.offers(p, u) and code_bits(p) >= floor[u.name]] for u in units}
+    energy: dict[str, float | None] = {}
+    steps = sum(len(v) for v in offered.values())
+    done = 0
+    for u in units:
+        for p in offered[u.name]:
+            parts = [output_energy(stats, k, state[k], book.codes_for(k, state[k], p).dequantize()) for k in u.keys]
+            energy[f"{u.name}|{p.value}"] = None if any(e is None for e in parts) else sum(parts)  # type: ignore[misc]
+            done += 1
+            if progress:
+                progress(done, steps)
+    classes: dict[tuple, list[Unit]] = {}
+    for u in units:
+        if offered[u.name]:
+            classes.setdefault(probe_class(u), []).append(u)
+    probe = Probe(loaded, [TeacherSequence.from_json(s) for s in stats.sequences]) if classes else None
+    values: dict[str, list[float]] = {}
+    probes: dict[str, dict] = {}
+
+    def run(u: Unit, p: Precision) -> tuple[float, float]:
+        assert probe is not None
+        return _probe_one(loaded, probe, {k: book.codes_for(k, state[k], p).dequantize() for k in u.keys})
+
+    for cls, members in classes.items():
+        lowest = {u.name: min(offered[u.name], key=lambda p: p.bits) for u in members}
+        if any(energy[f"{u.name}|{lowest[u.name].value}"] is None for u in members):
+            for u in members:  # no Hessian, no energy: measured end to end at every candidate
+                for p in offered[u.name]:
+                    values[f"{u.name}|{p.value}"] = list(run(u, p))
+            continue
+        rep = max(members, key=lambda u: energy[f"{u.name}|{lowest[u.name].value}"] or 0.0)
+        p0 = lowest[rep.name]
+        kl, agree = run(rep, p0)
+        e0 = energy[f"{rep.name}|{p0.value}"] or 0.0
+        probes[f"{rep.name}|{p0.value}"] = {"delta_kl": kl, "router_agreement": agree, "energy": e0, "class": list(cls)}
+        for u in members:
+            for p in offered[u.name]:
+                share = (energy[f"{u.name}|{p.value}"] or 0.0) / e0 if e0 > 0 else 0.0
+                values[f"{u.name}|{p.value}"] = [kl * share, max(0.0, 1.0 - (1.0 - agree) * share)]
+    _write_cache(path, {"values": values, "probes": probes, "energy": energy})
+    return with_choices(units, stats, backend, book, values)
+
+
+def sensitivities(mode: SensitivityMode, *args, **kwargs) -> list[Unit]:
+    """`measure` or `estimate`, by mode (same arguments)."""
+    return (estimate if mode is SensitivityMode.PROXY else measure)(*args, **kwargs)
 
 
 def with_choices(units: Sequence[Unit], stats: CalibStats, backend: Backend, book: CodeBook | GgmlCodeBook, measured: dict | None = None) -> list[Unit]:
@@ -252,4 +373,4 @@ def with_choices(units: Sequence[Unit], stats: CalibStats, backend: Backend, boo
     return out
 
 
-__all__ = ["CodeBook", "EMBED_KEY", "GgmlCodeBook", "code_bits", "Probe", "choice_bytes", "measure", "swap", "units_for", "with_choices"]
+__all__ = ["CodeBook", "EMBED_KEY", "GgmlCodeBook", "SensitivityMode", "code_bits", "Probe", "choice_bytes", "estimate", "measure", "output_energy", "probe_class", "sensitivities", "swap", "units_for", "with_choices"]

@@ -25,7 +25,7 @@ from .allocation import BACKENDS, Allocation, Unit, budget_from, check_budget, g
 from .bundle import Manifest
 from .calib_stats import CalibSettings, CalibStats, read_key
 from .calibration.collect import collect, select
-from .calibration.sensitivity import CodeBook, GgmlCodeBook, measure, swap, units_for, with_choices
+from .calibration.sensitivity import CodeBook, GgmlCodeBook, SensitivityMode, sensitivities, swap, units_for, with_choices
 from .calibration.sets import QuestionSet, resolve_set
 from .checkpoint import LoadedModel, load_model, resolve_model_dir
 from .ckpt_writer import atomic_dir, check_new_dir
@@ -131,6 +131,20 @@ class PlanResult:
 DEFAULT_METHOD = {"onnx": QuantMethod.GPTQ, "tensorrt": QuantMethod.GPTQ, "gguf": QuantMethod.IMATRIX_RTN}
 
 
+def parse_sensitivity(text: str | None) -> SensitivityMode:
+    """--sensitivity: measured (default) or proxy.
+
+    Raises:
+        InputError: anything else.
+    """
+    if text is None:
+        return SensitivityMode.MEASURED
+    try:
+        return SensitivityMode(text.lower())
+    except ValueError:
+        raise InputError(f"--sensitivity {text!r} is not a sensitivity mode: use {' or '.join(m.value for m in SensitivityMode)}") from None
+
+
 def check_request(fmt: str, *, budget_mb: float | None, avg_bits: float | None) -> None:
     """What `quantize` can check before reading anything: the format and the budget's form.
 
@@ -215,10 +229,12 @@ def make_plan(
     avg_bits: float | None = None,
     block: int = DEFAULT_BLOCK,
     router_guard: float = ROUTER_GUARD,
+    sensitivity: SensitivityMode = SensitivityMode.MEASURED,
     cache_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> PlanResult:
-    """Measure sensitivities (cached in `cache_dir`), solve the knapsack and quantize the chosen groups.
+    """Measure (or, `SensitivityMode.PROXY`, estimate) sensitivities (cached in `cache_dir`),
+    solve the knapsack and quantize the chosen groups.
 
     The budget covers the planned matrices (LLM matrices and projector, scales included); norms,
     biases, routers and the vision tower stay in floating point outside it.
@@ -232,7 +248,7 @@ def make_plan(
     book = GgmlCodeBook(stats, method) if b.name == "gguf" else CodeBook(stats, method, block, symmetric=not b.zero_point)
     sized = with_choices(units_for(loaded, b), stats, b, book)  # bytes only: the budget is checked before minutes of measuring
     check_budget(sized, budget_from(sized, budget_mb=budget_mb, avg_bits=avg_bits))
-    measured = measure(loaded, stats, b, book, cache_dir=cache_dir, progress=progress)
+    measured = sensitivities(sensitivity, loaded, stats, b, book, cache_dir=cache_dir, progress=progress)
     units = tuple(replace(u, choices=guard(u.choices, router_guard)) for u in measured)
     budget = budget_from(units, budget_mb=budget_mb, avg_bits=avg_bits)
     smallest = sum(min(c.nbytes for c in u.choices) for u in units)
@@ -250,7 +266,7 @@ def make_plan(
     for u, c in zip(units, alloc.picks):
         if c.precision is b.float_precision:  # the plan's default
             continue
-        note = {"delta_kl": c.delta, "router_agreement": c.router_agreement, "bytes": c.nbytes, "params": u.params, "calibration_set_sha256": stats.settings.set_sha256}
+        note = {"delta_kl": c.delta, "router_agreement": c.router_agreement, "sensitivity": sensitivity.value, "bytes": c.nbytes, "params": u.params, "calibration_set_sha256": stats.settings.set_sha256}
         # a float pick (GGUF's fp16) is a rule too, so the file stores what the budget counted; ggml
         # types fix their own block (32 for q8_0, 256 for k-quants): no group size of ours
         rules.append(QuantRule(u.name, QuantSpec(c.precision, c.method, block if c.precision.kind is PrecisionKind.INT else None), note))
@@ -299,6 +315,7 @@ def quantize_bundle(
     trace_questions: int = 16,
     set_name: str | None = None,
     moe_dispatch: str | None = None,
+    sensitivity: SensitivityMode = SensitivityMode.MEASURED,
     status: Status = _quiet,
     progress: Progress | None = None,
 ) -> tuple[Manifest, PlanResult]:
@@ -330,14 +347,15 @@ def quantize_bundle(
 
     with status(f"loading {model}"):
         loaded = load_model(model_dir)
-    with status("measuring sensitivities and allocating bits"):
-        result = make_plan(loaded, stats, fmt, method=method, budget_mb=budget_mb, avg_bits=avg_bits, block=block, cache_dir=stats_dir, progress=progress)
+    with status(f"{'estimating' if sensitivity is SensitivityMode.PROXY else 'measuring'} sensitivities and allocating bits"):
+        result = make_plan(loaded, stats, fmt, method=method, budget_mb=budget_mb, avg_bits=avg_bits, block=block, sensitivity=sensitivity, cache_dir=stats_dir, progress=progress)
     trace = _embedded_trace(model_dir, trace_questions) if trace_questions else None
     a = result.allocation
     summary = {
         "backend": fmt,
         "method": method.value,
         "block": None if fmt == "gguf" else block,
+        "sensitivity": sensitivity.value,
         "symmetric": not BACKENDS[fmt].zero_point,
         "quantizer": ("ggml_quantize_chunk (llama.cpp)" + ("; q4_0/q8_0: medmoe_edge.quantizer GPTQ codes, packed" if method is QuantMethod.GPTQ else "")) if fmt == "gguf" else "medmoe_edge.quantizer",
         "budget_bytes": a.budget,
@@ -358,4 +376,4 @@ def quantize_bundle(
     return manifest, result
 
 
-__all__ = ["DEFAULT_METHOD", "check_block", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "quantize_bundle", "resolve_calibration_set", "restore"]
+__all__ = ["DEFAULT_METHOD", "check_block", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]

@@ -252,6 +252,7 @@ def _changed_set_stats(stats_dir: Path, tmp: Path) -> Path:
         ("both", "give exactly one of --budget-mb and --avg-bits"),
         ("negative", "--budget-mb must be positive"),
         ("method", "--method 'awq' is not a quantization method: use one of gptq, rtn, imatrix-rtn"),
+        ("sensitivity", "--sensitivity 'fisher' is not a sensitivity mode: use measured or proxy"),
         ("too-small", "is below what the smallest types allow (2.845 MB, 5.12 bits per weight): raise --budget-mb to at least 2.846 or --avg-bits to at least 5.13"),
         ("non-empty", "already exists and is not empty: choose a new --out directory or remove it"),
         ("file", "is a file: choose a new --out directory"),
@@ -283,6 +284,8 @@ def test_bad_input_is_one_line_with_exit_code_2_and_leaves_nothing(case, message
         extra = ["--budget-mb", "-1"]
     elif case == "method":
         extra = ["--method", "awq"]
+    elif case == "sensitivity":
+        extra = ["--sensitivity", "fisher"]
     elif case == "too-small":
         args["--avg-bits"] = "2"
     elif case == "non-empty":

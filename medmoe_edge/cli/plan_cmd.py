@@ -121,6 +121,7 @@ def _row(name: str, spec, note: dict) -> dict:
         "method": spec.method.value,
         "delta_kl": note.get("delta_kl"),
         "router_agreement": note.get("router_agreement"),
+        "sensitivity": note.get("sensitivity", "measured" if "delta_kl" in note else None),  # bundles before --sensitivity were all measured
         "bytes": note.get("bytes"),
         "calibration_set_sha256": note.get("calibration_set_sha256"),
     }
@@ -214,7 +215,8 @@ def plan_show(
         cal = summary.get("calibration", {})
         out.print(
             f"{summary.get('bits_per_weight', 0):.2f} bits per weight over {summary.get('planned_params', 0):,} planned weights, "
-            f"{summary.get('predicted_bytes', 0) / 1e6:.3f} MB of a {summary.get('budget_bytes', 0) / 1e6:.3f} MB budget; predicted ΔKL {summary.get('predicted_delta_kl', 0):.2e}; "
+            f"{summary.get('predicted_bytes', 0) / 1e6:.3f} MB of a {summary.get('budget_bytes', 0) / 1e6:.3f} MB budget; predicted ΔKL {summary.get('predicted_delta_kl', 0):.2e} "
+            f"({summary.get('sensitivity', 'measured')} sensitivities); "
             f"calibration set {cal.get('set')} ({', '.join(cal.get('domains', []))}; manifest SHA-256 {str(cal.get('set_sha256'))[:12]})",
             highlight=False,
         )

@@ -9,7 +9,8 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from ..quantization import METHODS, check_block, check_request, parse_method, quantize_bundle
+from ..calibration.sensitivity import SensitivityMode
+from ..quantization import METHODS, check_block, check_request, parse_method, parse_sensitivity, quantize_bundle
 from ..quantizer import DEFAULT_BLOCK
 from .common import err, out, user_errors
 from .export_cmd import tensorrt_check_runtime
@@ -33,16 +34,18 @@ def quantize_cmd(
     set_name: Annotated[str | None, typer.Option("--set", help="Calibration set the statistics must come from [default: the one they record, checked unchanged].")] = None,
     block: Annotated[int | None, typer.Option("--block", help=f"Weights per scale block of the integer codes (onnx; tensorrt's int4: 32, 64 or 128) [default: {DEFAULT_BLOCK}].")] = None,
     moe_dispatch: Annotated[str | None, typer.Option("--moe-dispatch", help="ONNX: 'scatter' (NonZero per expert) or 'if' (an If per expert, what TensorRT builds) [default: scatter].")] = None,
+    sensitivity: Annotated[str | None, typer.Option("--sensitivity", help="measured: one end-to-end probe per group and type (the demo: about a minute); proxy: tr(ΔW H ΔWᵀ) from the calibration Hessians, scaled by one probe per layer and component (for real-dimension models) [default: measured].")] = None,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {QUANTIZE_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
     """Quantize each expert (and every other weight group) to its own precision from measured sensitivities, under a byte budget."""
     check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
     q_method = parse_method(method, fmt)
+    mode = parse_sensitivity(sensitivity)
     shown_block = check_block(fmt, block)  # checked before any work; quantize_bundle takes the flag as given
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("measuring sensitivities", total=None)
         manifest, result = quantize_bundle(
-            model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch,
+            model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch, sensitivity=mode,
             trace_questions=QUANTIZE_VERIFY_LIMIT, status=err.status, progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
     if fmt == "gguf":
@@ -53,7 +56,8 @@ def quantize_cmd(
     a = result.allocation
     stored = read_back(out_dir)
     blocks = "ggml blocks" if fmt == "gguf" else f"block {shown_block}"
-    t = Table(title=f"plan ({q_method.value}, {blocks}): ΔKL measured with only that group quantized")
+    how = "estimated from tr(ΔW H ΔWᵀ), one probe per layer and component" if mode is SensitivityMode.PROXY else "measured with only that group quantized"
+    t = Table(title=f"plan ({q_method.value}, {blocks}): ΔKL {how}")
     for col in ("TensorId", "type", "written", "MB", "ΔKL", "router agree"):
         t.add_column(col, justify="left" if col in ("TensorId", "type", "written") else "right")
     predicted_int = written_int = 0
