@@ -17,6 +17,18 @@ experts' and meta experts' Gemm nodes become MatMul + Add. The new nodes take th
 node they replace (`/text/layers.0/mlp/deepspeed_experts.1/fc1/DequantizeLinear`), so
 `tensor_ids.onnx_map` names the new initializers by the same TensorIds.
 
+With `OnnxOps.MATMULNBITS` (`quantize --ops matmulnbits`) the planned weights are written as ONNX
+Runtime's own `com.microsoft.MatMulNBits` nodes instead, which is what ONNX Runtime fuses the DQ
+pattern into, so the bundle runs only on ONNX Runtime but takes 2-bit codes too (ONNX has no 2-bit
+DequantizeLinear that ORT fuses):
+
+    MatMul(A, W_init) / Gemm(A, W_init, C, transB=1)  →  MatMulNBits(A, B, scales, zero)  (+ Add C)
+
+B is the codes of W [N, K] as they are, [N, K/bs, bs·bits/8] bytes, element 0 in the low bits;
+scales [N·K/bs] in the replaced weight's float type; zero points packed the same way per row
+(absent for symmetric codes: MatMulNBits' default zero point 2^(bits−1) is theirs). The nodes say
+`accuracy_level` 4 (int8 activations), the level ONNX Runtime gives the fused DQ pattern by default.
+
 The rest of each graph is untouched; the opset import becomes 21 and the IR version 10 (int4
 needs both). Between opset 17 and 21 none of the graphs' ops changed meaning (no Reduce* or Split
 node, whose inputs changed at 18).
@@ -26,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +57,18 @@ from .onnx_export import GRAPH_FILES, OnnxExporter, _require_onnx
 QDQ_OPSET = 21
 QDQ_IR_VERSION = 10
 _BITS = {Precision.INT4: 4, Precision.INT8: 8}
+MATMULNBITS_LEVEL = 4  # ONNX Runtime's default for the fused DQ pattern (session.qdq_matmulnbits_accuracy_level)
+
+
+class OnnxOps(str, Enum):
+    """How an ONNX bundle stores planned weights (`quantize --ops`)."""
+
+    QDQ = "qdq"  # DequantizeLinear → MatMul: standard ONNX; ONNX Runtime fuses it, TensorRT reads it; int4/int8
+    MATMULNBITS = "matmulnbits"  # com.microsoft.MatMulNBits: ONNX Runtime only; int2/int4/int8
+
+
+OPS_BITS = {OnnxOps.QDQ: _BITS, OnnxOps.MATMULNBITS: {Precision.INT2: 2, **_BITS}}
+_NBITS_PRECISION = {2: Precision.INT2, 4: Precision.INT4, 8: Precision.INT8}
 _FLOAT_TYPES = {1: Precision.FP32, 10: Precision.FP16, 16: Precision.BF16}
 
 
@@ -67,6 +92,18 @@ def _pack(values: np.ndarray, bits: int) -> bytes:
     return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
 
 
+def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' packing: each row of `values` [N, M] (integers below 2**bits) as
+    ceil(M·bits/8) bytes, element 0 in the low bits of its byte."""
+    n, m = values.shape
+    per = 8 // bits
+    v = np.concatenate([values.astype(np.uint8), np.zeros((n, (-m) % per), np.uint8)], 1).reshape(n, -1, per)
+    out = np.zeros(v.shape[:2], np.uint8)
+    for i in range(per):
+        out |= v[..., i] << (bits * i)
+    return out
+
+
 def _tensor(onnx, name: str, values: np.ndarray, dtype: int, bits: int):
     return onnx.helper.make_tensor(name, dtype, list(values.shape), _pack(values, bits), raw=True)
 
@@ -79,8 +116,9 @@ def _scope(node_name: str) -> str:
     return node_name.rsplit("/", 1)[0] if "/" in node_name else node_name
 
 
-def rewrite_graph(path: Path, codes: dict[str, QTensor], weights: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Rewrite one written graph in place: planned weights become DQ → MatMul (see the module docstring).
+def rewrite_graph(path: Path, codes: dict[str, QTensor], weights: dict[str, torch.Tensor], ops: OnnxOps = OnnxOps.QDQ) -> dict[str, str]:
+    """Rewrite one written graph in place: planned weights become DQ → MatMul, or MatMulNBits
+    (see the module docstring).
 
     Args:
         codes: checkpoint weight key → its codes, for every planned weight.
@@ -137,9 +175,14 @@ def rewrite_graph(path: Path, codes: dict[str, QTensor], weights: dict[str, torc
             if readers[w_name] > 1:
                 raise CheckpointError(f"{key} ({w_name}) is read by {readers[w_name]} nodes: a shared weight cannot be quantized for one of them")
             q = codes[key]
-            dtype = _code_type(onnx, q)
             scope = _scope(node.name)
             base = f"{w_name}.q{q.bits}"
+            if ops is OnnxOps.MATMULNBITS:
+                new_nodes += _matmulnbits(onnx, owner, node, q, base, scope, arr.dtype)
+                drop.add(w_name)
+                done[key] = node.name
+                continue
+            dtype = _code_type(onnx, q)
             if q.symmetric:
                 cvals = q.signed_codes().numpy().T  # [K, N]
             else:
@@ -175,12 +218,36 @@ def rewrite_graph(path: Path, codes: dict[str, QTensor], weights: dict[str, torc
         for op in proto.opset_import:
             if op.domain in ("", "ai.onnx"):
                 op.version = max(op.version, QDQ_OPSET)
+        if ops is OnnxOps.MATMULNBITS and not any(op.domain == "com.microsoft" for op in proto.opset_import):
+            proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
         proto.ir_version = max(proto.ir_version, QDQ_IR_VERSION)
     data = path.with_name(path.name + ".data")
     # onnx appends to an existing external-data file, so the old one goes first (its tensors are in memory)
     os.remove(data)
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=0)
     return done
+
+
+def _matmulnbits(onnx, owner, node, q: QTensor, base: str, scope: str, float_dtype) -> list:
+    """The node(s) replacing a MatMul/Gemm that reads `q`'s weight, with their initializers added to `owner`."""
+    from onnx import numpy_helper
+
+    T = onnx.TensorProto
+    n_out, k = q.shape
+    b = pack_rows(q.codes.numpy(), q.bits).reshape(n_out, k // q.block, q.block * q.bits // 8)
+    owner.initializer.append(onnx.helper.make_tensor(base + ".codes", T.UINT8, list(b.shape), b.tobytes(), raw=True))
+    owner.initializer.append(numpy_helper.from_array(np.ascontiguousarray(q.scales.numpy().astype(float_dtype).reshape(-1)), base + ".scales"))
+    inputs = [node.input[0], base + ".codes", base + ".scales"]
+    if not q.symmetric:  # symmetric codes use MatMulNBits' default zero point, 2**(bits-1)
+        z = pack_rows(q.zeros.round().to(torch.int64).numpy(), q.bits).reshape(-1)
+        owner.initializer.append(onnx.helper.make_tensor(base + ".zero_point", T.UINT8, list(z.shape), z.tobytes(), raw=True))
+        inputs.append(base + ".zero_point")
+    bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+    out = node.output[0] + ".matmul" if bias else node.output[0]
+    made = [onnx.helper.make_node("MatMulNBits", inputs, [out], name=f"{scope}/MatMulNBits", domain="com.microsoft", K=k, N=n_out, bits=q.bits, block_size=q.block, accuracy_level=MATMULNBITS_LEVEL)]
+    if bias:
+        made.append(onnx.helper.make_node("Add", [out, bias], [node.output[0]], name=f"{scope}/Add"))
+    return made
 
 
 def _subgraphs(graph) -> list:
@@ -198,7 +265,7 @@ def _code_maps(onnx, graph: str, proto, spec) -> list:
     subgraph's map covers only the initializers its DequantizeLinear nodes read (named by their scope)."""
     maps = [({i.name: i for i in proto.graph.initializer}, onnx_map(graph, proto, spec))]
     for sub in _subgraphs(proto.graph):
-        dq_inputs = {n for node in sub.node if node.op_type == "DequantizeLinear" for n in node.input}
+        dq_inputs = {n for node in sub.node for n in _code_inputs(node)}
         own = [i for i in sub.initializer if i.name in dq_inputs]
         if not own:
             continue
@@ -207,6 +274,23 @@ def _code_maps(onnx, graph: str, proto, spec) -> list:
         view.initializer.extend(own)
         maps.append(({i.name: i for i in own}, onnx_map(graph, type("SubgraphView", (), {"graph": view})(), spec)))
     return maps
+
+
+def _code_inputs(node) -> list[str]:
+    """The codes, scales and zero points a DequantizeLinear or MatMulNBits node reads."""
+    if node.op_type == "DequantizeLinear":
+        return list(node.input)
+    if node.op_type == "MatMulNBits":
+        return list(node.input[1:4])
+    return []
+
+
+def _nbits(onnx, node) -> tuple[Precision, int, int]:
+    """(precision, block, weights) of a MatMulNBits node, from its attributes."""
+    a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+    if int(a["bits"]) not in _NBITS_PRECISION:
+        raise CheckpointError(f"{node.name} is a {a['bits']}-bit MatMulNBits: medmoe-edge writes 2, 4 or 8 bits")
+    return _NBITS_PRECISION[int(a["bits"])], int(a["block_size"]), int(a["N"]) * int(a["K"])
 
 
 def quantized_tensor_groups(bundle: Path, loaded: LoadedModel) -> tuple:
@@ -219,10 +303,16 @@ def quantized_tensor_groups(bundle: Path, loaded: LoadedModel) -> tuple:
     stored = []
     for graph, file in GRAPH_FILES.items():
         proto = onnx.load(str(bundle / file), load_external_data=False)
-        aux = {n for node in _all_nodes(proto.graph) if node.op_type == "DequantizeLinear" for n in node.input[1:]}
+        nodes = _all_nodes(proto.graph)
+        aux = {n for node in nodes for n in _code_inputs(node)[1:]}
+        packed = {node.input[1]: _nbits(onnx, node) for node in nodes if node.op_type == "MatMulNBits"}  # B holds N·K codes in bytes
         for inits, tmap in _code_maps(onnx, graph, proto, spec):
             for init in inits.values():
                 if init.name in aux:
+                    continue
+                if init.name in packed:
+                    p, _block, n = packed[init.name]
+                    stored += [((tid,), p, n) for tid in tmap.ids(init.name)]
                     continue
                 p = code_precision.get(init.data_type) or _FLOAT_TYPES.get(init.data_type)
                 if p is None:
@@ -252,15 +342,19 @@ def read_back(bundle: Path, spec=None) -> dict[str, tuple[Precision, int, int]]:
         inits = {k: v for m, _ in maps for k, v in m.items()}
         owner = {k: t for m, t in maps for k in m}
         for node in _all_nodes(proto.graph):
-            if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            own = _code_inputs(node)
+            if not own or own[0] not in inits:
                 continue
-            tmap = owner[node.input[0]]
-            codes = inits[node.input[0]]
-            p = code_precision.get(codes.data_type)
-            if p is None:
-                raise CheckpointError(f"{node.name} in {file} dequantizes element type {codes.data_type}, not int4/int8 codes")
-            block = next((int(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "block_size"), 0)
-            nbytes = sum(_stored_bytes(inits[n], bundle) for n in node.input if n in inits)
+            tmap = owner[own[0]]
+            codes = inits[own[0]]
+            if node.op_type == "MatMulNBits":
+                p, block, _n = _nbits(onnx, node)
+            else:
+                p = code_precision.get(codes.data_type)
+                if p is None:
+                    raise CheckpointError(f"{node.name} in {file} dequantizes element type {codes.data_type}, not int4/int8 codes")
+                block = next((int(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "block_size"), 0)
+            nbytes = sum(_stored_bytes(inits[n], bundle) for n in own if n in inits)
             for tid in tmap.ids(codes.name):
                 key = str(tid.group)
                 if key in found and found[key][:2] != (p, block):
@@ -286,13 +380,16 @@ class OnnxQuantExporter(OnnxExporter):
     quantized here, the codes are copied.
     """
 
-    def __init__(self, codes: dict[str, QTensor], summary: dict[str, Any] | None = None) -> None:
+    def __init__(self, codes: dict[str, QTensor], summary: dict[str, Any] | None = None, ops: OnnxOps = OnnxOps.QDQ) -> None:
         self.codes = dict(codes)
         self.summary = dict(summary or {})
+        self.ops = ops
 
     def check(self, loaded: LoadedModel, request: ExportRequest) -> None:
-        """Float groups at the bundle's precision; quantized groups int4/int8, with codes of the
-        planned width for every matrix (their norms and biases stay in floating point)."""
+        """Float groups at the bundle's precision; quantized groups int4/int8 (MatMulNBits: int2
+        too), with codes of the planned width for every matrix (their norms and biases stay in
+        floating point)."""
+        bits = OPS_BITS[self.ops]
         for key, t in released_state_dict(loaded.model).items():
             tid = checkpoint_id(key)
             p = plan_spec(request.plan, tid).precision
@@ -300,10 +397,11 @@ class OnnxQuantExporter(OnnxExporter):
                 if p is not request.precision:
                     raise InputError(f"the plan gives {tid} {p.value} but the bundle is {request.precision.value}: float groups take the bundle's precision")
                 continue
-            if p not in _BITS:
-                raise InputError(f"--format onnx stores int4 and int8 codes, not {p.value} ({tid}): use a plan of int4/int8/fp32")
-            if t.dim() == 2 and (key not in self.codes or self.codes[key].bits != _BITS[p]):
-                raise InputError(f"the plan gives {key} {p.value} but no {_BITS[p]}-bit codes were given for it: quantize it first")
+            if p not in bits:
+                widths = "/".join(q.value for q in bits)
+                raise InputError(f"--format onnx --ops {self.ops.value} stores {widths} codes, not {p.value} ({tid}): use a plan of {widths}/fp32")
+            if t.dim() == 2 and (key not in self.codes or self.codes[key].bits != bits[p]):
+                raise InputError(f"the plan gives {key} {p.value} but no {bits[p]}-bit codes were given for it: quantize it first")
 
     def write(self, loaded: LoadedModel, out: Path, request: ExportRequest) -> ExportParts:
         parts = super().write(loaded, out, request)
@@ -311,13 +409,14 @@ class OnnxQuantExporter(OnnxExporter):
         weights = {k: state[k] for k in self.codes}
         done: dict[str, str] = {}
         for file in GRAPH_FILES.values():
-            done |= rewrite_graph(out / file, self.codes, weights)
+            done |= rewrite_graph(out / file, self.codes, weights, self.ops)
         missing = sorted(set(self.codes) - set(done))
         if missing:
             raise CheckpointError(f"{len(missing)} planned weights were not found in the ONNX graphs (first: {missing[0]}): the exporter's graph layout changed; plan those groups in floating point")
-        toolchain: dict[str, Any] = dict(parts.toolchain, opset=QDQ_OPSET, quantization="DequantizeLinear(blocked, axis 0) -> MatMul")
+        how = f"com.microsoft.MatMulNBits (accuracy_level {MATMULNBITS_LEVEL})" if self.ops is OnnxOps.MATMULNBITS else "DequantizeLinear(blocked, axis 0) -> MatMul"
+        toolchain: dict[str, Any] = dict(parts.toolchain, opset=QDQ_OPSET, quantization=how)
         extra = dict(parts.extra, quantization=self.summary | {"quantized_weights": len(done)})
         return ExportParts(parts.roles, parts.graphs, quantized_tensor_groups(out, loaded), toolchain, parts.layout, extra)
 
 
-__all__ = ["QDQ_OPSET", "OnnxQuantExporter", "quantized_tensor_groups", "read_back", "rewrite_graph"]
+__all__ = ["MATMULNBITS_LEVEL", "OPS_BITS", "QDQ_OPSET", "OnnxOps", "OnnxQuantExporter", "pack_rows", "quantized_tensor_groups", "read_back", "rewrite_graph"]

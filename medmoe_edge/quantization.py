@@ -178,7 +178,7 @@ def parse_method(text: str | None, fmt: str = "onnx") -> QuantMethod:
 TENSORRT_BLOCKS = (32, 64, 128)  # TensorRT's blocked int4 weight-only quantization (32 and 128 built here, export/tensorrt_quant.py)
 
 
-def check_block(fmt: str, block: int | None) -> int:
+def check_block(fmt: str, block: int | None, backend: str | None = None) -> int:
     """--block: weights per scale block of the integer codes (default 32); ggml types fix their own.
 
     Raises:
@@ -192,7 +192,28 @@ def check_block(fmt: str, block: int | None) -> int:
         raise InputError(f"--block must be at least 1, got {block}")
     if fmt == "tensorrt" and block not in TENSORRT_BLOCKS:
         raise InputError(f"--block {block} is not a TensorRT int4 block: use one of {', '.join(map(str, TENSORRT_BLOCKS))}")
+    if backend == "onnx-matmulnbits" and (block < 16 or block & (block - 1)):
+        raise InputError(f"--block {block} is not a MatMulNBits block: use a power of two of at least 16 (e.g. 32)")
     return block
+
+
+OPS = ("qdq", "matmulnbits")  # export.onnx_quant.OnnxOps: how an ONNX bundle stores planned weights
+
+
+def check_ops(fmt: str, ops: str | None) -> str:
+    """--ops: qdq (DequantizeLinear → MatMul, the default) or matmulnbits (ONNX Runtime's own
+    MatMulNBits nodes, 2-bit codes too); ONNX bundles only. Returns the allocation backend's name.
+
+    Raises:
+        InputError: another value, or --ops for another format.
+    """
+    if ops is None:
+        return fmt
+    if fmt != "onnx":
+        raise InputError(f"--ops applies to --format onnx, not {fmt}: drop --ops")
+    if ops.lower() not in OPS:
+        raise InputError(f"--ops {ops!r} is not one of {', '.join(OPS)}")
+    return "onnx-matmulnbits" if ops.lower() == "matmulnbits" else "onnx"
 
 
 def load_stats(stats_dir: Path, model_dir: Path, model: str | Path, set_name: str | None = None) -> CalibStats:
@@ -315,6 +336,7 @@ def quantize_bundle(
     trace_questions: int = 16,
     set_name: str | None = None,
     moe_dispatch: str | None = None,
+    ops: str | None = None,
     sensitivity: SensitivityMode = SensitivityMode.MEASURED,
     status: Status = _quiet,
     progress: Progress | None = None,
@@ -328,9 +350,10 @@ def quantize_bundle(
     """
     check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
     method = parse_method(None if method is None else method.value, fmt)
-    block = check_block(fmt, block)
+    backend = check_ops(fmt, ops)
+    block = check_block(fmt, block, backend)
     from .export.gguf_quant import GgufQuantExporter
-    from .export.onnx_quant import OnnxQuantExporter
+    from .export.onnx_quant import OnnxOps, OnnxQuantExporter
     from .export.tensorrt_quant import TensorRTQuantExporter
 
     exporter_cls = {"gguf": GgufQuantExporter, "onnx": OnnxQuantExporter, "tensorrt": TensorRTQuantExporter}[fmt]
@@ -348,15 +371,15 @@ def quantize_bundle(
     with status(f"loading {model}"):
         loaded = load_model(model_dir)
     with status(f"{'estimating' if sensitivity is SensitivityMode.PROXY else 'measuring'} sensitivities and allocating bits"):
-        result = make_plan(loaded, stats, fmt, method=method, budget_mb=budget_mb, avg_bits=avg_bits, block=block, sensitivity=sensitivity, cache_dir=stats_dir, progress=progress)
+        result = make_plan(loaded, stats, backend, method=method, budget_mb=budget_mb, avg_bits=avg_bits, block=block, sensitivity=sensitivity, cache_dir=stats_dir, progress=progress)
     trace = _embedded_trace(model_dir, trace_questions) if trace_questions else None
     a = result.allocation
     summary = {
-        "backend": fmt,
+        "backend": backend,
         "method": method.value,
         "block": None if fmt == "gguf" else block,
         "sensitivity": sensitivity.value,
-        "symmetric": not BACKENDS[fmt].zero_point,
+        "symmetric": not BACKENDS[backend].zero_point,
         "quantizer": ("ggml_quantize_chunk (llama.cpp)" + ("; q4_0/q8_0: medmoe_edge.quantizer GPTQ codes, packed" if method is QuantMethod.GPTQ else "")) if fmt == "gguf" else "medmoe_edge.quantizer",
         "budget_bytes": a.budget,
         "predicted_bytes": a.nbytes,
@@ -365,7 +388,7 @@ def quantize_bundle(
         "planned_params": a.params,
         "calibration": {"key": stats.key, "set": stats.settings.set_name, "set_sha256": stats.settings.set_sha256, "domains": list(stats.settings.domains)},
     }
-    exporter = exporter_cls(result.codes, summary)
+    exporter = OnnxQuantExporter(result.codes, summary, OnnxOps.MATMULNBITS) if backend == "onnx-matmulnbits" else exporter_cls(result.codes, summary)
     request = exporter_cls.request(given, plan=result.plan)
 
     def embed(tmp: Path) -> dict[str, str]:
@@ -376,4 +399,4 @@ def quantize_bundle(
     return manifest, result
 
 
-__all__ = ["DEFAULT_METHOD", "check_block", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]
+__all__ = ["DEFAULT_METHOD", "OPS", "check_block", "check_ops", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]

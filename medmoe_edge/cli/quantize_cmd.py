@@ -10,7 +10,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ..calibration.sensitivity import SensitivityMode
-from ..quantization import METHODS, check_block, check_request, parse_method, parse_sensitivity, quantize_bundle
+from ..quantization import METHODS, check_block, check_ops, check_request, parse_method, parse_sensitivity, quantize_bundle
 from ..quantizer import DEFAULT_BLOCK
 from .common import err, out, user_errors
 from .export_cmd import tensorrt_check_runtime
@@ -34,6 +34,7 @@ def quantize_cmd(
     set_name: Annotated[str | None, typer.Option("--set", help="Calibration set the statistics must come from [default: the one they record, checked unchanged].")] = None,
     block: Annotated[int | None, typer.Option("--block", help=f"Weights per scale block of the integer codes (onnx; tensorrt's int4: 32, 64 or 128) [default: {DEFAULT_BLOCK}].")] = None,
     moe_dispatch: Annotated[str | None, typer.Option("--moe-dispatch", help="ONNX: 'scatter' (NonZero per expert) or 'if' (an If per expert, what TensorRT builds) [default: scatter].")] = None,
+    ops: Annotated[str | None, typer.Option("--ops", help="ONNX: qdq (DequantizeLinear → MatMul: standard ONNX, int4/int8; ONNX Runtime fuses it into MatMulNBits) or matmulnbits (ONNX Runtime's MatMulNBits nodes written directly: int2 too, ONNX Runtime only) [default: qdq].")] = None,
     sensitivity: Annotated[str | None, typer.Option("--sensitivity", help="measured: one end-to-end probe per group and type (the demo: about a minute); proxy: tr(ΔW H ΔWᵀ) from the calibration Hessians, scaled by one probe per layer and component (for real-dimension models) [default: measured].")] = None,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {QUANTIZE_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
@@ -41,11 +42,11 @@ def quantize_cmd(
     check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
     q_method = parse_method(method, fmt)
     mode = parse_sensitivity(sensitivity)
-    shown_block = check_block(fmt, block)  # checked before any work; quantize_bundle takes the flag as given
+    shown_block = check_block(fmt, block, check_ops(fmt, ops))  # checked before any work; quantize_bundle takes the flags as given
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("measuring sensitivities", total=None)
         manifest, result = quantize_bundle(
-            model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch, sensitivity=mode,
+            model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch, ops=ops, sensitivity=mode,
             trace_questions=QUANTIZE_VERIFY_LIMIT, status=err.status, progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
     if fmt == "gguf":
