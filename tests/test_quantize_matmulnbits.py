@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from medmoe_edge import api
@@ -21,6 +20,8 @@ from medmoe_edge.quant_plan import QuantMethod, QuantPlan
 from medmoe_edge.quantization import fake_quantize, load_stats, make_plan
 from medmoe_edge.runtime_contract import RuntimeOptions
 from medmoe_edge.vocab import Precision
+
+from oracle_checks import assert_equals_oracle
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -98,18 +99,7 @@ def test_onnx_runtime_at_level_0_equals_the_fake_quant_oracle_of_the_same_codes(
     assert result.plan.to_json() == QuantPlan.from_json(m.plan.to_json()).to_json()  # the bundle's plan, so its codes
     fake_quantize(loaded, result.codes)
     bundle_rt = api.load(_at_level_0(nbits_bundle, tmp_path / "level0"), runtime="onnxruntime", options=opts)
-    from PIL import Image
-
-    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
-    for question in ("what modality is this?", "is there a lesion?"):
-        req, _ = oracle.prepare(image, question)
-        got, want = bundle_rt.runtime.prefill([req], 4), oracle.runtime.prefill([req], 4)
-        assert float((got.logits - want.logits).abs().max()) <= 1e-4
-        tok = want.logits.argmax(-1)
-        step_got, step_want = bundle_rt.runtime.decode(tok), oracle.runtime.decode(tok)
-        assert float((step_got.logits - step_want.logits).abs().max()) <= 1e-4
-        for layer, e in step_want.experts.items():
-            assert torch.equal(step_got.experts[layer], e)
+    assert_equals_oracle(bundle_rt, oracle)
 
 
 @pytest.mark.parametrize(
