@@ -180,8 +180,10 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantizerConfig) -> Q
         for j in range(i2 - i1):
             col = i1 + j
             if col % cfg.block == 0:
-                # the block's parameters from its current (already updated) weights
-                blk = torch.cat([w1[:, j:], w[:, i2:]], 1)[:, : cfg.block].to(torch.float32)
+                # the block's parameters from its current (already updated) weights; only the
+                # block's own columns are gathered (the rest of the matrix is not copied)
+                rest = max(0, cfg.block - (i2 - i1 - j))
+                blk = torch.cat([w1[:, j : j + cfg.block], w[:, i2 : i2 + rest]], 1).to(torch.float32)
                 s, z = _block_params(blk.unsqueeze(1), cfg.bits, cfg.symmetric)
                 scales[:, col // cfg.block], zeros[:, col // cfg.block] = s[:, 0], z[:, 0]
             b = col // cfg.block
