@@ -1,8 +1,8 @@
 """One teacher-forced pass over a calibration set → `CalibStats` (see `medmoe_edge.calib_stats`).
 
 A forward pre-hook on every quantizable `nn.Linear` of the language model (attention, dense FFN,
-routed experts, meta experts, projector, lm_head; never the router) adds x xᵀ of the rows it is
-called with. Because the reference dispatch calls each routed expert on exactly the rows its
+routed experts, meta experts, projector; never the router) adds x xᵀ of the rows it is called
+with; the lm_head's is added from the final hidden states (its logits are never computed here). Because the reference dispatch calls each routed expert on exactly the rows its
 router sent it (`MoEFFN._dispatch_eager`, spec §2.4: no token is dropped), an expert's Hessian
 is over its own routed tokens and nothing else.
 """
@@ -15,14 +15,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medmoe_edge.calib_stats import MARGIN_BINS, TOKEN_KINDS, CalibSettings, CalibStats
+from medmoe_edge.calib_stats import MARGIN_BINS, TOKEN_KINDS, CalibSettings, CalibStats, share
 from medmoe_edge.checkpoint import LoadedModel
 from medmoe_edge.errors import InputError
 from medmoe_edge.imaging import PreprocessMode
 
-from .teacher import TeacherSequence, forward, prepare, spliced_kinds
+from .teacher import TeacherSequence, hidden, prepare, spliced_kinds
 
 Progress = Callable[[int, int], None]
+
+# Projections that read the very tensor another projection of the same module reads: their Hessian
+# is the same matrix, so it is accumulated once and shared (StableLM's q/k/v and gate/up; Phi-2's
+# q/k/v). A shared Hessian is one tensor object, saved once (`CalibStats.save`).
+SAME_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 
 
 def quantizable_linears(loaded: LoadedModel) -> dict[str, nn.Linear]:
@@ -31,6 +36,18 @@ def quantizable_linears(loaded: LoadedModel) -> dict[str, nn.Linear]:
     for name, mod in loaded.model.lm.named_modules():
         if isinstance(mod, nn.Linear) and ".gate.wg" not in name and not name.endswith("coefficient"):
             out[f"{name}.weight"] = mod
+    return out
+
+
+def shared_inputs(keys: Sequence[str]) -> dict[str, str]:
+    """Weight key → the key whose Hessian it shares (`SAME_INPUT`), for the keys present."""
+    present, out = set(keys), {}
+    for k in keys:
+        head, _, tail = k.rpartition(".")
+        parent, _, proj = head.rpartition(".")
+        src = f"{parent}.{SAME_INPUT[proj]}.{tail}" if proj in SAME_INPUT else None
+        if src in present:
+            out[k] = src
     return out
 
 
@@ -84,18 +101,24 @@ def collect(
     moe_layers = tuple(sorted(spec.moe.layers))
     domains = settings.domains
     linears = quantizable_linears(loaded)
-    acc = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for k, m in linears.items()}
-    tokens = dict.fromkeys(linears, 0)
+    shared = shared_inputs(list(linears))
+    own = {k: m for k, m in linears.items() if k not in shared}
+    # per sequence x xᵀ in fp32 (the cost: 600+ rows × d_in² per matrix), summed across sequences in fp64
+    acc = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for k, m in own.items()}
+    tokens = dict.fromkeys(own, 0)
 
     def hook(key: str):
         def pre(_mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            acc[key].addmm_(x.T, x)
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            acc[key].add_(x.T @ x)
             tokens[key] += x.shape[0]
 
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(k)) for k, m in linears.items()]
+    hooks = {k: hook(k) for k in own}
+    head_key = next(k for k, m in own.items() if m is loaded.model.lm.lm_head)
+    # the lm_head's logits are not needed here, only its input: its hook is called on the final hidden states
+    handles = [m.register_forward_pre_hook(hooks[k]) for k, m in own.items() if k != head_key]
     routed = torch.zeros(len(moe_layers), spec.moe.num_experts, len(domains), len(TOKEN_KINDS), dtype=torch.int64)
     margins = torch.zeros(len(moe_layers), len(domains), MARGIN_BINS, dtype=torch.int64)
     kept: list[TeacherSequence] = []
@@ -103,7 +126,8 @@ def collect(
     try:
         seqs = prepare(loaded, samples, root, preprocess)
         for n, seq in enumerate(seqs):
-            _logits, routing = forward(loaded, seq)
+            h, routing = hidden(loaded, seq)
+            hooks[head_key](None, (h,))
             d = domains.index(seq.domain)
             kinds = spliced_kinds(seq.token_ids, spec.image_tokens, seq.answer_start)
             for li, layer in enumerate(moe_layers):
@@ -126,8 +150,8 @@ def collect(
         model_sha256=model_sha256,
         label=label,
         settings=settings,
-        hessians={k: v.float() for k, v in acc.items()},
-        tokens=tokens,
+        hessians=share({k: v.float() for k, v in acc.items()}, shared),
+        tokens=share(tokens, shared),
         routed=routed,
         margins=margins,
         moe_layers=moe_layers,
@@ -138,4 +162,4 @@ def collect(
     return stats
 
 
-__all__ = ["collect", "meta_pairs", "quantizable_linears", "select"]
+__all__ = ["SAME_INPUT", "collect", "meta_pairs", "quantizable_linears", "select", "shared_inputs"]

@@ -48,7 +48,7 @@ from medmoe_edge.ggml_codes import pack as ggml_pack
 from medmoe_edge.ggml_codes import nbytes as ggml_nbytes
 from medmoe_edge.ggml_codes import quantize as ggml_quantize
 from medmoe_edge.quant_plan import QuantMethod
-from medmoe_edge.quantizer import DEFAULT_BLOCK, QTensor, QuantizerConfig, packed_bytes, quantize
+from medmoe_edge.quantizer import DEFAULT_BLOCK, GptqFactors, QTensor, QuantizerConfig, packed_bytes, quantize
 from medmoe_edge.tensor_ids import checkpoint_id
 from medmoe_edge.vocab import Component, Precision, PrecisionKind
 
@@ -111,6 +111,7 @@ class CodeBook:
     block: int = DEFAULT_BLOCK
     symmetric: bool = False
     codes: dict[tuple[str, int], QTensor] = field(default_factory=dict)
+    factors: GptqFactors = field(default_factory=GptqFactors, repr=False)
 
     def method_for(self, key: str, precision: Precision | None = None) -> QuantMethod:
         """How the codes of `key` are made (what the plan records): the embedding is a lookup
@@ -121,7 +122,7 @@ class CodeBook:
         if (key, bits) not in self.codes:
             method = self.method_for(key)
             cfg = QuantizerConfig(bits, self.block, method, self.symmetric)
-            self.codes[(key, bits)] = quantize(weight, cfg, self.stats.hessians.get(key), self.stats.tokens.get(key, 0))
+            self.codes[(key, bits)] = quantize(weight, cfg, self.stats.hessians.get(key), self.stats.tokens.get(key, 0), self.factors)
         return self.codes[(key, bits)]
 
     def codes_for(self, key: str, weight: torch.Tensor, precision: Precision) -> QTensor:
@@ -142,6 +143,7 @@ class GgmlCodeBook:
     method: QuantMethod
     block: int | None = None  # ggml types fix their own blocks
     codes: dict[tuple[str, Precision], GgmlCodes] = field(default_factory=dict)
+    factors: GptqFactors = field(default_factory=GptqFactors, repr=False)
 
     def method_for(self, key: str, precision: Precision) -> QuantMethod:
         """How the codes of `key` at `precision` are made (what the plan records)."""
@@ -155,7 +157,7 @@ class GgmlCodeBook:
         if (key, precision) not in self.codes:
             method = self.method_for(key, precision)
             if method is QuantMethod.GPTQ:
-                q = quantize(weight, QuantizerConfig(PACKABLE[precision], 32, QuantMethod.GPTQ, symmetric=True), self.stats.hessians[key], self.stats.tokens.get(key, 0))
+                q = quantize(weight, QuantizerConfig(PACKABLE[precision], 32, QuantMethod.GPTQ, symmetric=True), self.stats.hessians[key], self.stats.tokens.get(key, 0), self.factors)
                 self.codes[(key, precision)] = ggml_pack(q, precision)
             else:
                 use = method is QuantMethod.IMATRIX_RTN
@@ -164,33 +166,47 @@ class GgmlCodeBook:
 
 
 class Probe:
-    """The kept calibration sequences, batched, with the fp32 answer distributions and routes."""
+    """The kept calibration sequences, batched, with the fp32 answer distributions and routes.
+
+    A probe of a decoder layer's weights starts from the reference hidden states entering that
+    layer (the layers below it are unchanged, so they are not run again), and the lm_head is
+    applied to the answer rows only: on a real-dimension model a full pass per probe spent half
+    its time on logits of image rows that nothing reads.
+    """
 
     def __init__(self, loaded: LoadedModel, sequences: Sequence[TeacherSequence]) -> None:
         self.loaded = loaded
         self.sequences = list(sequences)
         self.features = [image_features(loaded, s) for s in self.sequences]
-        logp, routes = self.run()
-        self.ref_logp, self.ref_routes = logp, routes
-        self.ref_p = logp.exp()
-
-    def run(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """(log-probs of the answer positions [A, V], top-1 experts of every real position per MoE layer)."""
-        m = self.loaded.model
+        m = loaded.model
         with torch.inference_mode():
-            rows = []
-            for s, f in zip(self.sequences, self.features):
-                rows.append(m.splice(s.token_ids, m.lm.model.mm_projector(f)))
-            b = m.make_batch(rows)
-            logits, routing = m.forward_embeds(b.embeds, b.positions, b.mask, None)
-            picks = [logits[i, s.answer_start - 1 : n - 1] for i, (s, n) in enumerate(zip(self.sequences, b.lengths))]
-            valid = b.mask.reshape(-1).bool()
-            routes = {layer: r.experts[:, 0][valid] for layer, r in routing.items()}
-        return torch.cat(picks).float().log_softmax(-1), routes
+            self.batch = m.make_batch(self._rows())
+        self.inputs: list[torch.Tensor] = []  # reference hidden states entering each layer, then the last layer's output
+        self.ref_routes: dict[int, torch.Tensor] = {}
+        self.ref_logp, self.ref_routes = self.run(0, keep=self.inputs)
+        self.ref_p = self.ref_logp.exp()
 
-    def measure(self) -> tuple[float, float]:
+    def _rows(self) -> list[torch.Tensor]:
+        m = self.loaded.model
+        return [m.splice(s.token_ids, m.lm.model.mm_projector(f)) for s, f in zip(self.sequences, self.features)]
+
+    def run(self, from_layer: int = 0, keep: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(log-probs of the answer positions [A, V], top-1 experts of every real position per MoE
+        layer) of the model as it is now, the decoder run from layer `from_layer` on (the layers
+        below it keep the reference's hidden states and routes)."""
+        m, b = self.loaded.model, self.batch
+        with torch.inference_mode():
+            # from layer 0 the embeddings are rebuilt: the projector or the embedding may be the probed weights
+            h0 = m.make_batch(self._rows()).embeds if from_layer == 0 else self.inputs[from_layer]
+            h, routing = m.lm.model(h0, b.positions, b.mask, None, from_layer=from_layer, layer_inputs=keep)
+            picks = torch.cat([h[i, s.answer_start - 1 : n - 1] for i, (s, n) in enumerate(zip(self.sequences, b.lengths))])
+            valid = b.mask.reshape(-1).bool()
+            routes = {**self.ref_routes, **{layer: r.experts[:, 0][valid] for layer, r in routing.items()}}
+            return m.lm.lm_head(picks).float().log_softmax(-1), routes
+
+    def measure(self, from_layer: int = 0) -> tuple[float, float]:
         """(mean KL(p_fp32 ‖ p_now) over answer positions, router agreement) of the model as it is now."""
-        logp, routes = self.run()
+        logp, routes = self.run(from_layer)
         kl = float((self.ref_p * (self.ref_logp - logp)).sum(-1).mean())
         same = sum(int((routes[k] == self.ref_routes[k]).sum()) for k in routes)
         total = sum(v.numel() for v in routes.values())
@@ -228,11 +244,22 @@ def _write_cache(path: Path | None, cached: dict) -> None:
     os.replace(tmp, path)
 
 
-def _probe_one(loaded: LoadedModel, probe: Probe, weights: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """(ΔD, router agreement) with `weights` in the model, which is then restored."""
+def first_layer(unit: Unit, num_layers: int) -> int:
+    """The first decoder layer whose input a unit's weights change (where its probe starts): its
+    layer; `num_layers` (the final norm) for the lm_head; 0 for the projector and the embedding."""
+    tids = [checkpoint_id(k) for k in unit.keys]
+    if all(t.component is Component.LM_HEAD for t in tids):
+        return num_layers
+    if all(t.layer is not None for t in tids):
+        return min(t.layer for t in tids if t.layer is not None)
+    return 0
+
+
+def _probe_one(loaded: LoadedModel, probe: Probe, unit: Unit, weights: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(ΔD, router agreement) with `weights` (the unit's codes) in the model, which is then restored."""
     old = swap(loaded, weights)
     try:
-        return probe.measure()
+        return probe.measure(first_layer(unit, loaded.spec.text.num_layers))
     finally:
         swap(loaded, old)
 
@@ -275,7 +302,7 @@ def measure(
     probe = Probe(loaded, [TeacherSequence.from_json(s) for s in stats.sequences]) if todo else None
     for n, (u, p) in enumerate(todo):
         assert probe is not None
-        cached[f"{u.name}|{p.value}"] = list(_probe_one(loaded, probe, {k: book.codes_for(k, state[k], p).dequantize() for k in u.keys}))
+        cached[f"{u.name}|{p.value}"] = list(_probe_one(loaded, probe, u, {k: book.codes_for(k, state[k], p).dequantize() for k in u.keys}))
         if progress:
             progress(n + 1, len(todo))
     if todo:
@@ -326,7 +353,7 @@ def estimate(
 
     def run(u: Unit, p: Precision) -> tuple[float, float]:
         assert probe is not None
-        return _probe_one(loaded, probe, {k: book.codes_for(k, state[k], p).dequantize() for k in u.keys})
+        return _probe_one(loaded, probe, u, {k: book.codes_for(k, state[k], p).dequantize() for k in u.keys})
 
     for cls, members in classes.items():
         lowest = {u.name: min(offered[u.name], key=lambda p: p.bits) for u in members}

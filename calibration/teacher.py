@@ -80,21 +80,17 @@ def image_features(loaded: LoadedModel, seq: TeacherSequence) -> torch.Tensor:
         return m.vision(seq.pixel_values.to(m.vision.vision_model.pre_layrnorm.weight.dtype)).to(m.dtype)
 
 
-def forward(loaded: LoadedModel, seq: TeacherSequence, features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, Routing]]:
-    """One teacher-forced pass: (fp32 logits [L, V] over every spliced position, routing per MoE layer)."""
+def hidden(loaded: LoadedModel, seq: TeacherSequence, features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, Routing]]:
+    """One teacher-forced pass up to the lm_head: (final hidden states [L, H] over every spliced
+    position, routing per MoE layer)."""
     m = loaded.model
     with torch.inference_mode():
         feats = image_features(loaded, seq) if features is None else features
         rows = m.lm.model.mm_projector(feats)
         embeds = m.splice(seq.token_ids, rows)
         n = embeds.shape[0]
-        logits, routing = m.forward_embeds(embeds[None], torch.arange(n)[None], torch.ones(1, n, dtype=torch.int64), None)
-    return logits[0], routing
+        h, routing = m.lm.model(embeds[None], torch.arange(n)[None], torch.ones(1, n, dtype=torch.int64), None)
+    return h[0], routing
 
 
-def answer_logits(logits: torch.Tensor, seq: TeacherSequence) -> torch.Tensor:
-    """The rows that predict the answer tokens and EOS: positions answer_start-1 .. L-2."""
-    return logits[seq.answer_start - 1 : logits.shape[0] - 1]
-
-
-__all__ = ["TeacherSequence", "answer_logits", "forward", "image_features", "prepare", "spliced_kinds"]
+__all__ = ["TeacherSequence", "hidden", "image_features", "prepare", "spliced_kinds"]

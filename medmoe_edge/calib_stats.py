@@ -36,7 +36,7 @@ import torch
 from . import __version__
 from .errors import InputError
 
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: shared Hessians (q/k/v, gate/up) stored once
 STATS_STEM = "stats"
 MIN_TOKENS_PER_INPUT = 4  # n_min = 4·d_in tokens for a well-conditioned H (quantization-study §1)
 FEW_TOKEN_MIN_BITS = 4
@@ -87,7 +87,8 @@ class CalibStats:
     Attributes:
         model_sha256: source hash of the checkpoint (as bundle manifests record it).
         settings: what was asked for.
-        hessians: checkpoint weight key → Σ x xᵀ [K, K] (fp32 storage, fp64 accumulation).
+        hessians: checkpoint weight key → Σ x xᵀ [K, K] (fp32 storage; fp32 per sequence, summed
+            in fp64); matrices that read one input (q/k/v, gate/up) share one tensor object.
         tokens: checkpoint weight key → inputs summed into its Hessian.
         routed: [MoE layers, experts, domains, TOKEN_KINDS] routed-token counts (top-1 slot).
         margins: [MoE layers, domains, MARGIN_BINS] histogram of router margins p1 − p2.
@@ -119,13 +120,16 @@ class CalibStats:
         """Blend the meta expert's Hessian into every expert with fewer than n_min tokens and
         record it (`fallbacks`); called once by the collector, before saving."""
         self.fallbacks = []
+        blended: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(H) → (H, blend): a shared H is blended once and stays shared
         for key, meta in sorted(self.meta_of.items()):
             h, n = self.hessians[key], self.tokens[key]
             n_min = MIN_TOKENS_PER_INPUT * h.shape[0]
             if n >= n_min:
                 continue
-            hm, nm = self.hessians[meta], max(self.tokens[meta], 1)
-            self.hessians[key] = (h.double() + hm.double() * ((n_min - n) / nm)).float()
+            if id(h) not in blended:
+                hm, nm = self.hessians[meta], max(self.tokens[meta], 1)
+                blended[id(h)] = (h, (h.double() + hm.double() * ((n_min - n) / nm)).float())
+            self.hessians[key] = blended[id(h)][1]
             few = n < n_min // 4
             action = "no-tokens: meta hessian, imatrix=1, min-bits" if n == 0 else ("meta-hessian-blend+min-bits" if few else "meta-hessian-blend")
             self.fallbacks.append(Fallback(key, n, n_min, action, FEW_TOKEN_MIN_BITS if few else None))
@@ -153,7 +157,13 @@ class CalibStats:
         """Write stats.safetensors and stats.json into `directory`, each atomically."""
         from safetensors.torch import save_file
 
-        tensors = {f"hessian/{k}": v.float().contiguous() for k, v in self.hessians.items()}
+        tensors, stored, shared = {}, {}, {}
+        for k, v in self.hessians.items():  # a Hessian shared by several matrices is one tensor: written once
+            if id(v) in stored:
+                shared[k] = stored[id(v)]
+            else:
+                stored[id(v)] = k
+                tensors[f"hessian/{k}"] = v.float().contiguous()
         tensors |= {"routed": self.routed.to(torch.int64).contiguous(), "margins": self.margins.to(torch.int64).contiguous()}
         seqs = []
         for i, s in enumerate(self.sequences):
@@ -169,6 +179,7 @@ class CalibStats:
             "moe_layers": list(self.moe_layers),
             "tokens": self.tokens,
             "meta_of": self.meta_of,
+            "shared": shared,
             "fallbacks": [asdict(f) for f in self.fallbacks],
             "sequences": seqs,
         }
@@ -209,7 +220,7 @@ class CalibStats:
                 model_sha256=meta["model_sha256"],
                 label=meta["label"],
                 settings=settings,
-                hessians={k[len("hessian/") :]: v for k, v in flat.items() if k.startswith("hessian/")},
+                hessians=share({k[len("hessian/") :]: v for k, v in flat.items() if k.startswith("hessian/")}, meta["shared"]),
                 tokens={k: int(v) for k, v in meta["tokens"].items()},
                 routed=flat["routed"],
                 margins=flat["margins"],
@@ -241,6 +252,11 @@ class CalibStats:
             raise InputError(f"--stats {directory} was computed on calibration set {self.settings.set_name!r}, not {set_name!r} (manifest SHA-256 differs): run medmoe-edge calibrate --set {set_name} --out NEW_STATS")
 
 
+def share(values: dict, shared: dict[str, str]) -> dict:
+    """`values` with each key of `shared` given its source's value (the same object)."""
+    return {**values, **{k: values[src] for k, src in shared.items()}}
+
+
 def read_key(directory: Path) -> str | None:
     """The cache key of a statistics directory, None when it holds none (cheap: the JSON only)."""
     js = Path(directory) / f"{STATS_STEM}.json"
@@ -250,4 +266,4 @@ def read_key(directory: Path) -> str | None:
         return None
 
 
-__all__ = ["FEW_TOKEN_MIN_BITS", "MARGIN_BINS", "MIN_TOKENS_PER_INPUT", "STATS_STEM", "TOKEN_KINDS", "CalibSettings", "CalibStats", "Fallback", "read_key"]
+__all__ = ["FEW_TOKEN_MIN_BITS", "MARGIN_BINS", "MIN_TOKENS_PER_INPUT", "STATS_STEM", "TOKEN_KINDS", "CalibSettings", "CalibStats", "Fallback", "read_key", "share"]

@@ -370,9 +370,12 @@ def quantize_bundle(
 
     with status(f"loading {model}"):
         loaded = load_model(model_dir)
-    with status(f"{'estimating' if sensitivity is SensitivityMode.PROXY else 'measuring'} sensitivities and allocating bits"):
+    with status(f"{method.value} codes at every candidate type, {'estimated' if sensitivity is SensitivityMode.PROXY else 'measured'} sensitivities, allocation"):
         result = make_plan(loaded, stats, backend, method=method, budget_mb=budget_mb, avg_bits=avg_bits, block=block, sensitivity=sensitivity, cache_dir=stats_dir, progress=progress)
-    trace = _embedded_trace(model_dir, trace_questions) if trace_questions else None
+    trace = None
+    if trace_questions:
+        with status(f"recording the reference trace ({trace_questions} eval questions) the bundle embeds"):
+            trace = _embedded_trace(model_dir, trace_questions)
     a = result.allocation
     summary = {
         "backend": backend,

@@ -150,60 +150,92 @@ def rtn(weight: torch.Tensor, cfg: QuantizerConfig, importance: torch.Tensor | N
     return QTensor(codes.to(torch.uint8), scale, zero.to(torch.uint8), cfg.bits, cfg.block, cfg.symmetric, cfg.method)
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantizerConfig) -> QTensor:
-    """GPTQ of `weight` [N, K] against `hessian` [K, K] = Σ x xᵀ over the matrix's own inputs.
+def gptq_factor(hessian: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damping)⁻¹ that GPTQ's error feedback uses, fp32 [K, K].
 
-    A block's scale and zero point are chosen from the *updated* weights when GPTQ reaches the
-    block's first column (GPTQ's group-wise variant), so the codes reproduce exactly with
-    `QTensor.dequantize`. Columns that never saw input (diag H = 0) are quantized as they are.
+    Factored in float64 (a 5632-wide down projection's H is ill-conditioned in fp32), stored in
+    fp32 for the updates. Columns that never saw input (diag H = 0) get a unit diagonal. A matrix
+    that is not positive definite even after damping gets the identity: no error feedback (RTN).
     """
-    _check_shape(weight, cfg.block)
-    n, k = weight.shape
-    if hessian.shape != (k, k):
-        raise InputError(f"the Hessian is {tuple(hessian.shape)} but the matrix has {k} input columns: the statistics are of another model")
-    w = weight.detach().to(torch.float64).clone()
+    k = hessian.shape[0]
     h = hessian.detach().to(torch.float64).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     h += torch.eye(k, dtype=h.dtype) * (GPTQ_DAMP * torch.diag(h).mean())
     try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except RuntimeError:  # not positive definite even after damping: quantize without error feedback
-        hinv = torch.eye(k, dtype=h.dtype)
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
+    except RuntimeError:
+        return torch.eye(k)
+
+
+class GptqFactors:
+    """`gptq_factor` of the last few Hessians asked for, by identity: a plan quantizes one matrix
+    at several widths, and matrices that read the same input share one Hessian tensor (q/k/v,
+    gate/up), so each factorisation, O(K³) in float64, is done once instead of once per call."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._entries: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def get(self, hessian: torch.Tensor) -> torch.Tensor:
+        for h, f in self._entries:
+            if h is hessian:
+                return f
+        f = gptq_factor(hessian)
+        self._entries = [(hessian, f), *self._entries[: self.size - 1]]
+        return f
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantizerConfig, factors: GptqFactors | None = None) -> QTensor:
+    """GPTQ of `weight` [N, K] against `hessian` [K, K] = Σ x xᵀ over the matrix's own inputs.
+
+    A block's scale and zero point are chosen from the *updated* weights when GPTQ reaches the
+    block's first column (GPTQ's group-wise variant), so the codes reproduce exactly with
+    `QTensor.dequantize`. Columns that never saw input (diag H = 0) are quantized as they are.
+    The updates run in fp32 (as the GPTQ reference does); `factors` reuses a factorisation.
+    """
+    _check_shape(weight, cfg.block)
+    n, k = weight.shape
+    if hessian.shape != (k, k):
+        raise InputError(f"the Hessian is {tuple(hessian.shape)} but the matrix has {k} input columns: the statistics are of another model")
+    w = weight.detach().to(torch.float32).clone()
+    hinv = factors.get(hessian) if factors is not None else gptq_factor(hessian)
     codes = torch.empty(n, k)
     nb = k // cfg.block
     scales, zeros = torch.empty(n, nb), torch.empty(n, nb)
+    qmax = (1 << cfg.bits) - 1
     for i1 in range(0, k, GPTQ_COLUMN_BLOCK):
         i2 = min(i1 + GPTQ_COLUMN_BLOCK, k)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         for j in range(i2 - i1):
             col = i1 + j
+            b = col // cfg.block
             if col % cfg.block == 0:
                 # the block's parameters from its current (already updated) weights; only the
                 # block's own columns are gathered (the rest of the matrix is not copied)
                 rest = max(0, cfg.block - (i2 - i1 - j))
-                blk = torch.cat([w1[:, j : j + cfg.block], w[:, i2 : i2 + rest]], 1).to(torch.float32)
+                blk = torch.cat([w1[:, j : j + cfg.block], w[:, i2 : i2 + rest]], 1)
                 s, z = _block_params(blk.unsqueeze(1), cfg.bits, cfg.symmetric)
-                scales[:, col // cfg.block], zeros[:, col // cfg.block] = s[:, 0], z[:, 0]
-            b = col // cfg.block
-            s, z = scales[:, b].to(torch.float64), zeros[:, b].to(torch.float64)
+                scales[:, b], zeros[:, b] = s[:, 0], z[:, 0]
+            s, z = scales[:, b], zeros[:, b]
             x = w1[:, j]
-            q = (x / s + z).round().clamp(0, (1 << cfg.bits) - 1)
-            codes[:, col] = q.to(torch.float32)
+            q = (x / s + z).round_().clamp_(0, qmax)
+            codes[:, col] = q
             e = (x - (q - z) * s) / hinv[col, col]
-            w1[:, j:] -= e.unsqueeze(1) * hinv[col, col:i2].unsqueeze(0)
+            w1[:, j:].addr_(e, hinv[col, col:i2], alpha=-1.0)
             err1[:, j] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return QTensor(codes.to(torch.uint8), scales.to(torch.float32), zeros.to(torch.uint8), cfg.bits, cfg.block, cfg.symmetric, cfg.method)
+        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
+    return QTensor(codes.to(torch.uint8), scales, zeros.to(torch.uint8), cfg.bits, cfg.block, cfg.symmetric, cfg.method)
 
 
-def quantize(weight: torch.Tensor, cfg: QuantizerConfig, hessian: torch.Tensor | None = None, tokens: int = 0) -> QTensor:
+def quantize(weight: torch.Tensor, cfg: QuantizerConfig, hessian: torch.Tensor | None = None, tokens: int = 0, factors: GptqFactors | None = None) -> QTensor:
     """Quantize one matrix by `cfg.method`; GPTQ and IMATRIX_RTN need the matrix's input Hessian.
 
     Args:
         hessian: Σ x xᵀ over the matrix's calibration inputs ([K, K]); None: RTN only.
         tokens: how many inputs `hessian` sums (for the imatrix diagonal diag(H)/n).
+        factors: GPTQ's factorisations to reuse (`GptqFactors`).
     Raises:
         InputError: a method that needs statistics without them.
     """
@@ -214,7 +246,7 @@ def quantize(weight: torch.Tensor, cfg: QuantizerConfig, hessian: torch.Tensor |
     if cfg.method is QuantMethod.IMATRIX_RTN:
         imp = torch.diag(hessian).to(torch.float32) / max(tokens, 1)
         return rtn(weight, cfg, importance=imp + 1e-12)
-    return gptq(weight, hessian, cfg)
+    return gptq(weight, hessian, cfg, factors)
 
 
 def packed_bytes(numel: int, bits: int, block: int, *, scale_bytes: int, zero_point: bool) -> int:
@@ -235,4 +267,4 @@ def relative_error(weight: torch.Tensor, q: QTensor, hessian: torch.Tensor | Non
     return float(((d @ h * d).sum() / (w @ h * w).sum().clamp_min(1e-30)).sqrt())
 
 
-__all__ = ["DEFAULT_BLOCK", "QTensor", "QuantizerConfig", "gptq", "packed_bytes", "quantize", "relative_error", "rtn"]
+__all__ = ["DEFAULT_BLOCK", "GptqFactors", "QTensor", "QuantizerConfig", "gptq", "gptq_factor", "packed_bytes", "quantize", "relative_error", "rtn"]

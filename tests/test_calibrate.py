@@ -55,6 +55,21 @@ def test_few_token_experts_are_reported_with_their_action(stats_dir):
     assert s.min_bits(META.format(l=0, p="fc1")) is None
 
 
+def test_matrices_that_read_one_input_share_one_hessian_on_disk_too(stats_dir):
+    """q/k/v read the same LayerNorm output: one accumulated Hessian, one tensor, written once."""
+    out, s = stats_dir
+    q, k, v = (f"model.layers.1.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj"))
+    assert s.hessians[k] is s.hessians[q] and s.hessians[v] is s.hessians[q] and s.tokens[k] == s.tokens[q]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "stats.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert f"hessian/{q}" in names and f"hessian/{k}" not in names
+    back = CalibStats.load(out)
+    assert back.hessians[k] is back.hessians[q] and torch.equal(back.hessians[q], s.hessians[q])
+    assert back.hessians.keys() == s.hessians.keys()
+
+
 def test_imatrix_is_the_mean_square_input(stats_dir):
     _, s = stats_dir
     k = META.format(l=2, p="fc2")

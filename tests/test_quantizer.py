@@ -11,7 +11,7 @@ import torch
 from medmoe_edge.allocation import Choice, Unit, budget_from, guard, route_flips, solve, solve_routed
 from medmoe_edge.errors import InputError
 from medmoe_edge.quant_plan import QuantMethod
-from medmoe_edge.quantizer import QuantizerConfig, gptq, packed_bytes, quantize, relative_error, rtn
+from medmoe_edge.quantizer import GptqFactors, QuantizerConfig, gptq, packed_bytes, quantize, relative_error, rtn
 from medmoe_edge.vocab import Precision
 
 
@@ -55,6 +55,18 @@ def test_gptq_on_the_matrix_own_inputs_beats_rtn():
         out_err = lambda q: float((x @ (w - q.dequantize()).T).norm() / (x @ w.T).norm())  # noqa: E731
         assert out_err(g) < most * out_err(r), (bits, out_err(g), out_err(r))
         assert relative_error(w, g, h) == pytest.approx(out_err(g), rel=1e-3)
+
+
+def test_a_reused_factorisation_gives_the_same_codes():
+    """`GptqFactors` factors a Hessian once for every width and every matrix that shares it."""
+    w, _, h = _data()
+    factors = GptqFactors()
+    for bits in (2, 4, 8):
+        cfg = QuantizerConfig(bits, method=QuantMethod.GPTQ)
+        fresh, reused = gptq(w, h, cfg), gptq(w, h, cfg, factors)
+        assert torch.equal(fresh.codes, reused.codes) and torch.equal(fresh.scales, reused.scales)
+    assert len(factors._entries) == 1 and factors.get(h) is factors._entries[0][1]
+    assert factors.get(h.clone()) is not factors._entries[1][1]  # by identity: an equal copy is a new entry
 
 
 def test_imatrix_rtn_lowers_the_importance_weighted_error():

@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 
 from medmoe_edge.allocation import BACKENDS
 from medmoe_edge.bundle import read_manifest
-from medmoe_edge.calibration.sensitivity import CodeBook, SensitivityMode, cache_name, estimate, measure, output_energy, probe_class, units_for
+from medmoe_edge.calibration.sensitivity import CodeBook, Probe, SensitivityMode, cache_name, estimate, measure, output_energy, probe_class, units_for
+from medmoe_edge.calibration.sensitivity import swap
+from medmoe_edge.calibration.teacher import TeacherSequence
 from medmoe_edge.checkpoint import load_model, resolve_model_dir
 from medmoe_edge.cli.app import app
 from medmoe_edge.quant_plan import QuantMethod
@@ -37,6 +39,28 @@ def test_output_energy_is_the_squared_output_error_over_the_calibration_tokens()
 def demo(stats_dir):
     model_dir = resolve_model_dir("demo")
     return load_model(model_dir), load_stats(stats_dir, model_dir, "demo")
+
+
+def test_a_probe_started_at_the_changed_layer_equals_a_full_pass(demo):
+    """Probes of a layer's weights reuse the reference hidden states below it: same ΔKL and routes
+    as running every layer (and starting above the changed layer would miss it: the start matters)."""
+    loaded, stats = demo
+    probe = Probe(loaded, [TeacherSequence.from_json(q) for q in stats.sequences])
+    state = loaded.model.lm.state_dict()
+    n = loaded.spec.text.num_layers
+    for key, layer in (("model.layers.2.mlp.meta_moe.fc1.weight", 2), ("model.layers.0.self_attn.q_proj.weight", 0), ("lm_head.weight", n)):
+        g = torch.Generator().manual_seed(layer)
+        old = swap(loaded, {key: state[key] + 0.05 * state[key].std() * torch.randn(state[key].shape, generator=g)})
+        try:
+            full, part = probe.measure(0), probe.measure(layer)
+            above = probe.measure(min(layer + 1, n)) if layer < n else None
+        finally:
+            swap(loaded, old)
+        assert full[0] > 1e-8, key
+        assert part[0] == pytest.approx(full[0], rel=1e-4) and part[1] == pytest.approx(full[1], abs=1e-12), key
+        if above is not None:
+            assert above[0] < 0.5 * full[0] or above[1] != full[1], key
+    assert probe.measure(0)[0] == pytest.approx(0.0, abs=1e-9) and probe.measure(0)[1] == 1.0  # restored
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torch"])

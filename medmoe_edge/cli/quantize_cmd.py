@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -43,12 +45,14 @@ def quantize_cmd(
     q_method = parse_method(method, fmt)
     mode = parse_sensitivity(sensitivity)
     shown_block = check_block(fmt, block, check_ops(fmt, ops))  # checked before any work; quantize_bundle takes the flags as given
+    took: dict[str, float] = {}
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("measuring sensitivities", total=None)
         manifest, result = quantize_bundle(
             model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch, ops=ops, sensitivity=mode,
-            trace_questions=QUANTIZE_VERIFY_LIMIT, status=err.status, progress=lambda i, n: bar.update(task, completed=i, total=n),
+            trace_questions=QUANTIZE_VERIFY_LIMIT, status=timed(err.status, took), progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
+    err.print("took: " + "; ".join(f"{what} {secs:.0f} s" for what, secs in took.items()), highlight=False)
     if fmt == "gguf":
         from ..export.gguf_quant import read_back
     else:  # a TensorRT bundle holds the ONNX graphs its engines were built from
@@ -91,6 +95,20 @@ def quantize_cmd(
     if not report.passed:
         err.print(f"[bold red]the bundle was written to {out_dir} but is outside the quantized-bundle tolerances: give it more bytes (a larger --budget-mb or --avg-bits)[/]")
         raise typer.Exit(1)
+
+
+def timed(status, took: dict[str, float]):
+    """`status` that also records each step's wall seconds into `took` (printed after the run, so a
+    user of a real-dimension model sees where the time went)."""
+
+    @contextmanager
+    def run(message: str):
+        t = time.perf_counter()
+        with status(message):
+            yield
+        took[message] = time.perf_counter() - t
+
+    return run
 
 
 def _kernels(fmt: str) -> str:

@@ -137,17 +137,33 @@ class TextModel(nn.Module):
     def final_norm(self) -> nn.LayerNorm:
         return self.final_layernorm if self.text.variant is Variant.PHI else self.norm
 
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, dict[int, Routing]]:
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: KVCache | None,
+        *,
+        from_layer: int = 0,
+        layer_inputs: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[int, Routing]]:
         """Run the decoder on new rows.
 
         Args:
-            inputs_embeds: [B, T, H] embeddings of the new tokens (text and spliced image rows).
+            inputs_embeds: [B, T, H] embeddings of the new tokens (text and spliced image rows),
+                or with `from_layer` > 0 the hidden states entering that layer.
             position_ids: [B, T] RoPE positions (contiguous over the spliced sequence, §5.3).
             attention_mask: [B, S] 1 for real slots, 0 for padding, covering cached + new slots.
             cache: KV cache to read and extend, or None for a single full pass.
+            from_layer: the first layer to run (sensitivity probes of a layer reuse the unchanged
+                layers below it; `num_layers` runs only the final norm). Needs cache None.
+            layer_inputs: filled with the hidden states entering each layer that runs, then with
+                the last layer's output (what the final norm reads: `from_layer=num_layers`).
         Returns:
-            (final hidden states [B, T, H], {layer index: Routing} for the MoE layers).
+            (final hidden states [B, T, H], {layer index: Routing} for the MoE layers that ran).
         """
+        if from_layer and cache is not None:
+            raise ValueError("from_layer needs a full pass without a KV cache")
         start = cache.length if cache is not None else 0
         t = inputs_embeds.shape[1]
         if attention_mask.shape[1] != start + t:
@@ -157,9 +173,15 @@ class TextModel(nn.Module):
         h = inputs_embeds
         routing: dict[int, Routing] = {}
         for i, layer in enumerate(self.layers):
+            if i < from_layer:
+                continue
+            if layer_inputs is not None:
+                layer_inputs.append(h)
             h, r = layer(h, cos, sin, bias, cache, i)
             if r is not None:
                 routing[i] = r
+        if layer_inputs is not None:
+            layer_inputs.append(h)
         if cache is not None:
             cache.advance(t)
         return self.final_norm(h), routing
