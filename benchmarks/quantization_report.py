@@ -15,10 +15,12 @@ agreement, routing agreement, answer agreement, per domain for KL):
 * `quantize --format onnx` (DequantizeLinear → MatMulNBits in ONNX Runtime, default accuracy
   level) and `quantize --format gguf` (ggml types, llama.cpp) bundles at a few budgets.
 
-    python benchmarks/quantization_report.py [--per-domain 12] [--calib-per-domain 16] [--sens-per-domain 8] [--accuracy 400] [--no-doc]
+    python benchmarks/quantization_report.py [--per-domain 12] [--calib-per-domain 16] [--sens-per-domain 8] [--accuracy 400] [--proxy-plans] [--no-doc]
 
 --accuracy N answers up to N eval questions per domain greedily with every configuration (400:
 the whole 1,600-question split) for closed accuracy and open recall per domain against fp32.
+--proxy-plans runs only uniform int3 GPTQ and the plans chosen by `--sensitivity proxy` at its
+bytes and at 3.5 bits per weight, into a block of their own (quantization_report_proxy).
 
 Writes docs/QUANTIZATION.md (the block between its markers) and prints the table.
 """
@@ -92,6 +94,11 @@ def main() -> None:
     ap.add_argument("--calib-per-domain", type=int, default=16, help="calibration questions per domain for the statistics")
     ap.add_argument("--sens-per-domain", type=int, default=8, help="calibration sequences per domain kept for measuring sensitivities")
     ap.add_argument("--accuracy", type=int, default=0, help="eval questions per domain answered greedily for closed accuracy and open recall (0: none; 400: the whole split)")
+    ap.add_argument(
+        "--proxy-plans",
+        action="store_true",
+        help="only uniform int3 GPTQ and the plans from --sensitivity proxy at its bytes and at 3.5 bits (published into a block of their own)",
+    )
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
     t0 = time.time()
@@ -100,7 +107,7 @@ def main() -> None:
 
     from medmoe_edge import api
     from medmoe_edge.allocation import BACKENDS
-    from medmoe_edge.calibration.sensitivity import CodeBook, units_for
+    from medmoe_edge.calibration.sensitivity import CodeBook, SensitivityMode, units_for
     from medmoe_edge.quantizer import packed_bytes
     from medmoe_edge.checkpoint import resolve_model_dir
     from medmoe_edge.errors import InputError
@@ -140,32 +147,34 @@ def main() -> None:
         reference_accuracy = _accuracy(oracle, acc_set)
 
         uniform_bytes = {}
-        for method in (QuantMethod.RTN, QuantMethod.GPTQ):
+        for method in (QuantMethod.GPTQ,) if args.proxy_plans else (QuantMethod.RTN, QuantMethod.GPTQ):
             book = CodeBook(stats, method, 32, symmetric=False)
-            for bits in (8, 4, 3, 2):  # the quantizer core takes 3 bits too (no format stores them: ORT and TensorRT have no 3-bit DQ)
+            for bits in (3,) if args.proxy_plans else (8, 4, 3, 2):  # the quantizer core takes 3 bits too (no format stores them: ORT and TensorRT have no 3-bit DQ)
                 codes = {k: book.get(k, state[k], bits) for u in units for k in u.keys}
                 nbytes = sum(packed_bytes(u.params, bits, 32, scale_bytes=torch_b.scale_bytes, zero_point=True) for u in units)
                 uniform_bytes[(method, bits)] = nbytes
                 fake(f"uniform int{bits} {method.value} (fake-quant)", codes, nbytes)
         # the calibration's own effect, without the allocation's: the same uniform types, GPTQ on CT-only Hessians
         book_ct = CodeBook(stats_ct, QuantMethod.GPTQ, 32, symmetric=False)
-        for bits in (3, 2):
+        for bits in () if args.proxy_plans else (3, 2):
             fake(f"uniform int{bits} gptq, CT-only calibration (fake-quant)", {k: book_ct.get(k, state[k], bits) for u in units for k in u.keys}, uniform_bytes[(QuantMethod.GPTQ, bits)])
         budgets = [("uniform int3 GPTQ bytes", uniform_bytes[(QuantMethod.GPTQ, 3)] / 1e6, None), ("3.5 bits per weight", None, 3.5)]
+        mode = SensitivityMode.PROXY if args.proxy_plans else SensitivityMode.MEASURED
         for label, mb, avg in budgets:
             for s, cal, cache in ((stats, "per-domain", "stats"), (stats_ct, "CT-only", "stats-ct")):
-                if cal == "CT-only" and avg is not None:
+                if cal == "CT-only" and (avg is not None or args.proxy_plans):
                     continue
                 try:
-                    res = make_plan(loaded, s, "torch", method=QuantMethod.GPTQ, budget_mb=mb, avg_bits=avg, cache_dir=work / cache)
+                    res = make_plan(loaded, s, "torch", method=QuantMethod.GPTQ, budget_mb=mb, avg_bits=avg, sensitivity=mode, cache_dir=work / cache)
                 except InputError as e:  # the router guard or the few-token floors refuse the budget: a row with the reason
                     refused.append(f"plan at {label}, {cal} calibration: {e}")
                     print(refused[-1], flush=True)
                     continue
-                fake(f"plan at {label}, {cal} calibration (fake-quant)", res.codes, res.allocation.nbytes)
+                fake(f"plan at {label}, {cal} calibration{', proxy sensitivities' if args.proxy_plans else ''} (fake-quant)", res.codes, res.allocation.nbytes)
         oracle.close()
 
-        for fmt, bits_list, runtime in (("onnx", (5.5, 6.5), "onnxruntime"), ("gguf", (3.5, 4.0, 5.0), "llamacpp"), ("tensorrt", (5.0, 6.0), "onnxruntime")):
+        bundles = () if args.proxy_plans else (("onnx", (5.5, 6.5), "onnxruntime"), ("gguf", (3.5, 4.0, 5.0), "llamacpp"), ("tensorrt", (5.0, 6.0), "onnxruntime"))
+        for fmt, bits_list, runtime in bundles:
             for bits in bits_list:
                 out = work / f"{fmt}-{bits}"
                 try:
@@ -187,7 +196,7 @@ def main() -> None:
     n = len(trace.items)
     lines = [
         f"Command: `python benchmarks/quantization_report.py --per-domain {args.per_domain} --calib-per-domain {args.calib_per_domain} --sens-per-domain {args.sens_per_domain}"
-        f"{f' --accuracy {args.accuracy}' if args.accuracy else ''}` "
+        f"{f' --accuracy {args.accuracy}' if args.accuracy else ''}{' --proxy-plans' if args.proxy_plans else ''}` "
         f"(torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, llama-cpp-python {llama_cpp.__version__}; demo model; {n} eval questions, "
         f"{args.per_domain} per domain, teacher-forced over 32 new tokens at most, against one fp32 reference trace; statistics from {args.calib_per_domain} calibration "
         f"questions per domain, CT-only: {args.calib_per_domain * 4} CT questions; {(time.time() - t0) / 60:.1f} min). Bits per weight and MB count the planned "
@@ -207,8 +216,13 @@ def main() -> None:
         lines += _accuracy_table(rows, reference_accuracy, len(acc_set[0]), args.accuracy)
     if refused:
         lines += ["", "Refused (the tool's own message):", "", *(f"* {r}" for r in refused)]
+    if args.proxy_plans:
+        u3, plan3 = rows[0], next((r for r in rows if r["name"].startswith("plan at uniform int3")), None)
+        if plan3 is not None:
+            lines += ["", f"At the bytes of uniform int3 GPTQ the proxy plan's KL is **{plan3['kl'] / u3['kl']:.2f}×** uniform's (bound ≤ 0.25×), top-1 tokens {plan3['tokens']:.2%} and routing {plan3['routing']:.2%} (bounds ≥ 99.5 %)."]
+    block = "quantization_report_proxy" if args.proxy_plans else "quantization_report"
     if not args.no_doc:
-        publish_block(DOC, "<!-- quantization_report:begin -->", "<!-- quantization_report:end -->", lines, "Per-expert quantization")
+        publish_block(DOC, f"<!-- {block}:begin -->", f"<!-- {block}:end -->", lines, "Per-expert quantization")
     else:
         print("\n".join(lines))
 

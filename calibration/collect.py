@@ -103,14 +103,15 @@ def collect(
     linears = quantizable_linears(loaded)
     shared = shared_inputs(list(linears))
     own = {k: m for k, m in linears.items() if k not in shared}
-    # per sequence x xᵀ in fp32 (the cost: 600+ rows × d_in² per matrix), summed across sequences in fp64
-    acc = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for k, m in own.items()}
+    # fp32 accumulation: float64 doubled both the time (the cost is rows × d_in² per call) and the
+    # memory (the Hessians of a real-dimension model are gigabytes), and GPTQ damps H by 1 % anyway
+    acc = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.float32) for k, m in own.items()}
     tokens = dict.fromkeys(own, 0)
 
     def hook(key: str):
         def pre(_mod, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-            acc[key].add_(x.T @ x)
+            acc[key].addmm_(x.T, x)
             tokens[key] += x.shape[0]
 
         return pre
@@ -150,7 +151,7 @@ def collect(
         model_sha256=model_sha256,
         label=label,
         settings=settings,
-        hessians=share({k: v.float() for k, v in acc.items()}, shared),
+        hessians=share(acc, shared),
         tokens=share(tokens, shared),
         routed=routed,
         margins=margins,

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ from medmoe_edge.errors import CheckpointError, InputError
 from medmoe_edge.exporter import ExportParts, ExportRequest, stored_groups
 from medmoe_edge.quantizer import QTensor
 from medmoe_edge.tensor_ids import _all_nodes, checkpoint_id, checkpoint_map, onnx_map, plan_spec, released_state_dict
-from medmoe_edge.vocab import Precision
+from medmoe_edge.vocab import OnnxOps, Precision
 
 from .onnx_export import GRAPH_FILES, OnnxExporter, _require_onnx
 
@@ -58,13 +57,6 @@ QDQ_OPSET = 21
 QDQ_IR_VERSION = 10
 _BITS = {Precision.INT4: 4, Precision.INT8: 8}
 MATMULNBITS_LEVEL = 4  # ONNX Runtime's default for the fused DQ pattern (session.qdq_matmulnbits_accuracy_level)
-
-
-class OnnxOps(str, Enum):
-    """How an ONNX bundle stores planned weights (`quantize --ops`)."""
-
-    QDQ = "qdq"  # DequantizeLinear → MatMul: standard ONNX; ONNX Runtime fuses it, TensorRT reads it; int4/int8
-    MATMULNBITS = "matmulnbits"  # com.microsoft.MatMulNBits: ONNX Runtime only; int2/int4/int8
 
 
 OPS_BITS = {OnnxOps.QDQ: _BITS, OnnxOps.MATMULNBITS: {Precision.INT2: 2, **_BITS}}
@@ -83,13 +75,10 @@ def _code_type(onnx, q: QTensor):
 
 
 def _pack(values: np.ndarray, bits: int) -> bytes:
-    """Raw bytes of an ONNX tensor: 4-bit elements two per byte, the first in the low nibble."""
-    flat = values.reshape(-1).astype(np.int16) & ((1 << bits) - 1)
-    if bits == 8:
-        return flat.astype(np.uint8).tobytes()
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.int16)])
-    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+    """Raw bytes of an ONNX tensor: 4-bit elements two per byte, the first in the low nibble (the
+    whole tensor as one row of `pack_rows`; signed codes as their two's-complement bits)."""
+    flat = values.reshape(1, -1).astype(np.int16) & ((1 << bits) - 1)
+    return pack_rows(flat, bits).tobytes()
 
 
 def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
@@ -114,6 +103,32 @@ def _fingerprint(a: np.ndarray) -> tuple:
 
 def _scope(node_name: str) -> str:
     return node_name.rsplit("/", 1)[0] if "/" in node_name else node_name
+
+
+def _dq_matmul(onnx, owner, node, q: QTensor, base: str, scope: str, dtype: np.dtype) -> list:
+    """DequantizeLinear (blocked, axis 0) of the codes of `q`, then the MatMul (a Gemm becomes
+    MatMul → Add) that read the weight; the codes, scales and zero points go into `owner`."""
+    from onnx import numpy_helper
+
+    code_type = _code_type(onnx, q)
+    cvals = (q.signed_codes() if q.symmetric else q.codes).numpy().T  # [K, N]
+    owner.initializer.append(_tensor(onnx, base + ".codes", np.ascontiguousarray(cvals), code_type, q.bits))
+    # the quantizer's scales are fp16-exact, so an fp16 graph stores them without loss
+    owner.initializer.append(numpy_helper.from_array(np.ascontiguousarray(q.scales.numpy().T.astype(dtype)), base + ".scales"))
+    dq_inputs = [base + ".codes", base + ".scales"]
+    if not q.symmetric:
+        owner.initializer.append(_tensor(onnx, base + ".zero_point", np.ascontiguousarray(q.zeros.numpy().T), code_type, q.bits))
+        dq_inputs.append(base + ".zero_point")
+    dq_out = base + ".dequantized"
+    out = [onnx.helper.make_node("DequantizeLinear", dq_inputs, [dq_out], name=f"{scope}/DequantizeLinear", axis=0, block_size=q.block)]
+    if node.op_type == "MatMul":
+        node.input[1] = dq_out
+        return [*out, node]
+    mm_out = node.output[0] + ".matmul" if len(node.input) > 2 else node.output[0]
+    out.append(onnx.helper.make_node("MatMul", [node.input[0], dq_out], [mm_out], name=f"{scope}/MatMul"))
+    if len(node.input) > 2 and node.input[2]:
+        out.append(onnx.helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{scope}/Add"))
+    return out
 
 
 def rewrite_graph(path: Path, codes: dict[str, QTensor], weights: dict[str, torch.Tensor], ops: OnnxOps = OnnxOps.QDQ) -> dict[str, str]:
@@ -175,35 +190,8 @@ def rewrite_graph(path: Path, codes: dict[str, QTensor], weights: dict[str, torc
             if readers[w_name] > 1:
                 raise CheckpointError(f"{key} ({w_name}) is read by {readers[w_name]} nodes: a shared weight cannot be quantized for one of them")
             q = codes[key]
-            scope = _scope(node.name)
-            base = f"{w_name}.q{q.bits}"
-            if ops is OnnxOps.MATMULNBITS:
-                new_nodes += _matmulnbits(onnx, owner, node, q, base, scope, arr.dtype)
-                drop.add(w_name)
-                done[key] = node.name
-                continue
-            dtype = _code_type(onnx, q)
-            if q.symmetric:
-                cvals = q.signed_codes().numpy().T  # [K, N]
-            else:
-                cvals = q.codes.numpy().T
-            owner.initializer.append(_tensor(onnx, base + ".codes", np.ascontiguousarray(cvals), dtype, q.bits))
-            # the quantizer's scales are fp16-exact, so an fp16 graph stores them without loss
-            owner.initializer.append(numpy_helper.from_array(np.ascontiguousarray(q.scales.numpy().T.astype(arr.dtype)), base + ".scales"))
-            dq_inputs = [base + ".codes", base + ".scales"]
-            if not q.symmetric:
-                owner.initializer.append(_tensor(onnx, base + ".zero_point", np.ascontiguousarray(q.zeros.numpy().T), dtype, q.bits))
-                dq_inputs.append(base + ".zero_point")
-            dq_out = base + ".dequantized"
-            new_nodes.append(onnx.helper.make_node("DequantizeLinear", dq_inputs, [dq_out], name=f"{scope}/DequantizeLinear", axis=0, block_size=q.block))
-            if node.op_type == "MatMul":
-                node.input[1] = dq_out
-                new_nodes.append(node)
-            else:
-                mm_out = node.output[0] + ".matmul" if len(node.input) > 2 else node.output[0]
-                new_nodes.append(onnx.helper.make_node("MatMul", [node.input[0], dq_out], [mm_out], name=f"{scope}/MatMul"))
-                if len(node.input) > 2 and node.input[2]:
-                    new_nodes.append(onnx.helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{scope}/Add"))
+            write = _matmulnbits if ops is OnnxOps.MATMULNBITS else _dq_matmul
+            new_nodes += write(onnx, owner, node, q, f"{w_name}.q{q.bits}", _scope(node.name), arr.dtype)
             drop.add(w_name)
             done[key] = node.name
 

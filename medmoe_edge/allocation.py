@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import InputError
 from .quant_plan import QuantMethod
-from .vocab import Component, Precision, PrecisionKind
+from .vocab import Component, OnnxOps, Precision, PrecisionKind
 
 RESOLUTION = 4096  # byte buckets of the DP
 
@@ -83,7 +83,7 @@ BACKENDS: dict[str, Backend] = {
     "onnx": Backend("onnx", (Precision.INT4, Precision.INT8, Precision.FP32), 4, True, quantize_embed=False),
     # ONNX with com.microsoft.MatMulNBits written directly (quantize --ops matmulnbits): ONNX Runtime
     # only, and 2-bit codes too (MatMulNBits takes 2, 4 and 8 bits; fp32 scales in the fp32 graph)
-    "onnx-matmulnbits": Backend("onnx-matmulnbits", (Precision.INT2, Precision.INT4, Precision.INT8, Precision.FP32), 4, True, quantize_embed=False),
+    OnnxOps.MATMULNBITS.backend: Backend(OnnxOps.MATMULNBITS.backend, (Precision.INT2, Precision.INT4, Precision.INT8, Precision.FP32), 4, True, quantize_embed=False),
     # TensorRT: symmetric blocked int4 weight-only Q/DQ in an fp16 network with fp16 scales
     # (quantization-study §3c). No int8: measured with TensorRT-RTX 1.7.1 on the demo's decoder
     # (docs/TENSORRT.md), weight-only int8 is folded into fp16 weights (the engine grows) and int8

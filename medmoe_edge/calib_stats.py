@@ -87,8 +87,8 @@ class CalibStats:
     Attributes:
         model_sha256: source hash of the checkpoint (as bundle manifests record it).
         settings: what was asked for.
-        hessians: checkpoint weight key → Σ x xᵀ [K, K] (fp32 storage; fp32 per sequence, summed
-            in fp64); matrices that read one input (q/k/v, gate/up) share one tensor object.
+        hessians: checkpoint weight key → Σ x xᵀ [K, K] (fp32, accumulated in fp32); matrices
+            that read one input (q/k/v, gate/up) share one tensor object.
         tokens: checkpoint weight key → inputs summed into its Hessian.
         routed: [MoE layers, experts, domains, TOKEN_KINDS] routed-token counts (top-1 slot).
         margins: [MoE layers, domains, MARGIN_BINS] histogram of router margins p1 − p2.

@@ -36,7 +36,7 @@ from .quant_plan import QuantMethod, QuantPlan, QuantRule, QuantSpec
 from .ggml_codes import GgmlCodes
 from .quantizer import DEFAULT_BLOCK, QTensor
 from .support_files import checkpoint_source_sha256
-from .vocab import PrecisionKind
+from .vocab import OnnxOps, PrecisionKind
 
 Status = Callable[[str], AbstractContextManager]
 Progress = Callable[[int, int], None]
@@ -192,12 +192,12 @@ def check_block(fmt: str, block: int | None, backend: str | None = None) -> int:
         raise InputError(f"--block must be at least 1, got {block}")
     if fmt == "tensorrt" and block not in TENSORRT_BLOCKS:
         raise InputError(f"--block {block} is not a TensorRT int4 block: use one of {', '.join(map(str, TENSORRT_BLOCKS))}")
-    if backend == "onnx-matmulnbits" and (block < 16 or block & (block - 1)):
+    if backend == OnnxOps.MATMULNBITS.backend and (block < 16 or block & (block - 1)):
         raise InputError(f"--block {block} is not a MatMulNBits block: use a power of two of at least 16 (e.g. 32)")
     return block
 
 
-OPS = ("qdq", "matmulnbits")  # export.onnx_quant.OnnxOps: how an ONNX bundle stores planned weights
+OPS = tuple(o.value for o in OnnxOps)
 
 
 def check_ops(fmt: str, ops: str | None) -> str:
@@ -213,7 +213,7 @@ def check_ops(fmt: str, ops: str | None) -> str:
         raise InputError(f"--ops applies to --format onnx, not {fmt}: drop --ops")
     if ops.lower() not in OPS:
         raise InputError(f"--ops {ops!r} is not one of {', '.join(OPS)}")
-    return "onnx-matmulnbits" if ops.lower() == "matmulnbits" else "onnx"
+    return OnnxOps(ops.lower()).backend
 
 
 def load_stats(stats_dir: Path, model_dir: Path, model: str | Path, set_name: str | None = None) -> CalibStats:
@@ -353,7 +353,7 @@ def quantize_bundle(
     backend = check_ops(fmt, ops)
     block = check_block(fmt, block, backend)
     from .export.gguf_quant import GgufQuantExporter
-    from .export.onnx_quant import OnnxOps, OnnxQuantExporter
+    from .export.onnx_quant import OnnxQuantExporter
     from .export.tensorrt_quant import TensorRTQuantExporter
 
     exporter_cls = {"gguf": GgufQuantExporter, "onnx": OnnxQuantExporter, "tensorrt": TensorRTQuantExporter}[fmt]
@@ -391,7 +391,7 @@ def quantize_bundle(
         "planned_params": a.params,
         "calibration": {"key": stats.key, "set": stats.settings.set_name, "set_sha256": stats.settings.set_sha256, "domains": list(stats.settings.domains)},
     }
-    exporter = OnnxQuantExporter(result.codes, summary, OnnxOps.MATMULNBITS) if backend == "onnx-matmulnbits" else exporter_cls(result.codes, summary)
+    exporter = OnnxQuantExporter(result.codes, summary, next(o for o in OnnxOps if o.backend == backend)) if fmt == "onnx" else exporter_cls(result.codes, summary)
     request = exporter_cls.request(given, plan=result.plan)
 
     def embed(tmp: Path) -> dict[str, str]:

@@ -184,6 +184,18 @@ class Component(str, Enum):
     LM_HEAD = "lm_head"
 
 
+class OnnxOps(str, Enum):
+    """How an ONNX bundle stores planned weights (`quantize --ops`); `backend` names the allocation
+    backend (`allocation.BACKENDS`) whose types it takes."""
+
+    QDQ = "qdq"  # DequantizeLinear → MatMul: standard ONNX; ONNX Runtime fuses it, TensorRT reads it; int4/int8
+    MATMULNBITS = "matmulnbits"  # com.microsoft.MatMulNBits: ONNX Runtime only; int2/int4/int8
+
+    @property
+    def backend(self) -> str:
+        return "onnx" if self is OnnxOps.QDQ else "onnx-matmulnbits"
+
+
 class KvType(str, Enum):
     """Element type of a runtime's KV cache (`--kv-type`; llama.cpp's `type_k`/`type_v`).
 

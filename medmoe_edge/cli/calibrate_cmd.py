@@ -49,6 +49,6 @@ def calibrate_cmd(
     out.print(f"router margin p1-p2 < 0.1 on {low:.1%} of positions (tokens whose routing a small error can flip)", highlight=False)
     if stats.fallbacks:
         for f in stats.fallbacks:
-            out.print(f"[yellow]few tokens:[/] {f.key}: {f.tokens} < {f.n_min} → {f.action}" + (f" (at least {f.min_bits} bits)" if f.min_bits else ""), highlight=False)
+            out.print(f"[yellow]few tokens:[/] {f.key}: {f.tokens} < {f.n_min} → {f.action}" + (f" (at least {f.min_bits} bits)" if f.min_bits else ""), highlight=False, soft_wrap=True)  # one line per matrix, never wrapped
     else:
         out.print(f"every linear saw at least 4×d_in tokens (kinds: {', '.join(TOKEN_KINDS)}); no fallback needed", highlight=False)

@@ -52,7 +52,7 @@ def quantize_cmd(
             model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch, ops=ops, sensitivity=mode,
             trace_questions=QUANTIZE_VERIFY_LIMIT, status=timed(err.status, took), progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
-    err.print("took: " + "; ".join(f"{what} {secs:.0f} s" for what, secs in took.items()), highlight=False)
+    err.print("took: " + "; ".join(f"{what} {secs:.0f} s" for what, secs in took.items()), highlight=False, soft_wrap=True)
     if fmt == "gguf":
         from ..export.gguf_quant import read_back
     else:  # a TensorRT bundle holds the ONNX graphs its engines were built from
