@@ -2,9 +2,10 @@
 
 A forward pre-hook on every quantizable `nn.Linear` of the language model (attention, dense FFN,
 routed experts, meta experts, projector; never the router) adds x xᵀ of the rows it is called
-with; the lm_head's is added from the final hidden states (its logits are never computed here). Because the reference dispatch calls each routed expert on exactly the rows its
-router sent it (`MoEFFN._dispatch_eager`, spec §2.4: no token is dropped), an expert's Hessian
-is over its own routed tokens and nothing else.
+with; the lm_head's is added from the final hidden states (its logits are never computed here).
+Because the reference dispatch calls each routed expert on exactly the rows its router sent it
+(`MoEFFN._dispatch_eager`, spec §2.4: no token is dropped), an expert's Hessian is over its own
+routed tokens and nothing else.
 """
 
 from __future__ import annotations
