@@ -91,7 +91,8 @@ def make_proxy(out: Path, experts: int) -> Path:
 
     base = PRESETS[Preset.STABLELM]
     spec = replace(base, text=replace(base.text, num_layers=4), moe=MoESpec(layers=(0, 2), num_experts=experts), vision=CLIP_L14_336)
-    return write_random_checkpoint(spec, out, seed=0, dtype="float32")
+    # full_vocab: the released tokenizer covers the vocabulary, so the lm_head keeps its 100352 rows
+    return write_random_checkpoint(spec, out, seed=0, dtype="float32", full_vocab=True)
 
 
 def main() -> None:

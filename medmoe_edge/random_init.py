@@ -17,7 +17,7 @@ from .ckpt_writer import atomic_dir, full_tower_names, write_checkpoint
 from .model.medmoe import MedMoELM
 from .spec import ModelSpec, Variant
 from .vocab import FLOAT_PRECISIONS, Precision
-from .tokenizer import PHI_SPECIALS, STABLELM_SPECIALS, Tokenizer, default_corpus, train_bpe
+from .tokenizer import PHI_SPECIALS, STABLELM_SPECIALS, Tokenizer, default_corpus, pad_vocab, train_bpe
 from .weights import DEFAULT_SHARD_BYTES
 
 def _init(name: str, shape: tuple[int, ...], spec: ModelSpec, g: torch.Generator) -> torch.Tensor:
@@ -38,7 +38,9 @@ def _tensors(names: list[tuple[str, tuple[int, ...]]], spec: ModelSpec, seed: in
         yield name, _init(name, shape, spec, g).to(dtype)
 
 
-def write_random_checkpoint(spec: ModelSpec, out: str | Path, *, seed: int = 0, dtype: str = "float32", shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer_vocab: int | None = None) -> Path:
+def write_random_checkpoint(
+    spec: ModelSpec, out: str | Path, *, seed: int = 0, dtype: str = "float32", shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer_vocab: int | None = None, full_vocab: bool = False
+) -> Path:
     """Write a random checkpoint of `spec` to `out` (which must not exist or be empty).
 
     Args:
@@ -48,6 +50,8 @@ def write_random_checkpoint(spec: ModelSpec, out: str | Path, *, seed: int = 0, 
         dtype: storage dtype name: float32, float16 or bfloat16.
         shard_bytes: maximum bytes per safetensors shard.
         tokenizer_vocab: BPE vocabulary to train (default min(512, vocab_size)).
+        full_vocab: pad the tokenizer to `spec.text.vocab_size` with unreachable tokens
+            (`tokenizer.pad_vocab`), so loading keeps every embedding and lm_head row.
     Returns:
         The checkpoint directory.
     Raises:
@@ -59,6 +63,8 @@ def write_random_checkpoint(spec: ModelSpec, out: str | Path, *, seed: int = 0, 
     with atomic_dir(out) as tmp:
         specials = PHI_SPECIALS if spec.variant is Variant.PHI else STABLELM_SPECIALS
         train_bpe(default_corpus(), tokenizer_vocab or min(512, spec.text.vocab_size), specials, tmp)
+        if full_vocab:
+            pad_vocab(tmp, spec.text.vocab_size)
         tok = Tokenizer.from_dir(tmp)
         with torch.device("meta"):
             lm_names = [(k, tuple(v.shape)) for k, v in MedMoELM(spec).state_dict().items()]

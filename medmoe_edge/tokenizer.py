@@ -137,6 +137,22 @@ def train_bpe(corpus: Iterable[str], vocab_size: int, specials: SpecialTokens, o
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def pad_vocab(out_dir: str | Path, vocab_size: int) -> None:
+    """Give the tokenizer saved in `out_dir` `vocab_size` tokens by appending unreachable ones
+    (`<|unusedN|>`: no merge produces them, so text tokenises as before).
+
+    A random checkpoint's small tokenizer makes the loader truncate the embedding and lm_head to
+    its length (spec §4.2.6); padded, the checkpoint keeps every row as a released one does
+    (StableLM-2's tokenizer covers 100,289 of its 100,352 rows), for real-dimension proxies.
+    """
+    path = Path(out_dir) / "tokenizer.json"
+    j = json.loads(path.read_text())
+    vocab = j["model"]["vocab"]
+    nxt = max([*vocab.values(), *(t["id"] for t in j.get("added_tokens", []))]) + 1
+    vocab.update({f"<|unused{i}|>": i for i in range(nxt, vocab_size)})
+    path.write_text(json.dumps(j, ensure_ascii=False))
+
+
 def default_corpus() -> list[str]:
     """A small built-in corpus for the tokenizers of random checkpoints: the prompt
     template plus radiology/pathology VQA phrasing, so prompts tokenise compactly."""

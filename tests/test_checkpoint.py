@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,20 @@ def test_init_random_is_deterministic_and_seeded(tmp_path):
     assert len(list(b.glob("model-*.safetensors"))) > 1  # sharded differently, same values
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["lm_head.weight"], sc["lm_head.weight"])
+
+
+def test_a_padded_tokenizer_keeps_every_embedding_row(tmp_path):
+    """The loader truncates the vocabulary to the tokenizer (§4.2.6); `full_vocab` pads the random
+    checkpoint's tokenizer with unreachable tokens, so a real-dimension proxy keeps its lm_head."""
+    base = PRESETS[Preset.TINY_PHI]
+    spec = replace(base, text=replace(base.text, vocab_size=1024))
+    small = load_model(write_random_checkpoint(spec, tmp_path / "small", seed=0))
+    full = load_model(write_random_checkpoint(spec, tmp_path / "full", seed=0, full_vocab=True))
+    assert small.model.n_vocab == len(small.tokenizer) == 512
+    assert full.model.n_vocab == len(full.tokenizer) == 1024
+    assert full.model.lm.state_dict()["lm_head.weight"].shape == (1024, spec.text.hidden_size)
+    text = " Is there a lesion in the left lung?"
+    assert full.tokenizer.encode(text) == small.tokenizer.encode(text)  # the padding is never produced
 
 
 def test_init_random_refuses_non_empty_out(tmp_path):
