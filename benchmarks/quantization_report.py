@@ -100,6 +100,7 @@ def main() -> None:
         action="store_true",
         help="only uniform int3 GPTQ and the plans from --sensitivity proxy at its bytes and at 3.5 bits (published into a block of their own)",
     )
+    ap.add_argument("--router-guard", type=float, default=None, help="the plans' router-agreement floor on the probe sequences [default: allocation.ROUTER_GUARD, 0.995]")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
     t0 = time.time()
@@ -166,7 +167,8 @@ def main() -> None:
                 if cal == "CT-only" and avg is not None:
                     continue
                 try:
-                    res = make_plan(loaded, s, "torch", method=QuantMethod.GPTQ, budget_mb=mb, avg_bits=avg, sensitivity=mode, cache_dir=work / cache)
+                    guard = {} if args.router_guard is None else {"router_guard": args.router_guard}
+                    res = make_plan(loaded, s, "torch", method=QuantMethod.GPTQ, budget_mb=mb, avg_bits=avg, sensitivity=mode, cache_dir=work / cache, **guard)
                 except InputError as e:  # the router guard or the few-token floors refuse the budget: a row with the reason
                     refused.append(f"plan at {label}, {cal} calibration: {e}")
                     print(refused[-1], flush=True)
@@ -197,7 +199,7 @@ def main() -> None:
     n = len(trace.items)
     lines = [
         f"Command: `python benchmarks/quantization_report.py --per-domain {args.per_domain} --calib-per-domain {args.calib_per_domain} --sens-per-domain {args.sens_per_domain}"
-        f"{f' --accuracy {args.accuracy}' if args.accuracy else ''}{' --proxy-plans' if args.proxy_plans else ''}` "
+        f"{f' --accuracy {args.accuracy}' if args.accuracy else ''}{' --proxy-plans' if args.proxy_plans else ''}{f' --router-guard {args.router_guard}' if args.router_guard is not None else ''}` "
         f"(torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, llama-cpp-python {llama_cpp.__version__}; demo model; {n} eval questions, "
         f"{args.per_domain} per domain, teacher-forced over 32 new tokens at most, against one fp32 reference trace; statistics from {args.calib_per_domain} calibration "
         f"questions per domain, CT-only: {args.calib_per_domain * 4} CT questions; {(time.time() - t0) / 60:.1f} min). Bits per weight and MB count the planned "
@@ -225,7 +227,7 @@ def main() -> None:
         if plan3 is not None and ct3 is not None:
             change = ", ".join(f"{d} {ct3['domains'][d] / plan3['domains'][d] - 1:+.0%}" for d in DOMAINS)
             lines.append(f"The same budget planned from CT-only statistics changes each domain's KL by: {change} (per-domain calibration wins where the change is positive).")
-    block = "quantization_report_proxy" if args.proxy_plans else "quantization_report"
+    block = ("quantization_report_proxy" + ("_guard" if args.router_guard is not None else "")) if args.proxy_plans else "quantization_report"
     if not args.no_doc:
         publish_block(DOC, f"<!-- {block}:begin -->", f"<!-- {block}:end -->", lines, "Per-expert quantization")
     else:
