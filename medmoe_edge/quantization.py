@@ -12,6 +12,7 @@ whose manifest carries the plan.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -372,6 +373,10 @@ def quantize_bundle(
         loaded = load_model(model_dir)
     with status(f"{method.value} codes at every candidate type, {'estimated' if sensitivity is SensitivityMode.PROXY else 'measured'} sensitivities, allocation"):
         result = make_plan(loaded, stats, backend, method=method, budget_mb=budget_mb, avg_bits=avg_bits, block=block, sensitivity=sensitivity, cache_dir=stats_dir, progress=progress)
+    # the trace and the exporter load the checkpoint themselves: a real-dimension model is not
+    # held twice (the plan's codes are all that is needed from here on)
+    del loaded
+    gc.collect()
     trace = None
     if trace_questions:
         with status(f"recording the reference trace ({trace_questions} eval questions) the bundle embeds"):

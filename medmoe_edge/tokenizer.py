@@ -142,8 +142,8 @@ def pad_vocab(out_dir: str | Path, vocab_size: int) -> None:
     (`<|unusedN|>`: no merge produces them, so text tokenises as before).
 
     A random checkpoint's small tokenizer makes the loader truncate the embedding and lm_head to
-    its length (spec §4.2.6); padded, the checkpoint keeps every row as a released one does
-    (StableLM-2's tokenizer covers 100,289 of its 100,352 rows), for real-dimension proxies.
+    its length (spec §4.2.6); padded, the checkpoint keeps its rows as a released one, whose
+    tokenizer covers its vocabulary, does: for real-dimension proxies.
     """
     path = Path(out_dir) / "tokenizer.json"
     j = json.loads(path.read_text())
