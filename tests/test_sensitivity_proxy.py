@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 
 from medmoe_edge.allocation import BACKENDS
 from medmoe_edge.bundle import read_manifest
-from medmoe_edge.calibration.sensitivity import CodeBook, Probe, SensitivityMode, cache_name, estimate, measure, output_energy, probe_class, units_for
-from medmoe_edge.calibration.sensitivity import swap
+from medmoe_edge.calibration.sensitivity import CodeBook, Probe, SensitivityMode, cache_name, estimate, measure, output_energy, probe_class, swap, units_for
 from medmoe_edge.calibration.teacher import TeacherSequence
 from medmoe_edge.checkpoint import load_model, resolve_model_dir
 from medmoe_edge.cli.app import app
