@@ -19,9 +19,11 @@ agreement, routing agreement, answer agreement, per domain for KL):
 
 --accuracy N answers up to N eval questions per domain greedily with every configuration (400:
 the whole 1,600-question split) for closed accuracy and open recall per domain against fp32.
---proxy-plans runs only uniform int3 GPTQ and the plans chosen by `--sensitivity proxy` at its
-bytes (from per-domain and from CT-only statistics) and at 3.5 bits per weight, into a block of
-their own (quantization_report_proxy).
+--plans-only runs only uniform int3 GPTQ and the plans (measured sensitivities) at its bytes (from
+per-domain and from CT-only statistics) and at 3.5 bits per weight, into a block of their own
+(quantization_report_plans); --proxy-plans the same with `--sensitivity proxy`
+(quantization_report_proxy). Each plan's whole-plan router check on the probe sequences
+(`calibration.routing.hold_routes`) is listed under the tables.
 
 Writes docs/QUANTIZATION.md (the block between its markers) and prints the table.
 """
@@ -100,9 +102,11 @@ def main() -> None:
         action="store_true",
         help="only uniform int3 GPTQ and the plans from --sensitivity proxy at its bytes and at 3.5 bits (published into a block of their own)",
     )
+    ap.add_argument("--plans-only", action="store_true", help="only uniform int3 GPTQ and the measured plans at its bytes and at 3.5 bits (published into a block of their own)")
     ap.add_argument("--router-guard", type=float, default=None, help="the plans' router-agreement floor on the probe sequences [default: allocation.ROUTER_GUARD, 0.995]")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
+    plans_only = args.plans_only or args.proxy_plans
     t0 = time.time()
 
     import torch
@@ -126,6 +130,7 @@ def main() -> None:
     tol = QUANTIZED_TOLERANCES[ArtifactKind.ONNX]
     rows: list[dict] = []
     refused: list[str] = []
+    checks: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         stats, _ = calibrate("demo", work / "stats", per_domain=args.calib_per_domain, sensitivity_per_domain=args.sens_per_domain)
@@ -149,16 +154,16 @@ def main() -> None:
         reference_accuracy = _accuracy(oracle, acc_set)
 
         uniform_bytes = {}
-        for method in (QuantMethod.GPTQ,) if args.proxy_plans else (QuantMethod.RTN, QuantMethod.GPTQ):
+        for method in (QuantMethod.GPTQ,) if plans_only else (QuantMethod.RTN, QuantMethod.GPTQ):
             book = CodeBook(stats, method, 32, symmetric=False)
-            for bits in (3,) if args.proxy_plans else (8, 4, 3, 2):  # the quantizer core takes 3 bits too (no format stores them: ORT and TensorRT have no 3-bit DQ)
+            for bits in (3,) if plans_only else (8, 4, 3, 2):  # the quantizer core takes 3 bits too (no format stores them: ORT and TensorRT have no 3-bit DQ)
                 codes = {k: book.get(k, state[k], bits) for u in units for k in u.keys}
                 nbytes = sum(packed_bytes(u.params, bits, 32, scale_bytes=torch_b.scale_bytes, zero_point=True) for u in units)
                 uniform_bytes[(method, bits)] = nbytes
                 fake(f"uniform int{bits} {method.value} (fake-quant)", codes, nbytes)
         # the calibration's own effect, without the allocation's: the same uniform types, GPTQ on CT-only Hessians
         book_ct = CodeBook(stats_ct, QuantMethod.GPTQ, 32, symmetric=False)
-        for bits in () if args.proxy_plans else (3, 2):
+        for bits in () if plans_only else (3, 2):
             fake(f"uniform int{bits} gptq, CT-only calibration (fake-quant)", {k: book_ct.get(k, state[k], bits) for u in units for k in u.keys}, uniform_bytes[(QuantMethod.GPTQ, bits)])
         budgets = [("uniform int3 GPTQ bytes", uniform_bytes[(QuantMethod.GPTQ, 3)] / 1e6, None), ("3.5 bits per weight", None, 3.5)]
         mode = SensitivityMode.PROXY if args.proxy_plans else SensitivityMode.MEASURED
@@ -173,10 +178,17 @@ def main() -> None:
                     refused.append(f"plan at {label}, {cal} calibration: {e}")
                     print(refused[-1], flush=True)
                     continue
-                fake(f"plan at {label}, {cal} calibration{', proxy sensitivities' if args.proxy_plans else ''} (fake-quant)", res.codes, res.allocation.nbytes)
+                name = f"plan at {label}, {cal} calibration{', proxy sensitivities' if args.proxy_plans else ''} (fake-quant)"
+                fake(name, res.codes, res.allocation.nbytes)
+                if res.routing is not None:
+                    r = res.routing
+                    checks.append(
+                        f"{name}: routes flipped on the probe sequences {r.check.flips:.2%} ± {r.check.stderr:.2%} (held ≤ {1 - (args.router_guard or 0.995):.1%} with one standard error: {'yes' if r.held else 'no'}), "
+                        f"KL there {r.check.delta_kl:.2e}, {r.rounds} plans measured whole, {r.measured_picks} estimated picks measured"
+                    )
         oracle.close()
 
-        bundles = () if args.proxy_plans else (("onnx", (5.5, 6.5), "onnxruntime"), ("gguf", (3.5, 4.0, 5.0), "llamacpp"), ("tensorrt", (5.0, 6.0), "onnxruntime"))
+        bundles = () if plans_only else (("onnx", (5.5, 6.5), "onnxruntime"), ("gguf", (3.5, 4.0, 5.0), "llamacpp"), ("tensorrt", (5.0, 6.0), "onnxruntime"))
         for fmt, bits_list, runtime in bundles:
             for bits in bits_list:
                 out = work / f"{fmt}-{bits}"
@@ -199,7 +211,7 @@ def main() -> None:
     n = len(trace.items)
     lines = [
         f"Command: `python benchmarks/quantization_report.py --per-domain {args.per_domain} --calib-per-domain {args.calib_per_domain} --sens-per-domain {args.sens_per_domain}"
-        f"{f' --accuracy {args.accuracy}' if args.accuracy else ''}{' --proxy-plans' if args.proxy_plans else ''}{f' --router-guard {args.router_guard}' if args.router_guard is not None else ''}` "
+        f"{f' --accuracy {args.accuracy}' if args.accuracy else ''}{' --proxy-plans' if args.proxy_plans else ' --plans-only' if args.plans_only else ''}{f' --router-guard {args.router_guard}' if args.router_guard is not None else ''}` "
         f"(torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, llama-cpp-python {llama_cpp.__version__}; demo model; {n} eval questions, "
         f"{args.per_domain} per domain, teacher-forced over 32 new tokens at most, against one fp32 reference trace; statistics from {args.calib_per_domain} calibration "
         f"questions per domain, CT-only: {args.calib_per_domain * 4} CT questions; {(time.time() - t0) / 60:.1f} min). Bits per weight and MB count the planned "
@@ -219,15 +231,18 @@ def main() -> None:
         lines += _accuracy_table(rows, reference_accuracy, len(acc_set[0]), args.accuracy)
     if refused:
         lines += ["", "Refused (the tool's own message):", "", *(f"* {r}" for r in refused)]
-    if args.proxy_plans:
+    if checks:
+        lines += ["", "Whole-plan router check (`calibration.routing`), on the calibration probe sequences the plans were chosen on:", "", *(f"* {c}" for c in checks)]
+    if plans_only:
         u3, plan3 = rows[0], next((r for r in rows if r["name"].startswith("plan at uniform int3") and "per-domain" in r["name"]), None)
         ct3 = next((r for r in rows if r["name"].startswith("plan at uniform int3") and "CT-only" in r["name"]), None)
         if plan3 is not None:
-            lines += ["", f"At the bytes of uniform int3 GPTQ the proxy plan's KL is **{plan3['kl'] / u3['kl']:.2f}×** uniform's (bound ≤ 0.25×), top-1 tokens {plan3['tokens']:.2%} and routing {plan3['routing']:.2%} (bounds ≥ 99.5 %)."]
+            lines += ["", f"At the bytes of uniform int3 GPTQ the {'proxy ' if args.proxy_plans else ''}plan's KL is **{plan3['kl'] / u3['kl']:.2f}×** uniform's (bound ≤ 0.25×), top-1 tokens {plan3['tokens']:.2%} and routing {plan3['routing']:.2%} (bounds ≥ 99.5 %)."]
         if plan3 is not None and ct3 is not None:
             change = ", ".join(f"{d} {ct3['domains'][d] / plan3['domains'][d] - 1:+.0%}" for d in DOMAINS)
             lines.append(f"The same budget planned from CT-only statistics changes each domain's KL by: {change} (per-domain calibration wins where the change is positive).")
-    block = ("quantization_report_proxy" + ("_guard" if args.router_guard is not None else "")) if args.proxy_plans else "quantization_report"
+    block = "quantization_report_proxy" if args.proxy_plans else "quantization_report_plans" if args.plans_only else "quantization_report"
+    block += "_guard" if args.router_guard is not None else ""
     if not args.no_doc:
         publish_block(DOC, f"<!-- {block}:begin -->", f"<!-- {block}:end -->", lines, "Per-expert quantization")
     else:

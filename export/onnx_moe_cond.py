@@ -4,7 +4,8 @@
 is zero on rows that did not choose e. This pass moves the nodes of each expert (scope
 `…/mlp/deepspeed_experts.{e}/`) into the `then` branch of an `If` whose condition is
 `max(w_e) > 0`: an expert no row chose is skipped, and its output is zeros of the input's shape
-(`else` branch), which the weighting multiplies by 0 anyway. For one decoded token exactly the
+(`else` branch), which the weighting multiplies by 0 anyway. An expert coded as a delta from its
+meta expert reads the meta expert's pre-activation too, from the main graph, like its weights. For one decoded token exactly the
 selected expert(s) run, and no shape depends on the data: TensorRT's parser builds it (its
 `IIfConditional` executes one branch), where NonZero (today's scatter dispatch) is rejected by
 TensorRT-RTX. Prefill runs each chosen expert on all rows of the pass (masked dense).
@@ -63,6 +64,7 @@ def wrap_experts_in_if(model: Any) -> int:
         for name in node.input:
             consumers[name].append(node)
     graph_outputs = {o.name for o in g.output}
+    producers = {o: node.name for node in g.node for o in node.output}
 
     replaced: dict[int, list[Any]] = {}
     for (mlp, e), idx in groups.items():
@@ -78,7 +80,9 @@ def wrap_experts_in_if(model: Any) -> int:
             raise ValueError(f"the output of expert {mlp}/deepspeed_experts.{e} is not weighted by one Mul")
         weight = next(n for n in muls[0].input if n != y)
         outer = _outer_inputs(nodes)
-        acts = [n for n in outer if n not in initializers]
+        # a delta-coded expert (MoEFFN.delta_experts) also reads its meta expert's pre-activation;
+        # the one other activation, its input rows, gives the skipped branch its shape
+        acts = [n for n in outer if n not in initializers and not producers.get(n, "").startswith(f"{mlp}/meta_moe/")]
         weights = [initializers[n] for n in outer if n in initializers]
         if len(acts) != 1 or not weights:
             raise ValueError(f"expert {mlp}/deepspeed_experts.{e} reads {acts}, expected one activation")

@@ -47,6 +47,7 @@ import torch
 from medmoe_edge.checkpoint import LoadedModel
 from medmoe_edge.errors import CheckpointError, InputError
 from medmoe_edge.exporter import ExportParts, ExportRequest, stored_groups
+from medmoe_edge.delta_coding import to_delta_model
 from medmoe_edge.quantizer import QTensor
 from medmoe_edge.tensor_ids import _all_nodes, checkpoint_id, checkpoint_map, onnx_map, plan_spec, released_state_dict
 from medmoe_edge.vocab import OnnxOps, Precision
@@ -392,6 +393,9 @@ class OnnxQuantExporter(OnnxExporter):
                 raise InputError(f"the plan gives {key} {p.value} but no {bits[p]}-bit codes were given for it: quantize it first")
 
     def write(self, loaded: LoadedModel, out: Path, request: ExportRequest) -> ExportParts:
+        # experts coded as deltas from their meta expert are traced as such (they add the meta
+        # expert's pre-activation); their weights become the D their codes were made from
+        to_delta_model(loaded, self.codes)
         parts = super().write(loaded, out, request)
         state = loaded.model.lm.state_dict()
         weights = {k: state[k] for k in self.codes}

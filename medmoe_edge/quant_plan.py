@@ -40,24 +40,32 @@ class QuantSpec:
         precision: storage type.
         method: how the codes were chosen (CAST for floating point).
         group_size: weights per scale block (None: the type's own, e.g. 32 for q8_0, 256 for k-quants).
+        base: the TensorId whose stored weights the codes are a difference from (a routed expert's
+            input projection coded as the delta from its meta expert's); None: the weights themselves.
     """
 
     precision: Precision
     method: QuantMethod = QuantMethod.CAST
     group_size: int | None = None
+    base: str | None = None
 
     def __post_init__(self) -> None:
         if self.precision.is_float and self.method is not QuantMethod.CAST:
             raise InputError(f"{self.precision.value} is floating point: its method is 'cast', not {self.method.value!r}")
         if self.group_size is not None and self.group_size < 1:
             raise InputError(f"group size must be at least 1, got {self.group_size}")
+        if self.base is not None and self.precision.is_float:
+            raise InputError(f"{self.precision.value} is floating point: only integer codes are stored as a delta from {self.base}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"precision": self.precision.value, "method": self.method.value, "group_size": self.group_size}
+        d: dict[str, Any] = {"precision": self.precision.value, "method": self.method.value, "group_size": self.group_size}
+        if self.base is not None:  # only delta-coded projections carry it: other plans' JSON is unchanged
+            d["base"] = self.base
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> QuantSpec:
-        return cls(Precision(d["precision"]), QuantMethod(d["method"]), d.get("group_size"))
+        return cls(Precision(d["precision"]), QuantMethod(d["method"]), d.get("group_size"), d.get("base"))
 
 
 @dataclass(frozen=True)

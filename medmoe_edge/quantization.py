@@ -26,7 +26,11 @@ from .allocation import BACKENDS, Allocation, Unit, budget_from, check_budget, g
 from .bundle import Manifest
 from .calib_stats import CalibSettings, CalibStats, read_key
 from .calibration.collect import collect, select
-from .calibration.sensitivity import CodeBook, GgmlCodeBook, SensitivityMode, sensitivities, swap, units_for, with_choices
+from .calibration.delta import DeltaChoice
+from .calibration.delta import choose as choose_deltas
+from .calibration.routing import RoutedPlan, hold_routes
+from .calibration.sensitivity import CodeBook, GgmlCodeBook, Probe, SensitivityMode, sensitivities, swap, units_for, with_choices
+from .calibration.teacher import TeacherSequence
 from .calibration.sets import QuestionSet, resolve_set
 from .checkpoint import LoadedModel, load_model, resolve_model_dir
 from .ckpt_writer import atomic_dir, check_new_dir
@@ -35,9 +39,10 @@ from .llamacpp_lib import require_patched_llama_cpp
 from .imaging import PreprocessMode
 from .quant_plan import QuantMethod, QuantPlan, QuantRule, QuantSpec
 from .ggml_codes import GgmlCodes
-from .quantizer import DEFAULT_BLOCK, QTensor
+from .quantizer import DEFAULT_BLOCK, DeltaQTensor, QTensor
+from .tensor_ids import checkpoint_id, plan_rule
 from .support_files import checkpoint_source_sha256
-from .vocab import OnnxOps, PrecisionKind
+from .vocab import OnnxOps, Precision, PrecisionKind
 
 Status = Callable[[str], AbstractContextManager]
 Progress = Callable[[int, int], None]
@@ -113,7 +118,8 @@ def calibrate(
 # --- quantize -------------------------------------------------------------------------------
 
 FORMATS = ("onnx", "gguf", "tensorrt")
-ROUTER_GUARD = 0.995  # least router agreement a unit's choice may keep (EAQuant)
+DELTA_BACKENDS = ("onnx", "onnx-matmulnbits", "torch")  # where delta-from-meta coding is written (GGUF would need an architecture patch)
+ROUTER_GUARD = 0.995  # least router agreement a unit's choice, and the whole plan less one standard error, may keep (EAQuant)
 METHODS = {"gptq": QuantMethod.GPTQ, "rtn": QuantMethod.RTN, "imatrix-rtn": QuantMethod.IMATRIX_RTN}
 
 
@@ -125,6 +131,8 @@ class PlanResult:
     plan: QuantPlan
     codes: dict[str, QTensor | GgmlCodes]  # checkpoint key → codes (QTensor: int backends; GgmlCodes: gguf)
     units: tuple[Unit, ...]
+    routing: RoutedPlan | None = None  # the whole plan's router agreement, measured (calibration.routing)
+    deltas: tuple[DeltaChoice, ...] = ()  # experts coded both ways, direct and as the delta from their meta expert (calibration.delta)
 
 
 # --method when none is given: GPTQ for the integer codes of ONNX and TensorRT; llama.cpp's own
@@ -201,6 +209,17 @@ def check_block(fmt: str, block: int | None, backend: str | None = None) -> int:
 OPS = tuple(o.value for o in OnnxOps)
 
 
+def check_delta(fmt: str, delta_from_meta: bool | None) -> bool:
+    """Whether to code experts as deltas from their meta expert: by default for ONNX bundles, where
+    it is written; asked for with another format, a one-line error."""
+    if delta_from_meta is None:
+        return fmt == "onnx"
+    if delta_from_meta and fmt != "onnx":
+        why = "llama.cpp stores a layer's experts stacked in one tensor and would need an architecture patch" if fmt == "gguf" else "its engines are not built with it yet"
+        raise InputError(f"--delta-from-meta is written for --format onnx only ({fmt}: {why}): drop the flag or use --no-delta-from-meta")
+    return delta_from_meta
+
+
 def check_ops(fmt: str, ops: str | None) -> str:
     """--ops: qdq (DequantizeLinear → MatMul, the default) or matmulnbits (ONNX Runtime's own
     MatMulNBits nodes, 2-bit codes too); ONNX bundles only. Returns the allocation backend's name.
@@ -254,9 +273,12 @@ def make_plan(
     sensitivity: SensitivityMode = SensitivityMode.MEASURED,
     cache_dir: Path | None = None,
     progress: Progress | None = None,
+    delta_from_meta: bool = False,
 ) -> PlanResult:
     """Measure (or, `SensitivityMode.PROXY`, estimate) sensitivities (cached in `cache_dir`),
-    solve the knapsack and quantize the chosen groups.
+    solve the knapsack and quantize the chosen groups. With `delta_from_meta` (ONNX and PyTorch
+    backends), each quantized routed expert's input projections are coded as the delta from the
+    meta expert's where that adds less output error at the same bytes (`calibration.delta`).
 
     The budget covers the planned matrices (LLM matrices and projector, scales included); norms,
     biases, routers and the vision tower stay in floating point outside it.
@@ -281,9 +303,19 @@ def make_plan(
             f"the budget {budget / 1e6:.3f} MB is below the smallest plan that keeps router agreement >= {router_guard:.1%} ({smallest / 1e6:.3f} MB, {8 * smallest / params:.2f} bits per weight; "
             f"{len(held)} groups flip routes at their smallest type, first {held[0]}): raise --budget-mb to at least {math.ceil(smallest / 1e3) / 1e3:.3f} or --avg-bits to at least {math.ceil(800 * smallest / params) / 100:.2f}"
         )
-    # the guard holds per unit, and the plan's summed flips are held to the same share (allocation.solve_routed)
-    alloc = solve_routed(units, budget, 1.0 - router_guard)
+    # the guard holds per unit, the plan's summed flips are held to the same share
+    # (allocation.solve_routed), and the whole plan, measured, too (calibration.routing)
     state = loaded.model.lm.state_dict()
+    routed = None
+    if stats.sequences and loaded.spec.moe.layers:
+        probe = Probe(loaded, [TeacherSequence.from_json(s) for s in stats.sequences])
+        routed = hold_routes(
+            loaded, probe, units, budget, 1.0 - router_guard, lambda u, c: {k: book.codes_for(k, state[k], c.precision).dequantize() for k in u.keys},
+            estimated=sensitivity is SensitivityMode.PROXY,
+        )
+        alloc, units = routed.allocation, routed.units
+    else:  # nothing to measure a plan's routes on
+        alloc = solve_routed(units, budget, 1.0 - router_guard)
     rules, codes = [], {}
     for u, c in zip(units, alloc.picks):
         if c.precision is b.float_precision:  # the plan's default
@@ -296,8 +328,27 @@ def make_plan(
             continue
         for k in u.keys:
             codes[k] = book.codes_for(k, state[k], c.precision)
+    deltas: list[DeltaChoice] = []
+    if delta_from_meta:
+        if b.name not in DELTA_BACKENDS:
+            raise InputError(f"delta-from-meta coding is written for --format onnx only, not the {b.name} backend: leave it off")
+        codes, deltas = choose_deltas(loaded, stats, codes, book.factors)
+        # a rule per delta-coded projection, ahead of its expert's group rule (first match wins)
+        first = [
+            QuantRule(str(checkpoint_id(k)), QuantSpec(plan_spec_of(rules, k).precision, q.method, q.block, base=str(checkpoint_id(q.base_key))), {"delta_from_meta": True})
+            for k, q in codes.items()
+            if isinstance(q, DeltaQTensor)
+        ]
+        rules = first + rules
     plan = QuantPlan(QuantSpec(b.float_precision), tuple(rules), calibration=stats.key)
-    return PlanResult(alloc, plan, codes, units)
+    return PlanResult(alloc, plan, codes, units, routed, tuple(deltas))
+
+
+def plan_spec_of(rules: Sequence[QuantRule], key: str) -> QuantSpec:
+    """The spec the first of `rules` matching checkpoint key `key` gives it."""
+    spec = plan_rule(QuantPlan(QuantSpec(Precision.FP32), tuple(rules)), checkpoint_id(key))
+    assert spec is not None, key
+    return spec
 
 
 def fake_quantize(loaded: LoadedModel, codes: dict[str, QTensor]) -> dict[str, torch.Tensor]:
@@ -339,6 +390,7 @@ def quantize_bundle(
     moe_dispatch: str | None = None,
     ops: str | None = None,
     sensitivity: SensitivityMode = SensitivityMode.MEASURED,
+    delta_from_meta: bool | None = None,
     status: Status = _quiet,
     progress: Progress | None = None,
 ) -> tuple[Manifest, PlanResult]:
@@ -352,6 +404,7 @@ def quantize_bundle(
     check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
     method = parse_method(None if method is None else method.value, fmt)
     backend = check_ops(fmt, ops)
+    delta_from_meta = check_delta(fmt, delta_from_meta)
     block = check_block(fmt, block, backend)
     from .export.gguf_quant import GgufQuantExporter
     from .export.onnx_quant import OnnxQuantExporter
@@ -372,7 +425,9 @@ def quantize_bundle(
     with status(f"loading {model}"):
         loaded = load_model(model_dir)
     with status(f"{method.value} codes at every candidate type, {'estimated' if sensitivity is SensitivityMode.PROXY else 'measured'} sensitivities, allocation"):
-        result = make_plan(loaded, stats, backend, method=method, budget_mb=budget_mb, avg_bits=avg_bits, block=block, sensitivity=sensitivity, cache_dir=stats_dir, progress=progress)
+        result = make_plan(
+            loaded, stats, backend, method=method, budget_mb=budget_mb, avg_bits=avg_bits, block=block, sensitivity=sensitivity, cache_dir=stats_dir, progress=progress, delta_from_meta=delta_from_meta
+        )
     # the trace and the exporter load the checkpoint themselves: a real-dimension model is not
     # held twice (the plan's codes are all that is needed from here on)
     del loaded
@@ -396,6 +451,18 @@ def quantize_bundle(
         "planned_params": a.params,
         "calibration": {"key": stats.key, "set": stats.settings.set_name, "set_sha256": stats.settings.set_sha256, "domains": list(stats.settings.domains)},
     }
+    if delta_from_meta:
+        summary["delta_from_meta"] = {
+            "compared": len(result.deltas),
+            "coded_as_delta": [f"layers.{d.layer}.expert.{d.expert}" for d in result.deltas if d.chosen],
+            "output_energy": {f"layers.{d.layer}.expert.{d.expert}": {"direct": d.direct, "delta": d.delta} for d in result.deltas},
+        }
+    if result.routing is not None:  # the whole plan's routes, measured on the probe sequences (calibration.routing)
+        r = result.routing
+        summary["router_check"] = {
+            "sequences": len(stats.sequences), "flips": r.check.flips, "flips_stderr": r.check.stderr, "delta_kl": r.check.delta_kl,
+            "max_flips": 1.0 - ROUTER_GUARD, "held": r.held, "plans_measured": r.rounds, "picks_measured": r.measured_picks,
+        }
     exporter = OnnxQuantExporter(result.codes, summary, next(o for o in OnnxOps if o.backend == backend)) if fmt == "onnx" else exporter_cls(result.codes, summary)
     request = exporter_cls.request(given, plan=result.plan)
 
@@ -407,4 +474,4 @@ def quantize_bundle(
     return manifest, result
 
 
-__all__ = ["DEFAULT_METHOD", "OPS", "check_block", "check_ops", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]
+__all__ = ["DEFAULT_METHOD", "DELTA_BACKENDS", "OPS", "ROUTER_GUARD", "check_delta", "plan_spec_of", "check_block", "check_ops", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]

@@ -26,7 +26,7 @@ Methods (`QuantMethod`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -90,6 +90,27 @@ class QTensor:
         if not self.symmetric:
             raise InputError("signed codes exist only for symmetric tensors: quantize with symmetric=True")
         return (self.codes.to(torch.int16) - (1 << (self.bits - 1))).to(torch.int8)
+
+
+@dataclass(frozen=True)
+class DeltaQTensor(QTensor):
+    """Codes of a matrix's difference from another stored matrix, `base_key`'s (a routed expert's
+    input projection as the delta from its meta expert's, `calibration.delta`).
+
+    The codes, scales and zero points are those of D = W - base (what a format stores, in D's
+    own blocks); `dequantize` is the matrix the model computes with, base + D_hat (the PyTorch
+    oracle); `base` is base_key's weight as the bundle stores it (its dequantized codes).
+    """
+
+    base: torch.Tensor = field(default_factory=lambda: torch.zeros(0), repr=False)
+    base_key: str = ""
+
+    def delta(self) -> QTensor:
+        """The codes of D alone, as a plain `QTensor`."""
+        return QTensor(self.codes, self.scales, self.zeros, self.bits, self.block, self.symmetric, self.method)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.base.to(torch.float32) + super().dequantize()
 
 
 def _fp16_exact(x: torch.Tensor) -> torch.Tensor:
@@ -267,4 +288,4 @@ def relative_error(weight: torch.Tensor, q: QTensor, hessian: torch.Tensor | Non
     return float(((d @ h * d).sum() / (w @ h * w).sum().clamp_min(1e-30)).sqrt())
 
 
-__all__ = ["DEFAULT_BLOCK", "GptqFactors", "QTensor", "QuantizerConfig", "gptq", "gptq_factor", "packed_bytes", "quantize", "relative_error", "rtn"]
+__all__ = ["DEFAULT_BLOCK", "DeltaQTensor", "GptqFactors", "QTensor", "QuantizerConfig", "gptq", "gptq_factor", "packed_bytes", "quantize", "relative_error", "rtn"]

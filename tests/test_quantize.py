@@ -82,8 +82,11 @@ def test_manifest_carries_the_plan_per_tensor_id(bundle, stats_dir):
     assert m.plan.calibration == stats.key and not m.plan.is_uniform
     names = {g.name for g in m.tensor_groups}
     for rule in m.plan.rules:
-        assert rule.pattern in names  # one rule per TensorId group, named by the TensorId itself
         assert rule.spec.group_size == 32 and rule.spec.method is QuantMethod.GPTQ
+        if rule.spec.base is not None:  # a projection coded as the delta from its meta expert's: named by its TensorId
+            assert rule.pattern.rsplit(".", 1)[0] in names and rule.note == {"delta_from_meta": True}
+            continue
+        assert rule.pattern in names  # one rule per TensorId group, named by the TensorId itself
         note = rule.note
         assert note["calibration_set_sha256"] == stats.settings.set_sha256
         assert note["delta_kl"] >= 0 and 0 <= note["router_agreement"] <= 1 and note["bytes"] > 0
@@ -99,14 +102,17 @@ def test_types_read_back_from_the_graphs_equal_the_plan_and_the_size_its_predict
     out = request.getfixturevalue("bundle")[0] if dispatch == "scatter" else request.getfixturevalue("bundle_if")
     m = read_manifest(out)
     stored = read_back(out)
-    planned = {r.pattern: r for r in m.plan.rules}
+    planned = {r.pattern: r for r in m.plan.rules if r.spec.base is None}
     assert set(stored) == set(planned)
+    deltas = [r for r in m.plan.rules if r.spec.base is not None]  # a delta-coded projection: its expert's type, its meta's base
+    assert deltas and all(r.pattern.rsplit(".", 1)[0] in stored and r.spec.precision is planned[r.pattern.rsplit(".", 1)[0]].spec.precision for r in deltas)
+    assert all(r.spec.base == f"layers.{r.pattern.split('.')[1]}.meta.fc1" for r in deltas)
     for name, (precision, block, nbytes) in stored.items():
         rule = planned[name]
         assert precision is rule.spec.precision and block == rule.spec.group_size, name
         assert abs(nbytes - rule.note["bytes"]) <= 0.03 * rule.note["bytes"], name
     written = sum(b for _, _, b in stored.values())
-    predicted = sum(r.note["bytes"] for r in m.plan.rules)
+    predicted = sum(r.note["bytes"] for r in planned.values())
     assert abs(written - predicted) <= 0.03 * predicted
     if all(not r.spec.precision.is_float for r in m.plan.rules):  # no float unit in the plan: the manifest's total is the same sum
         assert m.extra["quantization"]["predicted_bytes"] >= predicted
@@ -151,7 +157,8 @@ def test_onnx_runtime_at_level_0_equals_the_fake_quant_oracle_of_the_same_codes(
     oracle = api.load(model_dir, runtime="torch", options=opts)
     loaded = oracle.runtime.loaded
     stats = load_stats(stats_dir, model_dir, "demo")
-    result = make_plan(loaded, stats, "onnx", method=QuantMethod.GPTQ, avg_bits=float(AVG_BITS), cache_dir=stats_dir)
+    result = make_plan(loaded, stats, "onnx", method=QuantMethod.GPTQ, avg_bits=float(AVG_BITS), cache_dir=stats_dir, delta_from_meta=True)
+    assert any(d.chosen for d in result.deltas)  # the demo's experts sit close to their meta expert: some are delta-coded
     # the same plan (sensitivities cached, codes deterministic), so these are the codes the bundle holds
     assert result.plan.to_json() == QuantPlan.from_json(m.plan.to_json()).to_json()
     fake_quantize(loaded, result.codes)
@@ -183,9 +190,14 @@ def test_plan_show_prints_the_table_and_the_heatmap(bundle):
     groups = {g["tensor_id"]: g for g in d["groups"]}
     plan = read_manifest(out).plan
     for rule in plan.rules:
+        if rule.spec.base is not None:  # shown on its expert's row
+            assert groups[rule.pattern.rsplit(".", 1)[0]]["delta_from"] == {"fc1": rule.spec.base}
+            continue
         g = groups[rule.pattern]
         assert g["precision"] == rule.spec.precision.value and g["block"] == 32 and g["delta_kl"] == rule.note["delta_kl"]
     assert groups["layers.0.router"]["precision"] == "fp32" and d["summary"]["backend"] == "onnx"
+    assert "fc1 as Δ from layers.0.meta.fc1" in r.output or "fc1 as Δ from layers.0.meta.fc1" in CliRunner().invoke(app, ["plan", "show", str(out)], env=WIDE).output
+    assert d["summary"]["delta_from_meta"]["coded_as_delta"] and d["summary"]["router_check"]["held"]
 
 
 def test_plan_show_of_a_bundle_without_a_plan_is_one_line(bundle, tmp_path):

@@ -53,7 +53,7 @@ def test_types_and_bytes_read_back_equal_the_plan_with_2_bit_groups(nbits_bundle
     m = read_manifest(nbits_bundle)
     assert m.extra["quantization"]["backend"] == "onnx-matmulnbits"
     stored = read_back(nbits_bundle)
-    planned = {r.pattern: r for r in m.plan.rules}
+    planned = {r.pattern: r for r in m.plan.rules if r.spec.base is None}  # delta-coded projections: their expert's type (test_quantize)
     assert set(stored) == set(planned)
     assert Precision.INT2 in {p for p, _, _ in stored.values()}
     for name, (precision, block, nbytes) in stored.items():
@@ -95,7 +95,7 @@ def test_onnx_runtime_at_level_0_equals_the_fake_quant_oracle_of_the_same_codes(
     opts = RuntimeOptions(num_threads=1)
     oracle = api.load(model_dir, runtime="torch", options=opts)
     loaded = oracle.runtime.loaded
-    result = make_plan(loaded, load_stats(stats_dir, model_dir, "demo"), "onnx-matmulnbits", method=QuantMethod.GPTQ, avg_bits=float(AVG_BITS), cache_dir=stats_dir)
+    result = make_plan(loaded, load_stats(stats_dir, model_dir, "demo"), "onnx-matmulnbits", method=QuantMethod.GPTQ, avg_bits=float(AVG_BITS), cache_dir=stats_dir, delta_from_meta=True)
     assert result.plan.to_json() == QuantPlan.from_json(m.plan.to_json()).to_json()  # the bundle's plan, so its codes
     fake_quantize(loaded, result.codes)
     bundle_rt = api.load(_at_level_0(nbits_bundle, tmp_path / "level0"), runtime="onnxruntime", options=opts)

@@ -144,6 +144,9 @@ def _plan_rows(manifest) -> list[dict]:
             if per_proj:
                 continue
         seen[g.name] = _row(g.name, rule.spec if rule is not None else plan.default, rule.note if rule is not None else {})
+        # projections coded as the delta from their meta expert's (calibration.delta): named on the expert's row
+        deltas = [r for r in plan.rules if r.spec.base is not None and r.pattern.startswith(f"{g.name}.")]
+        seen[g.name]["delta_from"] = {r.pattern.rsplit(".", 1)[1]: r.spec.base for r in deltas}
     return list(seen.values())
 
 
@@ -203,7 +206,8 @@ def plan_show(
         t.add_column(col, justify="left" if col in ("TensorId", "type", "method") else "right")
     for r in rows:
         t.add_row(
-            r["tensor_id"], Text(r["precision"], style=_BIT_STYLE.get(r["bits"], "")), str(r["block"] or "-"), r["method"],
+            r["tensor_id"], Text(r["precision"], style=_BIT_STYLE.get(r["bits"], "")), str(r["block"] or "-"),
+            r["method"] + "".join(f", {p} as Δ from {base}" for p, base in r.get("delta_from", {}).items()),
             f"{r['delta_kl']:.2e}" if r["delta_kl"] is not None else "-",
             f"{r['router_agreement']:.2%}" if r["router_agreement"] is not None else "-",
             f"{r['bytes'] / 1e6:.3f}" if r["bytes"] is not None else "-",
@@ -220,6 +224,16 @@ def plan_show(
             f"calibration set {cal.get('set')} ({', '.join(cal.get('domains', []))}; manifest SHA-256 {str(cal.get('set_sha256'))[:12]})",
             highlight=False,
         )
+        if "router_check" in summary:
+            rc = summary["router_check"]
+            out.print(
+                f"whole-plan routing on {rc['sequences']} calibration sequences: {rc['flips']:.2%} ± {rc['flips_stderr']:.2%} of routes flipped "
+                f"(guard ≤ {rc['max_flips']:.1%} with one standard error: {'held' if rc['held'] else 'not held'})",
+                highlight=False,
+            )
+        if summary.get("delta_from_meta"):
+            d = summary["delta_from_meta"]
+            out.print(f"delta-from-meta coding: {len(d['coded_as_delta'])} of {d['compared']} quantized experts (where it adds less output error at the same bytes)", highlight=False)
 
 
 plan_app.command("show")(plan_show)

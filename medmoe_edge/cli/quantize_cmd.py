@@ -12,7 +12,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ..calibration.sensitivity import SensitivityMode
-from ..quantization import METHODS, check_block, check_ops, check_request, parse_method, parse_sensitivity, quantize_bundle
+from ..quantization import METHODS, ROUTER_GUARD, check_block, check_delta, check_ops, check_request, parse_method, parse_sensitivity, quantize_bundle
 from ..quantizer import DEFAULT_BLOCK
 from .common import err, out, user_errors
 from .export_cmd import tensorrt_check_runtime
@@ -38,6 +38,7 @@ def quantize_cmd(
     moe_dispatch: Annotated[str | None, typer.Option("--moe-dispatch", help="ONNX: 'scatter' (NonZero per expert) or 'if' (an If per expert, what TensorRT builds) [default: scatter].")] = None,
     ops: Annotated[str | None, typer.Option("--ops", help="ONNX: qdq (DequantizeLinear → MatMul: standard ONNX, int4/int8; ONNX Runtime fuses it into MatMulNBits) or matmulnbits (ONNX Runtime's MatMulNBits nodes written directly: int2 too, ONNX Runtime only) [default: qdq].")] = None,
     sensitivity: Annotated[str | None, typer.Option("--sensitivity", help="measured: one end-to-end probe per group and type (the demo: about a minute); proxy: tr(ΔW H ΔWᵀ) from the calibration Hessians, scaled by one probe per layer and component (for real-dimension models) [default: measured].")] = None,
+    delta_from_meta: Annotated[bool | None, typer.Option("--delta-from-meta/--no-delta-from-meta", help="ONNX: store a quantized routed expert's fc1 (gate/up) as codes of its difference from the meta expert's, where that adds less output error at the same bytes; the meta expert's output is reused [default: on for onnx].", show_default=False)] = None,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {QUANTIZE_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
     """Quantize each expert (and every other weight group) to its own precision from measured sensitivities, under a byte budget."""
@@ -45,11 +46,12 @@ def quantize_cmd(
     q_method = parse_method(method, fmt)
     mode = parse_sensitivity(sensitivity)
     shown_block = check_block(fmt, block, check_ops(fmt, ops))  # checked before any work; quantize_bundle takes the flags as given
+    check_delta(fmt, delta_from_meta)
     took: dict[str, float] = {}
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("measuring sensitivities", total=None)
         manifest, result = quantize_bundle(
-            model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch, ops=ops, sensitivity=mode,
+            model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch, ops=ops, sensitivity=mode, delta_from_meta=delta_from_meta,
             trace_questions=QUANTIZE_VERIFY_LIMIT, status=timed(err.status, took), progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
     err.print("took: " + "; ".join(f"{what} {secs:.0f} s" for what, secs in took.items()), highlight=False, soft_wrap=True)
@@ -81,6 +83,22 @@ def quantize_cmd(
         f"predicted ΔKL (sum over groups) {a.predicted_delta:.2e}",
         highlight=False,
     )
+    if result.deltas:
+        chosen = [f"layers.{d.layer}.expert.{d.expert}" for d in result.deltas if d.chosen]
+        out.print(
+            f"delta-from-meta coding: {len(chosen)} of {len(result.deltas)} quantized experts store fc1 as the delta from their meta expert's "
+            f"(less output error at the same bytes{': ' + ', '.join(chosen) if chosen else ''})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if result.routing is not None:
+        r = result.routing
+        verdict = "held" if r.held else "[bold yellow]not held: no plan within the budget keeps it; give it more bytes[/]"
+        out.print(
+            f"whole-plan routing on the calibration probe sequences: {r.check.flips:.2%} ± {r.check.stderr:.2%} of routes flipped "
+            f"(guard: ≤ {1 - ROUTER_GUARD:.1%} with one standard error: {verdict}; {r.rounds} plans measured whole)",
+            highlight=False,
+        )
     out.print(f"quantized groups read back from the files: {written_int / 1e6:.3f} MB written against {predicted_int / 1e6:.3f} MB predicted ({gap:+.2%}); bundle {total / 1e6:.2f} MB in {out_dir}", highlight=False)
     if not check:
         return

@@ -2,6 +2,10 @@
 
 These are the dense FFNs, the routed experts and the meta expert alike: in Med-MoE
 all five FFNs of an MoE layer start as copies of the dense FFN (§2.5).
+
+Each FFN is `post(pre(x))`: `pre` is the projections that read x (`INPUT_PROJECTIONS`), `post`
+the rest. A routed expert stored as a delta from its meta expert (`MoEFFN.delta_experts`) adds
+the meta expert's `pre(x)`, computed for every token anyway, to its own (quantization-study §7).
 """
 
 from __future__ import annotations
@@ -20,8 +24,14 @@ class PhiMLP(nn.Module):
         self.fc1 = nn.Linear(hidden, inter, bias=True)
         self.fc2 = nn.Linear(inter, hidden, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(nn.functional.gelu(self.fc1(x), approximate="tanh"))
+    def pre(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.fc1(x),)
+
+    def post(self, h: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.fc2(nn.functional.gelu(h[0], approximate="tanh"))
+
+    def forward(self, x: torch.Tensor, base: tuple[torch.Tensor, ...] | None = None, keep_pre: bool = False):
+        return _forward(self, x, base, keep_pre)
 
 
 class SwiGLU(nn.Module):
@@ -33,8 +43,30 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+    def pre(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.gate_proj(x), self.up_proj(x))
+
+    def post(self, h: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(h[0]) * h[1])
+
+    def forward(self, x: torch.Tensor, base: tuple[torch.Tensor, ...] | None = None, keep_pre: bool = False):
+        return _forward(self, x, base, keep_pre)
+
+
+def _forward(ffn, x: torch.Tensor, base: tuple[torch.Tensor, ...] | None, keep_pre: bool):
+    """`post(pre(x))`; with `base` (the meta expert's `pre` of the same rows) the input projections
+    hold deltas from the meta expert's and `base` is added to them; with `keep_pre` the result is
+    (output, pre), so a meta expert hands its `pre` to the delta-coded experts. Both run inside the
+    module's call, so an exported graph keeps the Add in the expert's scope (an `If` branch)."""
+    h = ffn.pre(x)
+    if base is not None:
+        h = tuple(b + d for b, d in zip(base, h))
+    y = ffn.post(h)
+    return (y, h) if keep_pre else y
+
+
+# the projections that read the FFN's input, in `pre`'s order
+INPUT_PROJECTIONS: dict[Variant, tuple[str, ...]] = {Variant.PHI: ("fc1",), Variant.STABLELM: ("gate_proj", "up_proj")}
 
 
 def make_ffn(text: TextSpec) -> nn.Module:

@@ -15,6 +15,7 @@ function, so grouping tokens by expert is exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -110,12 +111,22 @@ class MoEFFN(nn.Module):
         # Graph exporters trace Python, so they need a loop with a fixed shape (see
         # `_dispatch_static` and `_dispatch_masked`); eager inference keeps the data-dependent loop.
         self.dispatch = Dispatch.EAGER
+        # Routed experts whose input projections hold W_e - W_meta (and b_e - b_meta): they add the
+        # meta expert's pre-activation of their rows, computed once for every token anyway
+        # (`quantization-study` §7, `calibration.delta`). Empty: the released layout.
+        self.delta_experts: frozenset[int] = frozenset()
 
     @property
     def experts(self) -> nn.ModuleList:
         return self.deepspeed_moe.experts.deepspeed_experts
 
-    def _dispatch_eager(self, xf: torch.Tensor, r: Routing) -> torch.Tensor:
+    def _expert(self, e: int, x: torch.Tensor, base: tuple[torch.Tensor, ...] | None, rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Expert `e` on its rows `x`; a delta-coded expert also gets those `rows` of the meta expert's pre-activations."""
+        if base is None or e not in self.delta_experts:
+            return self.experts[e](x)
+        return self.experts[e](x, tuple(rows(b) for b in base))
+
+    def _dispatch_eager(self, xf: torch.Tensor, r: Routing, base: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """Σ_k w_k·Expert_{e_k}(x): each expert that was chosen runs only on the tokens that chose it.
 
         Slot by slot (k = 0, then 1 for top-2), like `_dispatch_static`: an expert then sees the
@@ -128,10 +139,10 @@ class MoEFFN(nn.Module):
                 tok = (r.experts[:, k] == e).nonzero().squeeze(-1)
                 # The official combine casts the fp32 weight to the activation dtype before scaling.
                 w = r.weights[tok, k].to(xf.dtype).unsqueeze(-1)
-                routed.index_add_(0, tok, self.experts[e](xf[tok]) * w)
+                routed.index_add_(0, tok, self._expert(e, xf[tok], base, lambda b: b[tok]) * w)
         return routed
 
-    def _dispatch_static(self, xf: torch.Tensor, r: Routing) -> torch.Tensor:
+    def _dispatch_static(self, xf: torch.Tensor, r: Routing, base: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """The same sum with a loop of fixed trip count, for tracing into ONNX.
 
         For every slot k and expert e the tokens whose k-th choice is e are gathered
@@ -144,15 +155,15 @@ class MoEFFN(nn.Module):
         routed: torch.Tensor | None = None
         for k in range(r.experts.shape[1]):
             out = torch.zeros_like(xf)
-            for e, expert in enumerate(self.experts):
+            for e in range(len(self.experts)):
                 tok = (r.experts[:, k] == e).nonzero().squeeze(-1)
                 w = r.weights[:, k].index_select(0, tok).to(xf.dtype).unsqueeze(-1)
-                out = out.index_put((tok,), expert(xf.index_select(0, tok)) * w)
+                out = out.index_put((tok,), self._expert(e, xf.index_select(0, tok), base, lambda b: b.index_select(0, tok)) * w)
             routed = out if routed is None else routed + out
         assert routed is not None
         return routed
 
-    def _dispatch_masked(self, xf: torch.Tensor, r: Routing) -> torch.Tensor:
+    def _dispatch_masked(self, xf: torch.Tensor, r: Routing, base: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """The same sum without data-dependent shapes: Σ_e Expert_e(x)·w_e over all rows.
 
         w_e[n] = Σ_k weights[n, k]·[experts[n, k] = e] is 0 for a row that did not choose e, so
@@ -163,9 +174,9 @@ class MoEFFN(nn.Module):
         expert(s). This is the formulation TensorRT can build (no NonZero).
         """
         routed = torch.zeros_like(xf)
-        for e, expert in enumerate(self.experts):
+        for e in range(len(self.experts)):
             w = (r.weights * (r.experts == e)).sum(dim=-1, keepdim=True)
-            routed = routed + expert(xf) * w.to(xf.dtype)
+            routed = routed + self._expert(e, xf, base, lambda b: b) * w.to(xf.dtype)
         return routed
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
@@ -173,13 +184,15 @@ class MoEFFN(nn.Module):
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
         r = route(xf, self.deepspeed_moe.gate.wg, self.top_k)
+        meta, base = self.meta_moe(xf, keep_pre=True) if self.delta_experts else (None, None)
         if self.dispatch is Dispatch.SCATTER:
-            routed = self._dispatch_static(xf, r)
+            routed = self._dispatch_static(xf, r, base)
         elif self.dispatch is Dispatch.MASKED:
-            routed = self._dispatch_masked(xf, r)
+            routed = self._dispatch_masked(xf, r, base)
         else:
-            routed = self._dispatch_eager(xf, r)
-        meta = self.meta_moe(xf)
+            routed = self._dispatch_eager(xf, r, base)
+        if meta is None:
+            meta = self.meta_moe(xf)
         if self.use_residual:
             # §2.3.6: y = c0·routed + c1·Meta(x) + Meta(x); the residual MLP *is* the meta module.
             c = self.coefficient(xf).softmax(dim=-1)

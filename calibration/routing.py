@@ -1,0 +1,205 @@
+"""Router agreement of a whole plan, measured, and held under the guard (EAQuant).
+
+The knapsack holds the plan's *summed* per-unit flips under the guard's share
+(`allocation.solve_routed`), but flips do not add: on the demo, a plan whose units flipped
+0.33 % of routes one at a time flipped 0.71 % together (a route flips when the perturbations
+of every layer below its router, added up, cross its margin), and the proxy's flips, scaled
+from one probe per class by output energy, missed a layer-0 expert that alone flips 0.48 %
+(its energy is small; the routes it moves sit near their margins). The whole plan's flips on
+the probe sequences do track those on eval questions neither saw (0.64-0.71 % against
+0.63-0.66 % on 200 eval questions), the per-unit sums do not (docs/QUANTIZATION.md).
+
+So after the knapsack, `hold_routes`:
+
+1. (proxy sensitivities) measures, end to end, the router agreement of every pick that can move
+   a router (a unit below the last MoE layer's router) and has only an estimate, puts it into
+   the unit's choice and solves again, until every such pick is measured;
+2. measures the whole plan on the probe sequences (one pass): its flipped share F and the
+   standard error of F across sequences (routes of one sequence flip together);
+3. holds F + one standard error ≤ the guard's share, so the bound carries to questions the probe
+   never saw: when a plan flips more, the summed-flip target of the knapsack is scaled by
+   (allowed / measured), the plan's observed super-additivity, until one holds; then the target
+   is bisected between the last plan that failed and the first that held, and of the plans that
+   held the one with the least measured KL is kept (if none held: the one that flipped least).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from medmoe_edge.allocation import Allocation, Choice, Unit, route_flips, solve_routed
+from medmoe_edge.checkpoint import LoadedModel
+from medmoe_edge.tensor_ids import checkpoint_id
+from medmoe_edge.vocab import Component
+
+from .sensitivity import Probe, _probe_one, first_layer, swap
+
+ROUNDS = 8  # knapsack solves at most; each new plan is measured once (one pass over the probe sequences)
+Dequantize = Callable[[Unit, Choice], dict[str, torch.Tensor]]  # a unit's weights at a choice
+
+
+@dataclass(frozen=True)
+class PlanCheck:
+    """One whole-plan measurement on the probe sequences.
+
+    Attributes:
+        delta_kl: mean KL of answer logits against fp32.
+        flips: share of (real position, MoE layer) top-1 routes changed.
+        stderr: standard error of `flips` across the probe sequences.
+    """
+
+    delta_kl: float
+    flips: float
+    stderr: float
+
+    @property
+    def agreement(self) -> float:
+        return 1.0 - self.flips
+
+    @property
+    def upper(self) -> float:
+        """The flipped share the guard is held against: one standard error above the measured."""
+        return self.flips + self.stderr
+
+
+@dataclass(frozen=True)
+class RoutedPlan:
+    """The allocation `hold_routes` settled on, with what it measured.
+
+    Attributes:
+        allocation: the plan.
+        units: the units with the router agreements measured for their picks put in.
+        check: the plan measured whole on the probe sequences.
+        target: the summed-flip target of the solve that made the plan.
+        rounds: whole-plan measurements made.
+        measured_picks: picks whose estimated agreement was replaced by a measured one.
+        held: whether `check.upper` meets the guard.
+    """
+
+    allocation: Allocation
+    units: tuple[Unit, ...]
+    check: PlanCheck
+    target: float
+    rounds: int
+    measured_picks: int
+    held: bool
+
+
+def moves_routes(unit: Unit, moe_layers: tuple[int, ...]) -> bool:
+    """Whether quantizing `unit` can change any router's input: it acts below the last MoE layer's
+    router. An FFN, expert or meta expert of layer L feeds layer L+1 on; attention, the embedding
+    and the projector feed their own layer's router too; the lm_head none."""
+    if not moe_layers:
+        return False
+    comps = {checkpoint_id(k).component for k in unit.keys}
+    if comps == {Component.LM_HEAD}:
+        return False
+    start = first_layer(unit, max(moe_layers) + 1)
+    ffn_like = comps <= {Component.FFN, Component.EXPERT, Component.META}
+    return start < max(moe_layers) if ffn_like else start <= max(moe_layers)
+
+
+def plan_weights(allocation: Allocation, dequantize: Dequantize) -> dict[str, torch.Tensor]:
+    """Every quantized matrix of a plan, dequantized (checkpoint key → weight)."""
+    out: dict[str, torch.Tensor] = {}
+    for u, c in zip(allocation.units, allocation.picks):
+        if not c.precision.is_float:
+            out.update(dequantize(u, c))
+    return out
+
+
+def measure_plan(loaded: LoadedModel, probe: Probe, weights: dict[str, torch.Tensor]) -> PlanCheck:
+    """The model with every weight of a plan swapped in, measured on the probe sequences."""
+    old = swap(loaded, weights)
+    try:
+        logp, routes = probe.run(0)
+    finally:
+        swap(loaded, old)
+    kl = max(float((probe.ref_p * (probe.ref_logp - logp)).sum(-1).mean()), 0.0)
+    lengths = probe.batch.lengths  # right-padded rows: each sequence's routes are consecutive
+    flipped = torch.zeros(len(lengths), dtype=torch.float64)  # flipped routes per sequence, over the MoE layers
+    for k in routes:
+        flipped += torch.tensor([float(s.sum()) for s in (routes[k] != probe.ref_routes[k]).split(lengths)], dtype=torch.float64)
+    n = torch.tensor(lengths, dtype=torch.float64) * len(routes)
+    share = float(flipped.sum() / n.sum())
+    m = len(lengths)
+    # ratio estimator's standard error over sequences (a sequence's routes flip together, not independently)
+    se = float(((flipped - share * n) ** 2).sum().sqrt() / n.sum() * (m / (m - 1)) ** 0.5) if m > 1 else 0.0
+    return PlanCheck(kl, share, se)
+
+
+def _with_agreement(unit: Unit, precision, agreement: float) -> Unit:
+    return replace(unit, choices=tuple(replace(c, router_agreement=agreement) if c.precision is precision else c for c in unit.choices))
+
+
+def hold_routes(
+    loaded: LoadedModel,
+    probe: Probe,
+    units: tuple[Unit, ...],
+    budget: int,
+    max_flips: float,
+    dequantize: Dequantize,
+    *,
+    estimated: bool,
+    rounds: int = ROUNDS,
+) -> RoutedPlan:
+    """Solve the knapsack with the whole plan's measured flips, plus one standard error, held at
+    ≤ `max_flips` where a plan within the budget can (module docstring). `estimated`: the units'
+    agreements are proxy estimates, so the picks that can move a router are measured first."""
+    moe_layers = tuple(loaded.spec.moe.layers)
+    units = tuple(units)
+    measured: set[tuple[str, str]] = set()
+
+    def solve_measured(target: float) -> Allocation:
+        nonlocal units
+        while True:
+            alloc = solve_routed(units, budget, target)
+            todo = [
+                i
+                for i, (u, c) in enumerate(zip(alloc.units, alloc.picks))
+                if estimated and not c.precision.is_float and (u.name, c.precision.value) not in measured and moves_routes(u, moe_layers)
+            ]
+            if not todo:
+                return alloc
+            now = list(units)
+            for i in todo:
+                u, c = alloc.units[i], alloc.picks[i]
+                _kl, agree = _probe_one(loaded, probe, u, dequantize(u, c))  # ΔD stays the estimate the other choices are ranked by
+                measured.add((u.name, c.precision.value))
+                now[i] = _with_agreement(u, c.precision, agree)
+            units = tuple(now)
+
+    failed, held_at = None, None  # the largest target whose plan failed, the smallest whose plan held
+    best: RoutedPlan | None = None
+    checks: dict[tuple, PlanCheck] = {}  # by picks: bisection often lands on a plan already measured
+    target, n = max_flips, 0
+    for _ in range(rounds):
+        alloc = solve_measured(target)
+        picks = tuple(c.precision for c in alloc.picks)
+        if picks not in checks:
+            checks[picks] = measure_plan(loaded, probe, plan_weights(alloc, dequantize))
+            n += 1
+        check = checks[picks]
+        this = RoutedPlan(alloc, units, check, target, n, len(measured), check.upper <= max_flips + 1e-12)
+        if this.held:
+            held_at = target
+            if best is None or not best.held or check.delta_kl < best.check.delta_kl:
+                best = this
+        else:
+            failed = target
+            if best is None or (not best.held and check.upper < best.check.upper):
+                best = this
+        if failed is None:  # the plan at the guard's own share held: nothing to trade
+            break
+        if held_at is None:  # the plan's units add up to more than their sum: ask the sum for that much less
+            target = route_flips(alloc) * max_flips / check.upper
+        else:
+            target = (failed + held_at) / 2
+    assert best is not None
+    return replace(best, rounds=n, measured_picks=len(measured))
+
+
+__all__ = ["ROUNDS", "PlanCheck", "RoutedPlan", "hold_routes", "measure_plan", "moves_routes", "plan_weights"]

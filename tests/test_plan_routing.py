@@ -1,0 +1,101 @@
+"""The whole plan's routes, measured and held (calibration/routing.py) on the demo model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medmoe_edge.calibration.routing import hold_routes, measure_plan, moves_routes, plan_weights
+from medmoe_edge.calibration.sensitivity import CodeBook, Probe, SensitivityMode, _probe_one, units_for
+from medmoe_edge.calibration.teacher import TeacherSequence
+from medmoe_edge.allocation import BACKENDS, route_flips
+from medmoe_edge.checkpoint import load_model, resolve_model_dir
+from medmoe_edge.quant_plan import QuantMethod
+from medmoe_edge.quantization import load_stats, make_plan
+from medmoe_edge.quantizer import QuantizerConfig, quantize
+
+
+@pytest.fixture(scope="module")
+def demo(stats_dir):
+    loaded = load_model(resolve_model_dir("demo"))
+    stats = load_stats(stats_dir, resolve_model_dir("demo"), "demo")
+    probe = Probe(loaded, [TeacherSequence.from_json(s) for s in stats.sequences])
+    return loaded, stats, probe
+
+
+def test_routes_move_only_below_the_last_routers_input(demo):
+    loaded, _stats, _probe = demo
+    assert tuple(loaded.spec.moe.layers) == (0, 2)  # the demo's MoE layers, of 4
+    moves = {u.name: moves_routes(u, (0, 2)) for u in units_for(loaded, BACKENDS["torch"])}
+    assert moves["projector"] and moves["embed"] and moves["layers.0.attn"] and moves["layers.0.expert.3"] and moves["layers.1.ffn"]
+    assert moves["layers.2.attn"]  # attention feeds its own layer's router
+    assert not moves["layers.2.expert.0"] and not moves["layers.2.meta"]  # the last router reads their input, not their output
+    assert not moves["layers.3.attn"] and not moves["layers.3.ffn"] and not moves["lm_head"]
+
+
+def test_a_plan_is_measured_whole_per_sequence(demo):
+    loaded, _stats, probe = demo
+    state = loaded.model.lm.state_dict()
+    assert measure_plan(loaded, probe, {}).flips == 0.0
+    key = "model.layers.0.self_attn.q_proj.weight" if "model.layers.0.self_attn.q_proj.weight" in state else next(k for k in state if k.startswith("model.layers.0.self_attn") and k.endswith("weight"))
+    w = {key: quantize(state[key], QuantizerConfig(2, 32, QuantMethod.RTN)).dequantize()}
+    check = measure_plan(loaded, probe, w)
+    kl, agreement = _probe_from_zero(loaded, probe, w)
+    assert check.flips == pytest.approx(1.0 - agreement, abs=1e-12)  # the pooled share is the probe's own agreement
+    assert check.delta_kl == pytest.approx(kl, rel=1e-9)
+    assert check.stderr >= 0.0 and check.upper == pytest.approx(check.flips + check.stderr)
+    assert torch.equal(loaded.model.lm.state_dict()[key], state[key])  # the model is restored
+
+
+def _probe_from_zero(loaded, probe, weights):
+    from medmoe_edge.calibration.sensitivity import swap
+
+    old = swap(loaded, weights)
+    try:
+        return probe.measure(0)
+    finally:
+        swap(loaded, old)
+
+
+@pytest.mark.parametrize("mode", [SensitivityMode.MEASURED, SensitivityMode.PROXY])
+def test_the_plan_holds_the_guard_as_a_whole_or_is_the_least_flipping_found(demo, stats_dir, mode):
+    loaded, stats, probe = demo
+    guard = 0.995
+    res = make_plan(loaded, stats, "torch", method=QuantMethod.GPTQ, avg_bits=4.0, router_guard=guard, sensitivity=mode, cache_dir=stats_dir)
+    r = res.routing
+    assert r is not None and r.allocation is res.allocation
+    state = loaded.model.lm.state_dict()
+    again = measure_plan(loaded, probe, {k: q.dequantize() for k, q in res.codes.items()})
+    assert again.flips == pytest.approx(r.check.flips) and again.delta_kl == pytest.approx(r.check.delta_kl, rel=1e-6)
+    assert r.held == (r.check.upper <= 1.0 - guard + 1e-12)
+    assert res.allocation.nbytes <= res.allocation.budget
+    if mode is SensitivityMode.PROXY:  # every pick that can move a router carries its measured agreement, not the estimate
+        book = CodeBook(stats, QuantMethod.GPTQ, 32)
+        moving = [(u, c) for u, c in zip(res.allocation.units, res.allocation.picks) if not c.precision.is_float and moves_routes(u, (0, 2))]
+        assert moving and r.measured_picks >= len(moving)
+        for u, c in moving:
+            _kl, agree = _probe_one(loaded, probe, u, {k: book.codes_for(k, state[k], c.precision).dequantize() for k in u.keys})
+            assert c.router_agreement == pytest.approx(agree)
+
+
+def test_a_plan_whose_units_sum_under_the_guard_but_flip_over_it_whole_is_searched_past(demo, stats_dir):
+    """Flips do not add: the knapsack's plan meets the guard by its units' summed flips and fails it
+    measured whole; `hold_routes` must measure it, fail it, and end on a plan that holds."""
+    loaded, stats, probe = demo
+    from medmoe_edge.allocation import budget_from, solve_routed
+    from medmoe_edge.calibration.sensitivity import measure
+
+    book = CodeBook(stats, QuantMethod.GPTQ, 32)
+    measured = tuple(measure(loaded, stats, BACKENDS["torch"], book, cache_dir=stats_dir))
+    budget = budget_from(measured, avg_bits=4.0)
+    state = loaded.model.lm.state_dict()
+    deq = lambda u, c: {k: book.codes_for(k, state[k], c.precision).dequantize() for k in u.keys}  # noqa: E731
+    plain = solve_routed(measured, budget, 1.0)
+    summed, whole = route_flips(plain), measure_plan(loaded, probe, plan_weights(plain, deq))
+    assert whole.upper > summed, f"the fixture's plan flips {whole.upper:.4f} whole and {summed:.4f} by its units: no super-additivity to test"
+    allowed = max(summed, whole.upper * 0.6)  # the sum meets it, the whole plan does not
+    r = hold_routes(loaded, probe, measured, budget, allowed, deq, estimated=False)
+    assert r.rounds >= 2  # the knapsack's own plan was measured and failed
+    assert r.held and r.check.upper <= allowed
+    assert route_flips(r.allocation) <= r.target + 1e-12 < allowed  # found by asking the sum for less than the guard
+    assert r.allocation.nbytes <= budget
