@@ -19,8 +19,13 @@ So after the knapsack, `hold_routes`:
 3. holds F + one standard error ≤ the guard's share, so the bound carries to questions the probe
    never saw: when a plan flips more, the summed-flip target of the knapsack is scaled by
    (allowed / measured), the plan's observed super-additivity, until one holds; then the target
-   is bisected between the last plan that failed and the first that held, and of the plans that
-   held the one with the least measured KL is kept (if none held: the one that flipped least).
+   is bisected between the last plan that failed and the first that held;
+4. when the knapsack's own plan failed, also measures its neighbours (one route-moving unit a
+   type up or down, the rest solved again): flips are not additive, and on the demo most of them
+   are one near-tied route of the system prompt, which every request shares (position 14: one
+   route in 212 of each sequence), kept or flipped by the mix of perturbations below it.
+   Of the plans that held, the one with the least predicted ΔD is kept (if none held: the one
+   that flipped least).
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ import torch
 
 from medmoe_edge.allocation import Allocation, Choice, Unit, route_flips, solve_routed
 from medmoe_edge.checkpoint import LoadedModel
+from medmoe_edge.errors import InputError
 from medmoe_edge.tensor_ids import checkpoint_id
 from medmoe_edge.vocab import Component
 
 from .sensitivity import Probe, _probe_one, first_layer, swap
 
-ROUNDS = 8  # knapsack solves at most; each new plan is measured once (one pass over the probe sequences)
+ROUNDS = 8  # knapsack solves along the flip target at most; each new plan is measured once (one pass over the probe sequences)
+NEIGHBOURS = 24  # plans near the knapsack's own measured at most, when it fails
 Dequantize = Callable[[Unit, Choice], dict[str, torch.Tensor]]  # a unit's weights at a choice
 
 
@@ -153,53 +160,75 @@ def hold_routes(
     units = tuple(units)
     measured: set[tuple[str, str]] = set()
 
-    def solve_measured(target: float) -> Allocation:
+    def solve_measured(target: float, pin: tuple[int, Choice] | None = None) -> Allocation:
+        """The knapsack at `target` (with unit `pin[0]` held to choice `pin[1]`), its route-moving
+        estimated picks measured first."""
         nonlocal units
         while True:
-            alloc = solve_routed(units, budget, target)
+            solving = units if pin is None else tuple(replace(u, choices=(pin[1],)) if i == pin[0] else u for i, u in enumerate(units))
+            alloc = solve_routed(solving, budget, target)
             todo = [
                 i
-                for i, (u, c) in enumerate(zip(alloc.units, alloc.picks))
+                for i, (u, c) in enumerate(zip(units, alloc.picks))
                 if estimated and not c.precision.is_float and (u.name, c.precision.value) not in measured and moves_routes(u, moe_layers)
             ]
             if not todo:
-                return alloc
+                return Allocation(units, alloc.picks, budget)
             now = list(units)
             for i in todo:
-                u, c = alloc.units[i], alloc.picks[i]
+                u, c = units[i], alloc.picks[i]
                 _kl, agree = _probe_one(loaded, probe, u, dequantize(u, c))  # ΔD stays the estimate the other choices are ranked by
                 measured.add((u.name, c.precision.value))
                 now[i] = _with_agreement(u, c.precision, agree)
+                if pin is not None and i == pin[0]:
+                    pin = (i, replace(pin[1], router_agreement=agree))
             units = tuple(now)
 
-    failed, held_at = None, None  # the largest target whose plan failed, the smallest whose plan held
+    checks: dict[tuple, PlanCheck] = {}  # by picks: different targets often give one plan
     best: RoutedPlan | None = None
-    checks: dict[tuple, PlanCheck] = {}  # by picks: bisection often lands on a plan already measured
-    target, n = max_flips, 0
-    for _ in range(rounds):
-        alloc = solve_measured(target)
+
+    def consider(alloc: Allocation, target: float) -> RoutedPlan:
+        """Measure a plan whole (once) and keep the best so far: a plan that holds over one that
+        does not; of those that hold, the least predicted ΔD (the knapsack's own objective, not the
+        probe's KL, which a search over many plans would overfit); of those that do not, the fewest flips."""
+        nonlocal best
         picks = tuple(c.precision for c in alloc.picks)
         if picks not in checks:
             checks[picks] = measure_plan(loaded, probe, plan_weights(alloc, dequantize))
-            n += 1
         check = checks[picks]
-        this = RoutedPlan(alloc, units, check, target, n, len(measured), check.upper <= max_flips + 1e-12)
-        if this.held:
-            held_at = target
-            if best is None or not best.held or check.delta_kl < best.check.delta_kl:
-                best = this
-        else:
-            failed = target
-            if best is None or (not best.held and check.upper < best.check.upper):
-                best = this
-        if failed is None:  # the plan at the guard's own share held: nothing to trade
+        this = RoutedPlan(alloc, units, check, target, len(checks), len(measured), check.upper <= max_flips + 1e-12)
+        if best is None or (this.held, -alloc.predicted_delta if this.held else -check.upper) > (best.held, -best.allocation.predicted_delta if best.held else -best.check.upper):
+            best = this
+        return this
+
+    # 1. the knapsack's plan; while one fails, ask its units' summed flips for (allowed / measured)
+    #    as much, then bisect between the last target that failed and the first that held
+    first = consider(solve_measured(max_flips), max_flips)
+    failed, held_at = (None, max_flips) if first.held else (max_flips, None)
+    last = first
+    for _ in range(rounds - 1):
+        if failed is None:
             break
-        if held_at is None:  # the plan's units add up to more than their sum: ask the sum for that much less
-            target = route_flips(alloc) * max_flips / check.upper
-        else:
-            target = (failed + held_at) / 2
+        target = route_flips(last.allocation) * max_flips / last.check.upper if held_at is None else (failed + held_at) / 2
+        last = consider(solve_measured(target), target)
+        failed, held_at = (failed, target) if last.held else (target, held_at)
+    # 2. neighbours of the knapsack's own plan: one route-moving unit a type up or down, the rest
+    #    solved again. Which routes flip is not additive (a near-tie flips under one mix of
+    #    perturbations and not under another), so plans near the optimum that hold are looked for
+    #    where the Lagrangian path above only finds ones further away.
+    if not first.held:
+        for i, (u, c) in enumerate(zip(units, first.allocation.picks)):
+            if len(checks) >= rounds + NEIGHBOURS or not moves_routes(u, moe_layers):
+                continue
+            by_size = sorted(units[i].choices, key=lambda x: x.nbytes)
+            at = next(j for j, x in enumerate(by_size) if x.precision is c.precision)
+            for alt in by_size[max(at - 1, 0) : at] + by_size[at + 1 : at + 2]:
+                try:
+                    consider(solve_measured(max_flips, (i, alt)), max_flips)
+                except InputError:  # that type leaves the rest too few bytes
+                    continue
     assert best is not None
-    return replace(best, rounds=n, measured_picks=len(measured))
+    return replace(best, rounds=len(checks), measured_picks=len(measured))
 
 
-__all__ = ["ROUNDS", "PlanCheck", "RoutedPlan", "hold_routes", "measure_plan", "moves_routes", "plan_weights"]
+__all__ = ["NEIGHBOURS", "ROUNDS", "PlanCheck", "RoutedPlan", "hold_routes", "measure_plan", "moves_routes", "plan_weights"]

@@ -38,7 +38,7 @@ def quantize_cmd(
     moe_dispatch: Annotated[str | None, typer.Option("--moe-dispatch", help="ONNX: 'scatter' (NonZero per expert) or 'if' (an If per expert, what TensorRT builds) [default: scatter].")] = None,
     ops: Annotated[str | None, typer.Option("--ops", help="ONNX: qdq (DequantizeLinear → MatMul: standard ONNX, int4/int8; ONNX Runtime fuses it into MatMulNBits) or matmulnbits (ONNX Runtime's MatMulNBits nodes written directly: int2 too, ONNX Runtime only) [default: qdq].")] = None,
     sensitivity: Annotated[str | None, typer.Option("--sensitivity", help="measured: one end-to-end probe per group and type (the demo: about a minute); proxy: tr(ΔW H ΔWᵀ) from the calibration Hessians, scaled by one probe per layer and component (for real-dimension models) [default: measured].")] = None,
-    delta_from_meta: Annotated[bool | None, typer.Option("--delta-from-meta/--no-delta-from-meta", help="ONNX: store a quantized routed expert's fc1 (gate/up) as codes of its difference from the meta expert's, where that adds less output error at the same bytes; the meta expert's output is reused [default: on for onnx].", show_default=False)] = None,
+    delta_from_meta: Annotated[bool | None, typer.Option("--delta-from-meta/--no-delta-from-meta", help="ONNX: store a quantized routed expert's input projections (fc1; gate/up) as codes of their difference from the meta expert's, where that adds less output error at the same bytes; the meta expert's pre-activation, computed for every token anyway, is reused [default: on for onnx].", show_default=False)] = None,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {QUANTIZE_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
     """Quantize each expert (and every other weight group) to its own precision from measured sensitivities, under a byte budget."""
@@ -86,7 +86,7 @@ def quantize_cmd(
     if result.deltas:
         chosen = [f"layers.{d.layer}.expert.{d.expert}" for d in result.deltas if d.chosen]
         out.print(
-            f"delta-from-meta coding: {len(chosen)} of {len(result.deltas)} quantized experts store fc1 as the delta from their meta expert's "
+            f"delta-from-meta coding: {len(chosen)} of {len(result.deltas)} quantized experts store their input projections (fc1; gate/up) as the delta from their meta expert's "
             f"(less output error at the same bytes{': ' + ', '.join(chosen) if chosen else ''})",
             highlight=False,
             soft_wrap=True,
@@ -96,7 +96,7 @@ def quantize_cmd(
         verdict = "held" if r.held else "[bold yellow]not held: no plan within the budget keeps it; give it more bytes[/]"
         out.print(
             f"whole-plan routing on the calibration probe sequences: {r.check.flips:.2%} ± {r.check.stderr:.2%} of routes flipped "
-            f"(guard: ≤ {1 - ROUTER_GUARD:.1%} with one standard error: {verdict}; {r.rounds} plans measured whole)",
+            f"(guard: ≤ {1 - ROUTER_GUARD:.1%} with one standard error: {verdict}; {r.rounds} plan{'s' if r.rounds != 1 else ''} measured whole)",
             highlight=False,
         )
     out.print(f"quantized groups read back from the files: {written_int / 1e6:.3f} MB written against {predicted_int / 1e6:.3f} MB predicted ({gap:+.2%}); bundle {total / 1e6:.2f} MB in {out_dir}", highlight=False)
