@@ -41,7 +41,7 @@ from medmoe_edge.errors import InputError
 from medmoe_edge.tensor_ids import checkpoint_id
 from medmoe_edge.vocab import Component
 
-from .sensitivity import Probe, _probe_one, first_layer, swap
+from .sensitivity import Probe, first_layer, probe_one, swap
 
 ROUNDS = 8  # knapsack solves along the flip target at most; each new plan is measured once (one pass over the probe sequences)
 NEIGHBOURS = 24  # plans near the knapsack's own measured at most, when it fails
@@ -177,7 +177,7 @@ def hold_routes(
             now = list(units)
             for i in todo:
                 u, c = units[i], alloc.picks[i]
-                _kl, agree = _probe_one(loaded, probe, u, dequantize(u, c))  # ΔD stays the estimate the other choices are ranked by
+                _kl, agree = probe_one(loaded, probe, u, dequantize(u, c))  # ΔD stays the estimate the other choices are ranked by
                 measured.add((u.name, c.precision.value))
                 now[i] = _with_agreement(u, c.precision, agree)
                 if pin is not None and i == pin[0]:

@@ -255,7 +255,7 @@ def first_layer(unit: Unit, num_layers: int) -> int:
     return 0
 
 
-def _probe_one(loaded: LoadedModel, probe: Probe, unit: Unit, weights: dict[str, torch.Tensor]) -> tuple[float, float]:
+def probe_one(loaded: LoadedModel, probe: Probe, unit: Unit, weights: dict[str, torch.Tensor]) -> tuple[float, float]:
     """(ΔD, router agreement) with `weights` (the unit's codes) in the model, which is then restored."""
     old = swap(loaded, weights)
     try:
@@ -302,7 +302,7 @@ def measure(
     probe = Probe(loaded, [TeacherSequence.from_json(s) for s in stats.sequences]) if todo else None
     for n, (u, p) in enumerate(todo):
         assert probe is not None
-        cached[f"{u.name}|{p.value}"] = list(_probe_one(loaded, probe, u, {k: book.codes_for(k, state[k], p).dequantize() for k in u.keys}))
+        cached[f"{u.name}|{p.value}"] = list(probe_one(loaded, probe, u, {k: book.codes_for(k, state[k], p).dequantize() for k in u.keys}))
         if progress:
             progress(n + 1, len(todo))
     if todo:
@@ -353,7 +353,7 @@ def estimate(
 
     def run(u: Unit, p: Precision) -> tuple[float, float]:
         assert probe is not None
-        return _probe_one(loaded, probe, u, {k: book.codes_for(k, state[k], p).dequantize() for k in u.keys})
+        return probe_one(loaded, probe, u, {k: book.codes_for(k, state[k], p).dequantize() for k in u.keys})
 
     for cls, members in classes.items():
         lowest = {u.name: min(offered[u.name], key=lambda p: p.bits) for u in members}
@@ -400,4 +400,4 @@ def with_choices(units: Sequence[Unit], stats: CalibStats, backend: Backend, boo
     return out
 
 
-__all__ = ["CodeBook", "EMBED_KEY", "GgmlCodeBook", "SensitivityMode", "code_bits", "Probe", "choice_bytes", "estimate", "measure", "output_energy", "probe_class", "sensitivities", "swap", "units_for", "with_choices"]
+__all__ = ["CodeBook", "EMBED_KEY", "GgmlCodeBook", "SensitivityMode", "code_bits", "Probe", "choice_bytes", "estimate", "measure", "output_energy", "probe_class", "probe_one", "first_layer", "sensitivities", "swap", "units_for", "with_choices"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medmoe_edge.calibration.routing import hold_routes, measure_plan, moves_routes, plan_weights
-from medmoe_edge.calibration.sensitivity import CodeBook, Probe, SensitivityMode, _probe_one, units_for
+from medmoe_edge.calibration.sensitivity import CodeBook, Probe, SensitivityMode, probe_one, units_for
 from medmoe_edge.calibration.teacher import TeacherSequence
 from medmoe_edge.allocation import BACKENDS, route_flips
 from medmoe_edge.checkpoint import load_model, resolve_model_dir
@@ -74,7 +74,7 @@ def test_the_plan_holds_the_guard_as_a_whole_or_is_the_least_flipping_found(demo
         moving = [(u, c) for u, c in zip(res.allocation.units, res.allocation.picks) if not c.precision.is_float and moves_routes(u, (0, 2))]
         assert moving and r.measured_picks >= len(moving)
         for u, c in moving:
-            _kl, agree = _probe_one(loaded, probe, u, {k: book.codes_for(k, state[k], c.precision).dequantize() for k in u.keys})
+            _kl, agree = probe_one(loaded, probe, u, {k: book.codes_for(k, state[k], c.precision).dequantize() for k in u.keys})
             assert c.router_agreement == pytest.approx(agree)
 
 
