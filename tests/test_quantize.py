@@ -262,6 +262,7 @@ def _changed_set_stats(stats_dir: Path, tmp: Path) -> Path:
         ("changed-set", "whose manifest has changed since (SHA-256 differs): run `medmoe-edge calibrate --model demo --set calibration --out NEW_STATS`"),
         ("no-stats", "holds no calibration statistics"),
         ("dispatch", "--moe-dispatch 'nonzero' is not one of"),
+        ("delta-tensorrt", "--delta-from-meta is written for --format onnx only (tensorrt: its engines are not built with it yet): drop the flag or use --no-delta-from-meta"),
     ],
 )
 def test_bad_input_is_one_line_with_exit_code_2_and_leaves_nothing(case, message, stats_dir, tiny_ckpts, tmp_path):
@@ -274,6 +275,9 @@ def test_bad_input_is_one_line_with_exit_code_2_and_leaves_nothing(case, message
     elif case == "tensorrt-block":
         args["--format"] = "tensorrt"
         extra = ["--block", "256"]
+    elif case == "delta-tensorrt":
+        args["--format"] = "tensorrt"
+        extra = ["--delta-from-meta"]
     elif case == "unknown-format":
         args["--format"] = "coreml"
     elif case == "neither":
