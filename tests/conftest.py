@@ -44,3 +44,20 @@ def sample_png(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("img") / "sample.png"
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), "RGB").save(path)
     return path
+
+
+@pytest.fixture
+def level0(monkeypatch):
+    """ONNX Runtime sessions with the fused MatMulNBits at accuracy level 0 (fp32 activations; the
+    default 4 quantizes activations to int8)."""
+    import onnxruntime as ort
+
+    base = ort.SessionOptions
+
+    class Level0(base):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+
+    monkeypatch.setattr(ort, "SessionOptions", Level0)
+    return Level0

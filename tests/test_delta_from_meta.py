@@ -112,21 +112,6 @@ def test_random_experts_far_from_their_meta_stay_direct(tiny_ckpts, tmp_path):
     assert all(c.delta > c.direct for c in report)
 
 
-@pytest.fixture
-def level0(monkeypatch):
-    import onnxruntime as ort
-
-    base = ort.SessionOptions
-
-    class Level0(base):
-        def __init__(self) -> None:
-            super().__init__()
-            self.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-
-    monkeypatch.setattr(ort, "SessionOptions", Level0)
-    return Level0
-
-
 @pytest.mark.parametrize("dispatch", ["scatter", "if"])
 def test_onnx_bundle_of_delta_codes_equals_the_oracle_on_both_backbones(tiny_ckpt, dispatch, level0, tmp_path):
     pytest.importorskip("onnxruntime")

@@ -128,23 +128,6 @@ def _demo_dir() -> Path:
     return resolve_model_dir("demo")
 
 
-@pytest.fixture
-def level0(monkeypatch):
-    """ONNX Runtime sessions with the fused MatMulNBits at accuracy level 0 (fp32 activations; the
-    default 4 quantizes activations to int8)."""
-    import onnxruntime as ort
-
-    base = ort.SessionOptions
-
-    class Level0(base):
-        def __init__(self) -> None:
-            super().__init__()
-            self.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-
-    monkeypatch.setattr(ort, "SessionOptions", Level0)
-    return Level0
-
-
 @pytest.mark.parametrize("dispatch", ["scatter", "if"])
 def test_onnx_runtime_at_level_0_equals_the_fake_quant_oracle_of_the_same_codes(dispatch, request, stats_dir, level0, tmp_path):
     import onnx
