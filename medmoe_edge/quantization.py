@@ -334,8 +334,13 @@ def make_plan(
             raise InputError(f"delta-from-meta coding is written for --format onnx only, not the {b.name} backend: leave it off")
         codes, deltas = choose_deltas(loaded, stats, codes, book.factors)
         # a rule per delta-coded projection, ahead of its expert's group rule (first match wins)
+        energy = {f"layers.{d.layer}.expert.{d.expert}": {"direct": d.direct, "delta": d.delta} for d in deltas}
         first = [
-            QuantRule(str(checkpoint_id(k)), QuantSpec(plan_spec_of(rules, k).precision, q.method, q.block, base=str(checkpoint_id(q.base_key))), {"delta_from_meta": True})
+            QuantRule(
+                str(checkpoint_id(k)),
+                QuantSpec(plan_spec_of(rules, k).precision, q.method, q.block, base=str(checkpoint_id(q.base_key))),
+                {"delta_from_meta": True, "output_energy": energy[str(checkpoint_id(k).group)]},  # the expert's, both codings, over its routed tokens
+            )
             for k, q in codes.items()
             if isinstance(q, DeltaQTensor)
         ]
