@@ -191,7 +191,7 @@ def main() -> None:
                 if res.routing is not None:
                     r = res.routing
                     checks.append(
-                        f"{name}: routes flipped on the probe sequences {r.check.flips:.2%} ± {r.check.stderr:.2%} (held ≤ {1 - (args.router_guard or 0.995):.1%} with one standard error: {'yes' if r.held else 'no'}), "
+                        f"{name}: routes flipped on the probe sequences {r.check.flips:.2%} ± {r.check.stderr:.2%} (held ≤ {1 - (args.router_guard or 0.995):.1%} with one standard error: {'yes' if r.held else 'no'}{f'; keeping it would cost {r.hold_cost:.1f}x the KL' if r.hold_cost else ''}), "
                         f"KL there {r.check.delta_kl:.2e}, {r.rounds} plan(s) measured whole, {r.measured_picks} estimated pick(s) measured"
                     )
         oracle.close()

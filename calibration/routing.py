@@ -25,7 +25,8 @@ So after the knapsack, `hold_routes`:
    are one near-tied route of the system prompt, which every request shares (position 14: one
    route in 212 of each sequence), kept or flipped by the mix of perturbations below it.
    Of the plans that held, the one with the least predicted ΔD is kept (if none held: the one
-   that flipped least).
+   that flipped least) — unless its KL on the probe sequences is more than `MAX_KL_COST` times
+   the knapsack's own plan's: then the knapsack's plan is kept, marked not held, with that cost.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ from .sensitivity import Probe, first_layer, probe_one, swap
 
 ROUNDS = 8  # knapsack solves along the flip target at most; each new plan is measured once (one pass over the probe sequences)
 NEIGHBOURS = 24  # plans near the knapsack's own measured at most, when it fails
+# Routes are a means (EAQuant), the answer distribution the end: a plan that holds the guard is
+# kept only while its KL on the probe sequences is at most this multiple of the knapsack's own
+# plan's. On the demo holding it cost 0.9-1.3x; GGUF's coarse units at 3.5 bits, 3x (one near-tied
+# route of the system prompt kept at the price of everything else), and there the knapsack's
+# plan is kept and the cost reported.
+MAX_KL_COST = 1.5
 Dequantize = Callable[[Unit, Choice], dict[str, torch.Tensor]]  # a unit's weights at a choice
 
 
@@ -84,6 +91,8 @@ class RoutedPlan:
         rounds: whole-plan measurements made.
         measured_picks: picks whose estimated agreement was replaced by a measured one.
         held: whether `check.upper` meets the guard.
+        hold_cost: when the plan is the knapsack's own, kept although it fails the guard because
+            the best plan that holds it costs more than `MAX_KL_COST`: that plan's KL over this one's.
     """
 
     allocation: Allocation
@@ -93,6 +102,7 @@ class RoutedPlan:
     rounds: int
     measured_picks: int
     held: bool
+    hold_cost: float | None = None
 
 
 def moves_routes(unit: Unit, moe_layers: tuple[int, ...]) -> bool:
@@ -152,6 +162,7 @@ def hold_routes(
     *,
     estimated: bool,
     rounds: int = ROUNDS,
+    max_cost: float = MAX_KL_COST,
 ) -> RoutedPlan:
     """Solve the knapsack with the whole plan's measured flips, plus one standard error, held at
     ≤ `max_flips` where a plan within the budget can (module docstring). `estimated`: the units'
@@ -228,7 +239,10 @@ def hold_routes(
                 except InputError:  # that type leaves the rest too few bytes
                     continue
     assert best is not None
+    if best.held and not first.held and best.check.delta_kl > max_cost * first.check.delta_kl:
+        # holding the routes would cost more of the answer distribution than it keeps: the knapsack's plan, and what holding cost
+        return replace(first, rounds=len(checks), measured_picks=len(measured), hold_cost=best.check.delta_kl / max(first.check.delta_kl, 1e-30))
     return replace(best, rounds=len(checks), measured_picks=len(measured))
 
 
-__all__ = ["NEIGHBOURS", "ROUNDS", "PlanCheck", "RoutedPlan", "hold_routes", "measure_plan", "moves_routes", "plan_weights"]
+__all__ = ["MAX_KL_COST", "NEIGHBOURS", "ROUNDS", "PlanCheck", "RoutedPlan", "hold_routes", "measure_plan", "moves_routes", "plan_weights"]

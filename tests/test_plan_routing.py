@@ -94,9 +94,31 @@ def test_a_plan_whose_units_sum_under_the_guard_but_flip_over_it_whole_is_search
     summed, whole = route_flips(plain), measure_plan(loaded, probe, plan_weights(plain, deq))
     assert whole.upper > summed, f"the fixture's plan flips {whole.upper:.4f} whole and {summed:.4f} by its units: no super-additivity to test"
     allowed = max(summed, whole.upper * 0.6)  # the sum meets it, the whole plan does not
-    r = hold_routes(loaded, probe, measured, budget, allowed, deq, estimated=False)
+    r = hold_routes(loaded, probe, measured, budget, allowed, deq, estimated=False, max_cost=float("inf"))
     assert r.rounds >= 2  # the knapsack's own plan was measured and failed
     assert r.held and r.check.upper <= allowed
     assert route_flips(r.allocation) <= r.target + 1e-12  # a knapsack plan at the target it reports
     assert r.allocation.nbytes <= budget
     assert r.allocation.picks != plain.picks
+
+
+def test_a_guard_that_costs_more_kl_than_allowed_keeps_the_knapsacks_plan_and_says_so(demo, stats_dir):
+    loaded, stats, probe = demo
+    from medmoe_edge.allocation import budget_from, solve_routed
+    from medmoe_edge.calibration.sensitivity import measure
+
+    book = CodeBook(stats, QuantMethod.GPTQ, 32)
+    measured = tuple(measure(loaded, stats, BACKENDS["torch"], book, cache_dir=stats_dir))
+    budget = budget_from(measured, avg_bits=4.0)
+    state = loaded.model.lm.state_dict()
+    deq = lambda u, c: {k: book.codes_for(k, state[k], c.precision).dequantize() for k in u.keys}  # noqa: E731
+    plain = solve_routed(measured, budget, 1.0)
+    summed, whole = route_flips(plain), measure_plan(loaded, probe, plan_weights(plain, deq))
+    allowed = max(summed, whole.upper * 0.6)  # as above: the knapsack's plan meets it by its sum and fails it whole
+    held = hold_routes(loaded, probe, measured, budget, allowed, deq, estimated=False, max_cost=float("inf"))
+    assert held.held and held.rounds >= 2
+    first = measure_plan(loaded, probe, plan_weights(solve_routed(measured, budget, allowed), deq))
+    cost = held.check.delta_kl / first.delta_kl
+    kept = hold_routes(loaded, probe, measured, budget, allowed, deq, estimated=False, max_cost=cost * 0.5)
+    assert not kept.held and kept.hold_cost == pytest.approx(cost) and kept.check.upper > allowed
+    assert kept.check.delta_kl == pytest.approx(first.delta_kl)  # the knapsack's own plan

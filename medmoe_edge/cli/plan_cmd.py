@@ -228,7 +228,9 @@ def plan_show(
             rc = summary["router_check"]
             out.print(
                 f"whole-plan routing on {rc['sequences']} calibration sequences: {rc['flips']:.2%} ± {rc['flips_stderr']:.2%} of routes flipped "
-                f"(guard ≤ {rc['max_flips']:.1%} with one standard error: {'held' if rc['held'] else 'not held'})",
+                f"(guard ≤ {rc['max_flips']:.1%} with one standard error: {'held' if rc['held'] else 'not held'}"
+                + (f"; keeping it would have cost {rc['hold_kl_cost']:.1f}x the KL" if rc.get("hold_kl_cost") else "")
+                + ")",
                 highlight=False,
             )
         if summary.get("delta_from_meta"):

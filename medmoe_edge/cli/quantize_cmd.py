@@ -11,6 +11,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
+from ..calibration.routing import MAX_KL_COST
 from ..calibration.sensitivity import SensitivityMode
 from ..quantization import METHODS, ROUTER_GUARD, check_block, check_delta, check_ops, check_request, parse_method, parse_sensitivity, quantize_bundle
 from ..quantizer import DEFAULT_BLOCK
@@ -93,7 +94,12 @@ def quantize_cmd(
         )
     if result.routing is not None:
         r = result.routing
-        verdict = "held" if r.held else "[bold yellow]not held: no plan within the budget keeps it; give it more bytes[/]"
+        if r.held:
+            verdict = "held"
+        elif r.hold_cost is not None:
+            verdict = f"[bold yellow]not held: the plans that keep it cost {r.hold_cost:.1f}x the KL on those sequences (limit {MAX_KL_COST}x), so the best plan is kept; give it more bytes to keep routes too[/]"
+        else:
+            verdict = "[bold yellow]not held: no plan within the budget keeps it; give it more bytes[/]"
         out.print(
             f"whole-plan routing on the calibration probe sequences: {r.check.flips:.2%} ± {r.check.stderr:.2%} of routes flipped "
             f"(guard: ≤ {1 - ROUTER_GUARD:.1%} with one standard error: {verdict}; {r.rounds} plan{'s' if r.rounds != 1 else ''} measured whole)",
