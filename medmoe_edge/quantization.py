@@ -334,7 +334,8 @@ def make_plan(
             raise InputError(f"delta-from-meta coding is written for --format onnx only, not the {b.name} backend: leave it off")
         codes, deltas = choose_deltas(loaded, stats, codes, book.factors)
         # a rule per delta-coded projection, ahead of its expert's group rule (first match wins)
-        energy = {f"layers.{d.layer}.expert.{d.expert}": {"direct": d.direct, "delta": d.delta} for d in deltas}
+        # to 6 digits: float32 matmuls reorder their sums with the thread count, and a plan is compared whole
+        energy = {f"layers.{d.layer}.expert.{d.expert}": {"direct": float(f"{d.direct:.6g}"), "delta": float(f"{d.delta:.6g}")} for d in deltas}
         first = [
             QuantRule(
                 str(checkpoint_id(k)),
