@@ -104,6 +104,7 @@ def quantize_cmd(
             f"whole-plan routing on the calibration probe sequences: {r.check.flips:.2%} ± {r.check.stderr:.2%} of routes flipped "
             f"(guard: ≤ {1 - ROUTER_GUARD:.1%} with one standard error: {verdict}; {r.rounds} plan{'s' if r.rounds != 1 else ''} measured whole)",
             highlight=False,
+            soft_wrap=True,
         )
     out.print(f"quantized groups read back from the files: {written_int / 1e6:.3f} MB written against {predicted_int / 1e6:.3f} MB predicted ({gap:+.2%}); bundle {total / 1e6:.2f} MB in {out_dir}", highlight=False)
     if not check:
