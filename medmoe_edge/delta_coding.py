@@ -41,6 +41,7 @@ def to_delta_model(loaded: LoadedModel, codes: dict[str, QTensor]) -> set[tuple[
     use it for export, not as the reference."""
     done: set[tuple[int, int]] = set()
     layers = loaded.model.lm.model.layers
+    params = dict(loaded.model.lm.named_parameters())
     with torch.no_grad():
         for layer, e, pairs in expert_inputs(loaded):
             if not any(isinstance(codes.get(k), DeltaQTensor) for k, _m in pairs):
@@ -50,12 +51,11 @@ def to_delta_model(loaded: LoadedModel, codes: dict[str, QTensor]) -> set[tuple[
             for k, m in pairs:
                 q = codes[k]
                 assert isinstance(q, DeltaQTensor)
-                w = loaded.model.lm.get_parameter(k)
+                w = params[k]
                 w.copy_((w.to(torch.float32) - q.base).to(w.dtype))
                 bias_key, meta_bias = k.replace(".weight", ".bias"), m.replace(".weight", ".bias")
-                if bias_key in loaded.model.lm.state_dict():
-                    b = loaded.model.lm.get_parameter(bias_key)
-                    b.copy_(b - loaded.model.lm.get_parameter(meta_bias))
+                if bias_key in params:  # Phi's fc1 has one, StableLM's gate/up do not
+                    params[bias_key].copy_(params[bias_key] - params[meta_bias])
             mlp = layers[layer].mlp
             mlp.delta_experts = mlp.delta_experts | {e}
             done.add((layer, e))
