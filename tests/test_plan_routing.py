@@ -78,9 +78,10 @@ def test_the_plan_holds_the_guard_as_a_whole_or_is_the_least_flipping_found(demo
             assert c.router_agreement == pytest.approx(agree)
 
 
-def test_a_plan_whose_units_sum_under_the_guard_but_flip_over_it_whole_is_searched_past(demo, stats_dir):
-    """Flips do not add: the knapsack's plan meets the guard by its units' summed flips and fails it
-    measured whole; `hold_routes` must measure it, fail it, and end on a plan that holds."""
+@pytest.fixture(scope="module")
+def superadditive(demo, stats_dir):
+    """The demo fixture's measured units at 4 bits per weight, the knapsack's plan without a flip
+    bound, and a flip share its units' sum meets and the whole plan does not."""
     loaded, stats, probe = demo
     from medmoe_edge.allocation import budget_from, solve_routed
     from medmoe_edge.calibration.sensitivity import measure
@@ -93,7 +94,14 @@ def test_a_plan_whose_units_sum_under_the_guard_but_flip_over_it_whole_is_search
     plain = solve_routed(measured, budget, 1.0)
     summed, whole = route_flips(plain), measure_plan(loaded, probe, plan_weights(plain, deq))
     assert whole.upper > summed, f"the fixture's plan flips {whole.upper:.4f} whole and {summed:.4f} by its units: no super-additivity to test"
-    allowed = max(summed, whole.upper * 0.6)  # the sum meets it, the whole plan does not
+    return measured, budget, deq, plain, max(summed, whole.upper * 0.6)
+
+
+def test_a_plan_whose_units_sum_under_the_guard_but_flip_over_it_whole_is_searched_past(demo, superadditive):
+    """Flips do not add: the knapsack's plan meets the guard by its units' summed flips and fails it
+    measured whole; `hold_routes` must measure it, fail it, and end on a plan that holds."""
+    loaded, _stats, probe = demo
+    measured, budget, deq, plain, allowed = superadditive
     r = hold_routes(loaded, probe, measured, budget, allowed, deq, estimated=False, max_cost=float("inf"))
     assert r.rounds >= 2  # the knapsack's own plan was measured and failed
     assert r.held and r.check.upper <= allowed
@@ -102,19 +110,11 @@ def test_a_plan_whose_units_sum_under_the_guard_but_flip_over_it_whole_is_search
     assert r.allocation.picks != plain.picks
 
 
-def test_a_guard_that_costs_more_kl_than_allowed_keeps_the_knapsacks_plan_and_says_so(demo, stats_dir):
-    loaded, stats, probe = demo
-    from medmoe_edge.allocation import budget_from, solve_routed
-    from medmoe_edge.calibration.sensitivity import measure
+def test_a_guard_that_costs_more_kl_than_allowed_keeps_the_knapsacks_plan_and_says_so(demo, superadditive):
+    from medmoe_edge.allocation import solve_routed
 
-    book = CodeBook(stats, QuantMethod.GPTQ, 32)
-    measured = tuple(measure(loaded, stats, BACKENDS["torch"], book, cache_dir=stats_dir))
-    budget = budget_from(measured, avg_bits=4.0)
-    state = loaded.model.lm.state_dict()
-    deq = lambda u, c: {k: book.codes_for(k, state[k], c.precision).dequantize() for k in u.keys}  # noqa: E731
-    plain = solve_routed(measured, budget, 1.0)
-    summed, whole = route_flips(plain), measure_plan(loaded, probe, plan_weights(plain, deq))
-    allowed = max(summed, whole.upper * 0.6)  # as above: the knapsack's plan meets it by its sum and fails it whole
+    loaded, _stats, probe = demo
+    measured, budget, deq, _plain, allowed = superadditive
     held = hold_routes(loaded, probe, measured, budget, allowed, deq, estimated=False, max_cost=float("inf"))
     assert held.held and held.rounds >= 2
     first = measure_plan(loaded, probe, plan_weights(solve_routed(measured, budget, allowed), deq))
