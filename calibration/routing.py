@@ -135,7 +135,6 @@ def measure_plan(loaded: LoadedModel, probe: Probe, weights: dict[str, torch.Ten
         logp, routes = probe.run(0)
     finally:
         swap(loaded, old)
-    kl = max(float((probe.ref_p * (probe.ref_logp - logp)).sum(-1).mean()), 0.0)
     lengths = probe.batch.lengths  # right-padded rows: each sequence's routes are consecutive
     flipped = torch.zeros(len(lengths), dtype=torch.float64)  # flipped routes per sequence, over the MoE layers
     for k in routes:
@@ -145,7 +144,7 @@ def measure_plan(loaded: LoadedModel, probe: Probe, weights: dict[str, torch.Ten
     m = len(lengths)
     # ratio estimator's standard error over sequences (a sequence's routes flip together, not independently)
     se = float(((flipped - share * n) ** 2).sum().sqrt() / n.sum() * (m / (m - 1)) ** 0.5) if m > 1 else 0.0
-    return PlanCheck(kl, share, se)
+    return PlanCheck(probe.kl(logp), share, se)
 
 
 def _with_agreement(unit: Unit, precision, agreement: float) -> Unit:

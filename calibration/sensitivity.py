@@ -186,6 +186,15 @@ class Probe:
         self.ref_logp, self.ref_routes = self.run(0, keep=self.inputs)
         self.ref_p = self.ref_logp.exp()
 
+    @classmethod
+    def from_stats(cls, loaded: LoadedModel, stats: CalibStats) -> Probe:
+        """The probe of the calibration sequences the statistics kept for measuring."""
+        return cls(loaded, [TeacherSequence.from_json(s) for s in stats.sequences])
+
+    def kl(self, logp: torch.Tensor) -> float:
+        """Mean KL(p_fp32 ‖ p) over the answer positions, of log-probs `logp` from `run`."""
+        return max(float((self.ref_p * (self.ref_logp - logp)).sum(-1).mean()), 0.0)
+
     def _rows(self) -> list[torch.Tensor]:
         m = self.loaded.model
         return [m.splice(s.token_ids, m.lm.model.mm_projector(f)) for s, f in zip(self.sequences, self.features)]
@@ -207,10 +216,9 @@ class Probe:
     def measure(self, from_layer: int = 0) -> tuple[float, float]:
         """(mean KL(p_fp32 ‖ p_now) over answer positions, router agreement) of the model as it is now."""
         logp, routes = self.run(from_layer)
-        kl = float((self.ref_p * (self.ref_logp - logp)).sum(-1).mean())
         same = sum(int((routes[k] == self.ref_routes[k]).sum()) for k in routes)
         total = sum(v.numel() for v in routes.values())
-        return max(kl, 0.0), same / max(total, 1)
+        return self.kl(logp), same / max(total, 1)
 
 
 def swap(loaded: LoadedModel, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -288,6 +296,7 @@ def measure(
     *,
     cache_dir: Path | None = None,
     progress: Progress | None = None,
+    probe: Probe | None = None,
 ) -> list[Unit]:
     """Every unit of `backend` with its measured choices (fp32 is ΔD = 0).
 
@@ -299,7 +308,7 @@ def measure(
     state = loaded.model.lm.state_dict()
     ints = [p for p in backend.candidates if not p.is_float]
     todo = [(u, p) for u in units for p in ints if backend.offers(p, u) and f"{u.name}|{p.value}" not in cached]
-    probe = Probe(loaded, [TeacherSequence.from_json(s) for s in stats.sequences]) if todo else None
+    probe = probe if probe is not None or not todo else Probe.from_stats(loaded, stats)
     for n, (u, p) in enumerate(todo):
         assert probe is not None
         cached[f"{u.name}|{p.value}"] = list(probe_one(loaded, probe, u, {k: book.codes_for(k, state[k], p).dequantize() for k in u.keys}))
@@ -318,6 +327,7 @@ def estimate(
     *,
     cache_dir: Path | None = None,
     progress: Progress | None = None,
+    probe: Probe | None = None,
 ) -> list[Unit]:
     """Every unit of `backend` with proxy sensitivities (`SensitivityMode.PROXY`, module docstring).
 
@@ -347,7 +357,7 @@ def estimate(
     for u in units:
         if offered[u.name]:
             classes.setdefault(probe_class(u), []).append(u)
-    probe = Probe(loaded, [TeacherSequence.from_json(s) for s in stats.sequences]) if classes else None
+    probe = probe if probe is not None or not classes else Probe.from_stats(loaded, stats)
     values: dict[str, list[float]] = {}
     probes: dict[str, dict] = {}
 

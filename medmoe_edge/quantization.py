@@ -30,7 +30,6 @@ from .calibration.delta import DeltaChoice
 from .calibration.delta import choose as choose_deltas
 from .calibration.routing import RoutedPlan, hold_routes
 from .calibration.sensitivity import CodeBook, GgmlCodeBook, Probe, SensitivityMode, sensitivities, swap, units_for, with_choices
-from .calibration.teacher import TeacherSequence
 from .calibration.sets import QuestionSet, resolve_set
 from .checkpoint import LoadedModel, load_model, resolve_model_dir
 from .ckpt_writer import atomic_dir, check_new_dir
@@ -40,7 +39,7 @@ from .imaging import PreprocessMode
 from .quant_plan import QuantMethod, QuantPlan, QuantRule, QuantSpec
 from .ggml_codes import GgmlCodes
 from .quantizer import DEFAULT_BLOCK, DeltaQTensor, QTensor
-from .tensor_ids import checkpoint_id, plan_rule
+from .tensor_ids import checkpoint_id
 from .support_files import checkpoint_source_sha256
 from .vocab import OnnxOps, Precision, PrecisionKind
 
@@ -292,7 +291,9 @@ def make_plan(
     book = GgmlCodeBook(stats, method) if b.name == "gguf" else CodeBook(stats, method, block, symmetric=not b.zero_point)
     sized = with_choices(units_for(loaded, b), stats, b, book)  # bytes only: the budget is checked before minutes of measuring
     check_budget(sized, budget_from(sized, budget_mb=budget_mb, avg_bits=avg_bits))
-    measured = sensitivities(sensitivity, loaded, stats, b, book, cache_dir=cache_dir, progress=progress)
+    # one probe of the kept calibration sequences serves the sensitivities and the whole-plan router check
+    probe = Probe.from_stats(loaded, stats) if stats.sequences and loaded.spec.moe.layers else None
+    measured = sensitivities(sensitivity, loaded, stats, b, book, cache_dir=cache_dir, progress=progress, probe=probe)
     units = tuple(replace(u, choices=guard(u.choices, router_guard)) for u in measured)
     budget = budget_from(units, budget_mb=budget_mb, avg_bits=avg_bits)
     smallest = sum(min(c.nbytes for c in u.choices) for u in units)
@@ -307,8 +308,7 @@ def make_plan(
     # (allocation.solve_routed), and the whole plan, measured, too (calibration.routing)
     state = loaded.model.lm.state_dict()
     routed = None
-    if stats.sequences and loaded.spec.moe.layers:
-        probe = Probe(loaded, [TeacherSequence.from_json(s) for s in stats.sequences])
+    if probe is not None:
         routed = hold_routes(
             loaded, probe, units, budget, 1.0 - router_guard, lambda u, c: {k: book.codes_for(k, state[k], c.precision).dequantize() for k in u.keys},
             estimated=sensitivity is SensitivityMode.PROXY,
@@ -317,6 +317,7 @@ def make_plan(
     else:  # nothing to measure a plan's routes on
         alloc = solve_routed(units, budget, 1.0 - router_guard)
     rules, codes = [], {}
+    picked: dict[str, Precision] = {}  # checkpoint key → the type its group was given
     for u, c in zip(units, alloc.picks):
         if c.precision is b.float_precision:  # the plan's default
             continue
@@ -328,6 +329,7 @@ def make_plan(
             continue
         for k in u.keys:
             codes[k] = book.codes_for(k, state[k], c.precision)
+            picked[k] = c.precision
     deltas: list[DeltaChoice] = []
     if delta_from_meta:
         if b.name not in DELTA_BACKENDS:
@@ -339,7 +341,7 @@ def make_plan(
         first = [
             QuantRule(
                 str(checkpoint_id(k)),
-                QuantSpec(plan_spec_of(rules, k).precision, q.method, q.block, base=str(checkpoint_id(q.base_key))),
+                QuantSpec(picked[k], q.method, q.block, base=str(checkpoint_id(q.base_key))),
                 {"delta_from_meta": True, "output_energy": energy[str(checkpoint_id(k).group)]},  # the expert's, both codings, over its routed tokens
             )
             for k, q in codes.items()
@@ -348,13 +350,6 @@ def make_plan(
         rules = first + rules
     plan = QuantPlan(QuantSpec(b.float_precision), tuple(rules), calibration=stats.key)
     return PlanResult(alloc, plan, codes, units, routed, tuple(deltas))
-
-
-def plan_spec_of(rules: Sequence[QuantRule], key: str) -> QuantSpec:
-    """The spec the first of `rules` matching checkpoint key `key` gives it."""
-    spec = plan_rule(QuantPlan(QuantSpec(Precision.FP32), tuple(rules)), checkpoint_id(key))
-    assert spec is not None, key
-    return spec
 
 
 def fake_quantize(loaded: LoadedModel, codes: dict[str, QTensor]) -> dict[str, torch.Tensor]:
@@ -480,4 +475,4 @@ def quantize_bundle(
     return manifest, result
 
 
-__all__ = ["DEFAULT_METHOD", "DELTA_BACKENDS", "OPS", "ROUTER_GUARD", "check_delta", "plan_spec_of", "check_block", "check_ops", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]
+__all__ = ["DEFAULT_METHOD", "DELTA_BACKENDS", "OPS", "ROUTER_GUARD", "check_delta", "check_block", "check_ops", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]

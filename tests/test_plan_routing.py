@@ -7,7 +7,6 @@ import torch
 
 from medmoe_edge.calibration.routing import hold_routes, measure_plan, moves_routes, plan_weights
 from medmoe_edge.calibration.sensitivity import CodeBook, Probe, SensitivityMode, probe_one, units_for
-from medmoe_edge.calibration.teacher import TeacherSequence
 from medmoe_edge.allocation import BACKENDS, route_flips
 from medmoe_edge.checkpoint import load_model, resolve_model_dir
 from medmoe_edge.quant_plan import QuantMethod
@@ -19,7 +18,7 @@ from medmoe_edge.quantizer import QuantizerConfig, quantize
 def demo(stats_dir):
     loaded = load_model(resolve_model_dir("demo"))
     stats = load_stats(stats_dir, resolve_model_dir("demo"), "demo")
-    probe = Probe(loaded, [TeacherSequence.from_json(s) for s in stats.sequences])
+    probe = Probe.from_stats(loaded, stats)
     return loaded, stats, probe
 
 

@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 from medmoe_edge.allocation import BACKENDS
 from medmoe_edge.bundle import read_manifest
 from medmoe_edge.calibration.sensitivity import CodeBook, Probe, SensitivityMode, cache_name, estimate, measure, output_energy, probe_class, swap, units_for
-from medmoe_edge.calibration.teacher import TeacherSequence
 from medmoe_edge.checkpoint import load_model, resolve_model_dir
 from medmoe_edge.cli.app import app
 from medmoe_edge.quant_plan import QuantMethod
@@ -44,7 +43,7 @@ def test_a_probe_started_at_the_changed_layer_equals_a_full_pass(demo):
     """Probes of a layer's weights reuse the reference hidden states below it: same ΔKL and routes
     as running every layer (and starting above the changed layer would miss it: the start matters)."""
     loaded, stats = demo
-    probe = Probe(loaded, [TeacherSequence.from_json(q) for q in stats.sequences])
+    probe = Probe.from_stats(loaded, stats)
     state = loaded.model.lm.state_dict()
     n = loaded.spec.text.num_layers
     for key, layer in (("model.layers.2.mlp.meta_moe.fc1.weight", 2), ("model.layers.0.self_attn.q_proj.weight", 0), ("lm_head.weight", n)):
