@@ -246,6 +246,7 @@ def _read_cache(path: Path | None) -> dict:
 def _write_cache(path: Path | None, cached: dict) -> None:
     if path is None:
         return
+    path.parent.mkdir(parents=True, exist_ok=True)  # a cache_dir the caller named but did not create
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         json.dump(cached, f, indent=1)

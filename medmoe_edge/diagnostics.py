@@ -133,6 +133,18 @@ def _cgroup_limit() -> int | None:
     return None
 
 
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, capped by what the cgroup limit leaves
+    (memory.max − memory.current); None where neither can be read."""
+    info = _read("/proc/meminfo") or ""
+    m = re.search(r"^MemAvailable:\s+(\d+) kB", info, re.M)
+    avail = int(m.group(1)) * 1024 if m else None
+    lim, used = _cgroup_limit(), (_read("/sys/fs/cgroup/memory.current") or "").strip()
+    if lim is not None and used.isdigit():
+        avail = min(avail, lim - int(used)) if avail is not None else lim - int(used)
+    return avail
+
+
 def measure_copy_bandwidth(mib: int = 512, repeats: int = 3) -> float | None:
     """GB/s of numpy copying `mib` MiB (read + write counted), best of `repeats` after a warm-up."""
     try:
@@ -404,4 +416,4 @@ def _checks(r: Report, *, has_gpu: bool, jetson: bool) -> list[Check]:
     return c
 
 
-__all__ = ["Check", "Report", "diagnose", "parse_tegra_release", "runtime_fix"]
+__all__ = ["Check", "Report", "available_memory", "diagnose", "parse_tegra_release", "runtime_fix"]
