@@ -135,6 +135,8 @@ def test_hessians_that_do_not_fit_are_refused_before_the_pass(tmp_path, monkeypa
     own = {k: m for k, m in linears.items() if k not in shared_inputs(list(linears))}
     need = hessian_bytes(own)
     assert need == sum(4 * m.in_features**2 for m in own.values()) > 0
+    free = diagnostics.available_memory()  # this machine's, read from /proc/meminfo and the cgroup
+    assert free is not None and need * 1.25 < free
     monkeypatch.setattr(diagnostics, "available_memory", lambda: need)  # less than need + headroom
     r = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "s"), "--per-domain", "1"])
     assert r.exit_code != 0
