@@ -10,7 +10,6 @@ routed tokens and nothing else.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -64,31 +63,12 @@ def meta_pairs(keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
-HESSIAN_HEADROOM = 1.25  # the accumulators, the saved file's staging and the forward's activations on top
-
-
-def hessian_bytes(own: dict[str, nn.Linear]) -> int:
-    """Bytes of the fp32 Hessian accumulators, one d_in × d_in per matrix with its own input."""
-    return sum(4 * m.in_features**2 for m in own.values())
-
-
-def check_memory(own: dict[str, nn.Linear]) -> None:
-    """Refuse, before the pass, statistics that cannot fit in this machine's free memory: every
-    Hessian is held for the whole pass (a full-size Phi-2 Med-MoE's are about 44 GB), and running
-    out of memory midway is a kill without a message after minutes of work.
-
-    Raises:
-        InputError: naming the memory needed and what is free.
-    """
-    from medmoe_edge.diagnostics import available_memory
-
-    need, free = hessian_bytes(own), available_memory()
-    if free is not None and need * HESSIAN_HEADROOM > free:
-        raise InputError(
-            f"the input Hessians of this model's {len(own)} matrices need {need / 2**30:.2f} GiB "
-            f"(+{HESSIAN_HEADROOM - 1:.0%} headroom) on top of the loaded model, and {free / 2**30:.2f} GiB is free: "
-            f"run calibrate on a machine with at least {math.ceil(need * HESSIAN_HEADROOM / 2**30)} GiB free (the statistics file is {need / 2**30:.2f} GiB too)"
-        )
+def hessian_bytes(loaded: LoadedModel) -> int:
+    """Bytes of the fp32 Hessian accumulators `collect` holds for the whole pass: one d_in × d_in
+    per matrix with an input of its own (q/k/v and gate/up share one)."""
+    linears = quantizable_linears(loaded)
+    shared = shared_inputs(list(linears))
+    return sum(4 * m.in_features**2 for k, m in linears.items() if k not in shared)
 
 
 def select(samples: Sequence, domains: Sequence[str] | None, per_domain: int | None) -> tuple[list, tuple[str, ...]]:
@@ -132,7 +112,6 @@ def collect(
     linears = quantizable_linears(loaded)
     shared = shared_inputs(list(linears))
     own = {k: m for k, m in linears.items() if k not in shared}
-    check_memory(own)
     # fp32 accumulation: float64 doubled both the time (the cost is rows × d_in² per call) and the
     # memory (the Hessians of a real-dimension model are gigabytes), and GPTQ damps H by 1 % anyway
     acc = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.float32) for k, m in own.items()}
@@ -193,4 +172,4 @@ def collect(
     return stats
 
 
-__all__ = ["HESSIAN_HEADROOM", "SAME_INPUT", "check_memory", "collect", "hessian_bytes", "meta_pairs", "quantizable_linears", "select", "shared_inputs"]
+__all__ = ["SAME_INPUT", "collect", "hessian_bytes", "meta_pairs", "quantizable_linears", "select", "shared_inputs"]

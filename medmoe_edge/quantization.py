@@ -25,7 +25,7 @@ import torch
 from .allocation import BACKENDS, Allocation, Unit, budget_from, check_budget, guard, solve_routed
 from .bundle import Manifest
 from .calib_stats import CalibSettings, CalibStats, read_key
-from .calibration.collect import collect, select
+from .calibration.collect import collect, hessian_bytes, select
 from .calibration.delta import DeltaChoice
 from .calibration.delta import choose as choose_deltas
 from .calibration.routing import RoutedPlan, hold_routes
@@ -107,10 +107,33 @@ def calibrate(
     check_new_dir(out)
     with status(f"loading {model}"):
         loaded = load_model(model_dir)
+    check_calibration_memory(loaded)
     stats = collect(loaded, samples, qs.root, settings, model_sha256=sha, label=model_dir.name if str(model) != "demo" else "demo", preprocess=preprocess, progress=progress)
     with atomic_dir(out) as tmp:
         stats.save(tmp)
     return stats, False
+
+
+HESSIAN_HEADROOM = 1.25  # the saved file's staging and the forward's activations on top of the accumulators
+
+
+def check_calibration_memory(loaded: LoadedModel) -> None:
+    """Refuse, before the pass, statistics that cannot fit in this machine's free memory: every
+    Hessian is held for the whole pass (a full-size Phi-2 Med-MoE's are about 44 GB), and running
+    out of memory midway is a kill without a message after minutes of work.
+
+    Raises:
+        InputError: naming the memory needed and what is free.
+    """
+    from .diagnostics import available_memory
+
+    need, free = hessian_bytes(loaded), available_memory()
+    if free is not None and need * HESSIAN_HEADROOM > free:
+        raise InputError(
+            f"the input Hessians of this model need {need / 2**30:.2f} GiB (+{HESSIAN_HEADROOM - 1:.0%} headroom) on top of the loaded model, "
+            f"and {free / 2**30:.2f} GiB is free: run calibrate on a machine with at least {math.ceil(need * HESSIAN_HEADROOM / 2**30)} GiB free "
+            f"(the statistics file is {need / 2**30:.2f} GiB too)"
+        )
 
 
 

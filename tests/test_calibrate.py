@@ -131,17 +131,18 @@ def test_hessians_that_do_not_fit_are_refused_before_the_pass(tmp_path, monkeypa
     from medmoe_edge.calibration.collect import hessian_bytes, quantizable_linears, shared_inputs
     from medmoe_edge.checkpoint import load_model, resolve_model_dir
 
-    linears = quantizable_linears(load_model(resolve_model_dir("demo")))
-    own = {k: m for k, m in linears.items() if k not in shared_inputs(list(linears))}
-    need = hessian_bytes(own)
-    assert need == sum(4 * m.in_features**2 for m in own.values()) > 0
+    loaded = load_model(resolve_model_dir("demo"))
+    linears = quantizable_linears(loaded)
+    own = [m for k, m in linears.items() if k not in shared_inputs(list(linears))]
+    need = hessian_bytes(loaded)
+    assert need == sum(4 * m.in_features**2 for m in own) > 0
     free = diagnostics.available_memory()  # this machine's, read from /proc/meminfo and the cgroup
     assert free is not None and need * 1.25 < free
     monkeypatch.setattr(diagnostics, "available_memory", lambda: need)  # less than need + headroom
     r = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "s"), "--per-domain", "1"])
     assert r.exit_code != 0
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and f"matrices need {need / 2**30:.2f} GiB" in lines[0] and "run calibrate on a machine with at least" in lines[0], r.output
+    assert len(lines) == 1 and f"Hessians of this model need {need / 2**30:.2f} GiB" in lines[0] and "run calibrate on a machine with at least" in lines[0], r.output
     assert "Traceback" not in r.output
     assert not (tmp_path / "s").exists()
 
