@@ -15,7 +15,7 @@ one used of 4) differ a little between a plan and its uniform type, so the compa
 byte as well: effective bandwidth = tok/s × bytes per token; the issue's bound is plan ≥ 0.95× the
 uniform type with the same activated bytes.
 
-    python benchmarks/gguf_plan_decode.py --work DIR [--reps 3] [--decode 64]
+    python benchmarks/gguf_plan_decode.py --work DIR [--reps 3] [--decode 64] [--types q4_0 q6_k]
 
 Writes docs/QUANTIZATION.md (the block between its markers) and prints the table.
 """
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="the --work directory of benchmarks/quantization_proxy.py")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--types", nargs="+", default=list(UNIFORM), choices=UNIFORM, help="the uniform types, each against a plan at its bits")
     ap.add_argument("--no-doc", action="store_true")
     a = ap.parse_args()
     t0 = time.time()
@@ -57,12 +58,12 @@ def main() -> None:
     if not (stats / "stats.json").is_file():
         raise SystemExit(f"{stats} is missing: run benchmarks/quantization_proxy.py --work {a.work} first")
     rows: list[tuple[str, Path, float | None]] = []
-    for q in UNIFORM:
+    for q in a.types:
         out = a.work / f"proxy-gguf-{q}"
         if not (out / "manifest.json").is_file():
             export_gguf(ckpt, out, Precision(q))
         rows.append((f"uniform {q} (`export --precision {q}`)", out, None))
-    for q in UNIFORM:
+    for q in a.types:
         bits = Precision(q).bits
         out = a.work / f"proxy-gguf-plan-{bits:g}"
         if not (out / "manifest.json").is_file():
@@ -77,7 +78,7 @@ def main() -> None:
     tok = {n: statistics.median(v) for n, v in runs.items()}
     read = {n: bytes_per_token(f)[0] for n, f in files}
     lines = [
-        f"Command: `python benchmarks/gguf_plan_decode.py --work WORK --reps {a.reps} --decode {a.decode}` (the real-dimension StableLM proxy of "
+        f"Command: `python benchmarks/gguf_plan_decode.py --work WORK --reps {a.reps} --decode {a.decode}{'' if tuple(a.types) == UNIFORM else ' --types ' + ' '.join(a.types)}` (the real-dimension StableLM proxy of "
         f"`benchmarks/quantization_proxy.py`: 4 decoder layers at StableLM-2-1.6B sizes, vocab 100352, random weights; 2 threads; {(time.time() - t0) / 60:.0f} min). "
         "Bytes per token: weight bytes read per decode step (token_embd one row, the stacked experts the one used of 4).",
         "",
@@ -87,8 +88,8 @@ def main() -> None:
     names = [n for n, _ in files]
     for i, (name, _f) in enumerate(files):
         bw = tok[name] * read[name]
-        if i >= len(UNIFORM):
-            u = names[i - len(UNIFORM)]
+        if i >= len(a.types):
+            u = names[i - len(a.types)]
             cmp = f"{tok[name] / tok[u]:.2f}x | **{bw / (tok[u] * read[u]):.2f}x**"
         else:
             cmp = "| "
