@@ -133,12 +133,16 @@ def _cgroup_limit() -> int | None:
     return None
 
 
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo's fields in KiB (empty where it cannot be read)."""
+    info = _read("/proc/meminfo") or ""
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+):\s+(\d+) kB", info, re.M)}
+
+
 def available_memory() -> int | None:
     """Bytes this process can still allocate: MemAvailable, capped by what the cgroup limit leaves
     (memory.max − memory.current); None where neither can be read."""
-    info = _read("/proc/meminfo") or ""
-    m = re.search(r"^MemAvailable:\s+(\d+) kB", info, re.M)
-    avail = int(m.group(1)) * 1024 if m else None
+    avail = _meminfo().get("MemAvailable", 0) * 1024 or None
     lim, used = _cgroup_limit(), (_read("/sys/fs/cgroup/memory.current") or "").strip()
     if lim is not None and used.isdigit():
         avail = min(avail, lim - int(used)) if avail is not None else lim - int(used)
@@ -163,8 +167,7 @@ def measure_copy_bandwidth(mib: int = 512, repeats: int = 3) -> float | None:
 
 
 def probe_memory(bandwidth: bool = True) -> dict:
-    info = _read("/proc/meminfo") or ""
-    kib = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+):\s+(\d+) kB", info, re.M)}
+    kib = _meminfo()
     total = kib.get("MemTotal", 0) * 1024 or None
     avail = kib.get("MemAvailable", 0) * 1024 or None
     mib = 512 if (avail or 0) > 4 * 2**30 else 128
