@@ -119,12 +119,15 @@ def main() -> None:
             codes = {name: {k: b.get(k, state[k], bits) for k in keys} for name, b in books.items()}
             kl = {name: kl_per_question(c) for name, c in codes.items()}
             print(f"int{bits}: {time.time() - t0:.0f} s", flush=True)
+            # per matrix: the held-out output error of every code set on the matrices whose inputs the
+            # domain's eval questions reach (a routed expert may get none), each computed once
+            reached = {d: [k for k in keys if held_out[d].tokens.get(k, 0) > 0] for d in DOMAINS}
+            err = {name: {d: {k: output_energy(held_out[d], k, state[k], c[k].dequantize()) for k in reached[d]} for d in DOMAINS} for name, c in codes.items()}
             for name in variants:
                 for d in DOMAINS:
                     ids = [i for i in kl[name] if domain_of[i] == d]
-                    # per matrix: the matrices whose inputs the domain's eval questions reach (a routed expert may get none)
-                    mats = [k for k in keys if held_out[d].tokens.get(k, 0) > 0]
-                    ratios = [output_energy(held_out[d], k, state[k], codes["CT-only"][k].dequantize()) / output_energy(held_out[d], k, state[k], codes[name][k].dequantize()) for k in mats]
+                    mats = reached[d]
+                    ratios = [err["CT-only"][d][k] / err[name][d][k] for k in mats]
                     layer = math.exp(sum(math.log(r) for r in ratios) / len(ratios)) - 1
                     rows.append({"bits": bits, "variant": name, "domain": d, "layer": layer, "better": sum(r > 1 for r in ratios), "mats": len(mats)} | paired(kl[name], kl["CT-only"], ids, rng))
         oracle.close()
