@@ -136,7 +136,6 @@ def check_calibration_memory(loaded: LoadedModel) -> None:
         )
 
 
-
 # --- quantize -------------------------------------------------------------------------------
 
 FORMATS = ("onnx", "gguf", "tensorrt")
