@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -159,6 +159,15 @@ class Allocation:
         return 8 * self.nbytes / max(self.params, 1)
 
 
+def restrict(units: Sequence[Unit], types: Sequence[Precision] | None) -> list[Unit]:
+    """`units` offering only the quantized `types` (floating point, the plan's default, always
+    stays); None: every choice. Sensitivities are measured for every type of the backend first, so
+    one cache serves every restriction."""
+    if types is None:
+        return list(units)
+    return [replace(u, choices=tuple(c for c in u.choices if c.precision.is_float or c.precision in types)) for u in units]
+
+
 def guard(choices: Sequence[Choice], min_agreement: float) -> tuple[Choice, ...]:
     """Drop choices whose router agreement is below `min_agreement` (EAQuant: keep routing), but
     never all of them: the most agreeing one stays."""
@@ -277,4 +286,4 @@ def solve_routed(units: Sequence[Unit], budget: int, max_flips: float, *, resolu
     return best
 
 
-__all__ = ["route_flips", "solve_routed", "unit_name", "BACKENDS", "GGML_CANDIDATES", "INT_BITS", "RESOLUTION", "Allocation", "Backend", "Choice", "Unit", "budget_from", "check_budget", "guard", "solve"]
+__all__ = ["route_flips", "solve_routed", "unit_name", "BACKENDS", "GGML_CANDIDATES", "INT_BITS", "RESOLUTION", "Allocation", "Backend", "Choice", "Unit", "budget_from", "check_budget", "guard", "restrict", "solve"]

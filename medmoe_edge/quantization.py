@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .allocation import BACKENDS, Allocation, Unit, budget_from, check_budget, guard, solve_routed
+from .allocation import BACKENDS, Allocation, Unit, budget_from, check_budget, guard, restrict, solve_routed
 from .bundle import Manifest
 from .calib_stats import CalibSettings, CalibStats, read_key
 from .calibration.collect import collect, hessian_bytes, select
@@ -257,6 +257,31 @@ def check_ops(fmt: str, ops: str | None) -> str:
     return OnnxOps(ops.lower()).backend
 
 
+def check_types(fmt: str, types: str | None, backend: str | None = None) -> tuple[Precision, ...] | None:
+    """--types: the quantized types a plan may choose from, comma-separated (e.g. q4_k,q6_k,q8_0),
+    among the format's own (`allocation.BACKENDS`; `backend`: the one --ops picked). Floating
+    point, the plan's default, is always allowed. None: every type of the format.
+
+    Raises:
+        InputError: an empty list, or a type the format (with its --ops) does not store.
+    """
+    if types is None:
+        return None
+    b = BACKENDS[backend or fmt]
+    where = f"--format {fmt}" + next((f" --ops {o.value}" for o in OnnxOps if o.backend == b.name and b.name != fmt), "")
+    offered = ", ".join(p.value for p in b.candidates if not p.is_float)
+    names = [t.strip() for t in types.split(",") if t.strip()]
+    if not names:
+        raise InputError(f"--types is empty: list some of {offered} (comma-separated)")
+    picked = []
+    for name in names:
+        p = next((c for c in b.candidates if c.value == name.lower()), None)
+        if p is None:
+            raise InputError(f"--types {name!r} is not a type of {where}: use some of {offered} (floating point is always allowed)")
+        picked.append(p)
+    return tuple(dict.fromkeys(picked))
+
+
 def load_stats(stats_dir: Path, model_dir: Path, model: str | Path, set_name: str | None = None) -> CalibStats:
     """The statistics of `stats_dir`, refused when they were computed from another checkpoint or
     on another calibration set: `set_name` when given, else the set the statistics record, whose
@@ -295,11 +320,13 @@ def make_plan(
     cache_dir: Path | None = None,
     progress: Progress | None = None,
     delta_from_meta: bool = False,
+    types: Sequence[Precision] | None = None,
 ) -> PlanResult:
     """Measure (or, `SensitivityMode.PROXY`, estimate) sensitivities (cached in `cache_dir`),
     solve the knapsack and quantize the chosen groups. With `delta_from_meta` (ONNX and PyTorch
     backends), each quantized routed expert's input projections are coded as the delta from the
     meta expert's where that adds less output error at the same bytes (`calibration.delta`).
+    `types` (`check_types`) narrows the quantized types the knapsack may pick.
 
     The budget covers the planned matrices (LLM matrices and projector, scales included); norms,
     biases, routers and the vision tower stay in floating point outside it.
@@ -311,11 +338,16 @@ def make_plan(
         raise InputError(f"no allocation backend {backend!r}: use one of {', '.join(BACKENDS)}")
     b = BACKENDS[backend]
     book = GgmlCodeBook(stats, method) if b.name == "gguf" else CodeBook(stats, method, block, symmetric=not b.zero_point)
-    sized = with_choices(units_for(loaded, b), stats, b, book)  # bytes only: the budget is checked before minutes of measuring
-    check_budget(sized, budget_from(sized, budget_mb=budget_mb, avg_bits=avg_bits))
+    sized = restrict(with_choices(units_for(loaded, b), stats, b, book), types)  # bytes only: the budget is checked before minutes of measuring
+    try:
+        check_budget(sized, budget_from(sized, budget_mb=budget_mb, avg_bits=avg_bits))
+    except InputError as e:
+        if types is None:
+            raise
+        raise InputError(f"{e}, or allow smaller types than --types {','.join(p.value for p in types)}") from None
     # one probe of the kept calibration sequences serves the sensitivities and the whole-plan router check
     probe = Probe.from_stats(loaded, stats) if stats.sequences and loaded.spec.moe.layers else None
-    measured = sensitivities(sensitivity, loaded, stats, b, book, cache_dir=cache_dir, progress=progress, probe=probe)
+    measured = restrict(sensitivities(sensitivity, loaded, stats, b, book, cache_dir=cache_dir, progress=progress, probe=probe), types)
     units = tuple(replace(u, choices=guard(u.choices, router_guard)) for u in measured)
     budget = budget_from(units, budget_mb=budget_mb, avg_bits=avg_bits)
     smallest = sum(min(c.nbytes for c in u.choices) for u in units)
@@ -414,6 +446,7 @@ def quantize_bundle(
     ops: str | None = None,
     sensitivity: SensitivityMode = SensitivityMode.MEASURED,
     delta_from_meta: bool | None = None,
+    types: str | None = None,
     status: Status = _quiet,
     progress: Progress | None = None,
 ) -> tuple[Manifest, PlanResult]:
@@ -421,12 +454,14 @@ def quantize_bundle(
 
     Raises:
         InputError: an unknown or unimplemented format, a bad budget (neither or both, not positive,
-            below the smallest types), a non-empty or unwritable `out`, statistics of another
-            model or set. Every one of them before anything is written.
+            below the smallest types), a type the format does not store in `types`, a non-empty
+            or unwritable `out`, statistics of another model or set. Every one of them before
+            anything is written.
     """
     check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
     method = parse_method(None if method is None else method.value, fmt)
     backend = check_ops(fmt, ops)
+    allowed = check_types(fmt, types, backend)
     delta_from_meta = check_delta(fmt, delta_from_meta)
     block = check_block(fmt, block, backend)
     from .export.gguf_quant import GgufQuantExporter
@@ -449,7 +484,7 @@ def quantize_bundle(
         loaded = load_model(model_dir)
     with status(f"{method.value} codes at every candidate type, {'estimated' if sensitivity is SensitivityMode.PROXY else 'measured'} sensitivities, allocation"):
         result = make_plan(
-            loaded, stats, backend, method=method, budget_mb=budget_mb, avg_bits=avg_bits, block=block, sensitivity=sensitivity, cache_dir=stats_dir, progress=progress, delta_from_meta=delta_from_meta
+            loaded, stats, backend, method=method, budget_mb=budget_mb, avg_bits=avg_bits, block=block, sensitivity=sensitivity, cache_dir=stats_dir, progress=progress, delta_from_meta=delta_from_meta, types=allowed
         )
     # the trace and the exporter load the checkpoint themselves: a real-dimension model is not
     # held twice (the plan's codes are all that is needed from here on)
@@ -465,6 +500,7 @@ def quantize_bundle(
         "method": method.value,
         "block": None if fmt == "gguf" else block,
         "sensitivity": sensitivity.value,
+        "types": None if allowed is None else [p.value for p in allowed],  # None: every type of the format
         "symmetric": not BACKENDS[backend].zero_point,
         "quantizer": ("ggml_quantize_chunk (llama.cpp)" + ("; q4_0/q8_0: medmoe_edge.quantizer GPTQ codes, packed" if method is QuantMethod.GPTQ else "")) if fmt == "gguf" else "medmoe_edge.quantizer",
         "budget_bytes": a.budget,
@@ -497,4 +533,4 @@ def quantize_bundle(
     return manifest, result
 
 
-__all__ = ["DEFAULT_METHOD", "DELTA_BACKENDS", "OPS", "ROUTER_GUARD", "check_delta", "check_block", "check_ops", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]
+__all__ = ["DEFAULT_METHOD", "DELTA_BACKENDS", "OPS", "ROUTER_GUARD", "check_delta", "check_block", "check_ops", "check_types", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]

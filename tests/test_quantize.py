@@ -246,6 +246,8 @@ def _changed_set_stats(stats_dir: Path, tmp: Path) -> Path:
         ("changed-set", "whose manifest has changed since (SHA-256 differs): run `medmoe-edge calibrate --model demo --set calibration --out NEW_STATS`"),
         ("no-stats", "holds no calibration statistics"),
         ("dispatch", "--moe-dispatch 'nonzero' is not one of"),
+        ("unknown-type", "--types 'q3_k' is not a type of --format onnx: use some of int4, int8 (floating point is always allowed)"),
+        ("empty-types", "--types is empty: list some of int4, int8"),
         ("delta-tensorrt", "--delta-from-meta is written for --format onnx only (tensorrt: its engines are not built with it yet): drop the flag or use --no-delta-from-meta"),
     ],
 )
@@ -292,6 +294,10 @@ def test_bad_input_is_one_line_with_exit_code_2_and_leaves_nothing(case, message
         args["--stats"] = str(tmp_path)
     elif case == "dispatch":
         extra = ["--moe-dispatch", "nonzero"]
+    elif case == "unknown-type":  # a GGUF type asked of an ONNX plan
+        extra = ["--types", "int8,q3_k"]
+    elif case == "empty-types":
+        extra = ["--types", ","]
     before = sorted(p.name for p in tmp_path.iterdir())
     r = CliRunner().invoke(app, ["quantize", *(x for kv in args.items() for x in kv), *extra])
     assert r.exit_code == 2, r.output

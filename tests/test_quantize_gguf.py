@@ -68,6 +68,20 @@ def test_quantize_prints_the_plan_and_judges_the_bundle_by_the_quantized_toleran
         assert r.exit_code == 1 and "outside the quantized-bundle tolerances" in text
 
 
+def test_types_keep_the_plan_to_the_types_asked_within_the_same_budget(planned, stats_dir):
+    """--types q4_k,q6_k,q8_0 (what a CPU user asks to keep q3_k, slow to decode, out): every pick is
+    one of them or floating point, the budget holds, and the plan without it did pick others."""
+    loaded, full = planned
+    allowed = (Precision.Q4_K, Precision.Q6_K, Precision.Q8_0)
+    assert any(not c.precision.is_float and c.precision not in allowed for c in full.allocation.picks)  # the restriction has something to remove
+    res = make_plan(loaded, load_stats(stats_dir, resolve_model_dir("demo"), "demo"), "gguf", method=QuantMethod.IMATRIX_RTN, avg_bits=float(AVG_BITS), cache_dir=stats_dir, types=allowed)
+    picks = {c.precision for c in res.allocation.picks}
+    assert picks <= set(allowed) | {Precision.FP16, Precision.FP32}, picks
+    assert picks & set(allowed)
+    assert res.allocation.nbytes <= res.allocation.budget == full.allocation.budget
+    assert {r.spec.precision for r in res.plan.rules} <= set(allowed) | {Precision.FP16}
+
+
 def test_types_read_back_equal_the_plan_one_per_layer_and_projection(bundle):
     from medmoe_edge.export.gguf_quant import read_back
     from medmoe_edge.ggml_codes import block_size
@@ -166,6 +180,8 @@ def test_rows_that_are_not_whole_blocks_are_never_offered_that_type(tiny_ckpts):
         (["--block", "64"], "--block does not apply to --format gguf: ggml types fix their own blocks"),
         (["--moe-dispatch", "if"], "--moe-dispatch does not apply to --format gguf"),
         (["--avg-bits", "3"], "is below what the smallest types allow"),
+        (["--types", "q4_k,int4"], "--types 'int4' is not a type of --format gguf: use some of q2_k, q3_k, q4_0, q4_k, q5_k, q6_k, q8_0"),
+        (["--types", "q8_0"], "or allow smaller types than --types q8_0"),  # 5 bits per weight cannot be met with q8_0 and floats alone
     ],
 )
 def test_bad_gguf_options_are_one_line_errors_that_leave_nothing(extra, message, stats_dir, tmp_path):

@@ -220,7 +220,7 @@ def plan_show(
         out.print(
             f"{summary.get('bits_per_weight', 0):.2f} bits per weight over {summary.get('planned_params', 0):,} planned weights, "
             f"{summary.get('predicted_bytes', 0) / 1e6:.3f} MB of a {summary.get('budget_bytes', 0) / 1e6:.3f} MB budget; predicted ΔKL {summary.get('predicted_delta_kl', 0):.2e} "
-            f"({summary.get('sensitivity', 'measured')} sensitivities); "
+            f"({summary.get('sensitivity', 'measured')} sensitivities{'; types limited to ' + ', '.join(summary['types']) if summary.get('types') else ''}); "
             f"calibration set {cal.get('set')} ({', '.join(cal.get('domains', []))}; manifest SHA-256 {str(cal.get('set_sha256'))[:12]})",
             highlight=False,
         )

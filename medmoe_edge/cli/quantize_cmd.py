@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ..calibration.routing import MAX_KL_COST
 from ..calibration.sensitivity import SensitivityMode
-from ..quantization import METHODS, ROUTER_GUARD, check_block, check_delta, check_ops, check_request, parse_method, parse_sensitivity, quantize_bundle
+from ..quantization import METHODS, ROUTER_GUARD, check_block, check_delta, check_ops, check_request, check_types, parse_method, parse_sensitivity, quantize_bundle
 from ..quantizer import DEFAULT_BLOCK
 from .common import err, out, user_errors
 from .export_cmd import tensorrt_check_runtime
@@ -40,6 +40,7 @@ def quantize_cmd(
     ops: Annotated[str | None, typer.Option("--ops", help="ONNX: qdq (DequantizeLinear → MatMul: standard ONNX, int4/int8; ONNX Runtime fuses it into MatMulNBits) or matmulnbits (ONNX Runtime's MatMulNBits nodes written directly: int2 too, ONNX Runtime only) [default: qdq].")] = None,
     sensitivity: Annotated[str | None, typer.Option("--sensitivity", help="measured: one end-to-end probe per group and type (the demo: about a minute); proxy: tr(ΔW H ΔWᵀ) from the calibration Hessians, scaled by one probe per layer and component (for real-dimension models) [default: measured].")] = None,
     delta_from_meta: Annotated[bool | None, typer.Option("--delta-from-meta/--no-delta-from-meta", help="ONNX: store a quantized routed expert's input projections (fc1; gate/up) as codes of their difference from the meta expert's, where that adds less output error at the same bytes; the meta expert's pre-activation, computed for every token anyway, is reused [default: on for onnx].", show_default=False)] = None,
+    types: Annotated[str | None, typer.Option("--types", help="Quantized types the plan may choose from, comma-separated (e.g. q4_k,q6_k,q8_0: llama.cpp on a CPU reads q3_k at about half the bandwidth of the others, docs/QUANTIZATION.md); floating point is always allowed [default: every type of the format].")] = None,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {QUANTIZE_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
     """Quantize each expert (and every other weight group) to its own precision from measured sensitivities, under a byte budget."""
@@ -47,12 +48,13 @@ def quantize_cmd(
     q_method = parse_method(method, fmt)
     mode = parse_sensitivity(sensitivity)
     shown_block = check_block(fmt, block, check_ops(fmt, ops))  # checked before any work; quantize_bundle takes the flags as given
+    check_types(fmt, types, check_ops(fmt, ops))
     check_delta(fmt, delta_from_meta)
     took: dict[str, float] = {}
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("measuring sensitivities", total=None)
         manifest, result = quantize_bundle(
-            model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch, ops=ops, sensitivity=mode, delta_from_meta=delta_from_meta,
+            model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch, ops=ops, sensitivity=mode, delta_from_meta=delta_from_meta, types=types,
             trace_questions=QUANTIZE_VERIFY_LIMIT, status=timed(err.status, took), progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
     err.print("took: " + "; ".join(f"{what} {secs:.0f} s" for what, secs in took.items()), highlight=False, soft_wrap=True)
@@ -65,7 +67,8 @@ def quantize_cmd(
     stored = read_back(out_dir)
     blocks = "ggml blocks" if fmt == "gguf" else f"block {shown_block}"
     how = "estimated from tr(ΔW H ΔWᵀ), one probe per layer and component" if mode is SensitivityMode.PROXY else "measured with only that group quantized"
-    t = Table(title=f"plan ({q_method.value}, {blocks}): ΔKL {how}")
+    limited = f", types {', '.join(p.value for p in allowed)}" if (allowed := check_types(fmt, types, check_ops(fmt, ops))) else ""
+    t = Table(title=f"plan ({q_method.value}, {blocks}{limited}): ΔKL {how}")
     for col in ("TensorId", "type", "written", "MB", "ΔKL", "router agree"):
         t.add_column(col, justify="left" if col in ("TensorId", "type", "written") else "right")
     predicted_int = written_int = 0
