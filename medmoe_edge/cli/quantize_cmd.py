@@ -48,7 +48,7 @@ def quantize_cmd(
     q_method = parse_method(method, fmt)
     mode = parse_sensitivity(sensitivity)
     shown_block = check_block(fmt, block, check_ops(fmt, ops))  # checked before any work; quantize_bundle takes the flags as given
-    check_types(fmt, types, check_ops(fmt, ops))
+    allowed = check_types(fmt, types, check_ops(fmt, ops))
     check_delta(fmt, delta_from_meta)
     took: dict[str, float] = {}
     with Progress(console=err, transient=True) as bar:
@@ -67,7 +67,7 @@ def quantize_cmd(
     stored = read_back(out_dir)
     blocks = "ggml blocks" if fmt == "gguf" else f"block {shown_block}"
     how = "estimated from tr(ΔW H ΔWᵀ), one probe per layer and component" if mode is SensitivityMode.PROXY else "measured with only that group quantized"
-    limited = f", types {', '.join(p.value for p in allowed)}" if (allowed := check_types(fmt, types, check_ops(fmt, ops))) else ""
+    limited = f", types {', '.join(p.value for p in allowed)}" if allowed else ""
     t = Table(title=f"plan ({q_method.value}, {blocks}{limited}): ΔKL {how}")
     for col in ("TensorId", "type", "written", "MB", "ΔKL", "router agree"):
         t.add_column(col, justify="left" if col in ("TensorId", "type", "written") else "right")
