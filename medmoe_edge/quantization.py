@@ -277,7 +277,7 @@ def check_types(fmt: str, types: str | None, backend: str | None = None) -> tupl
     for name in names:
         p = next((c for c in b.candidates if c.value == name.lower()), None)
         if p is None:
-            raise InputError(f"--types {name!r} is not a type of {where}: use some of {offered} (floating point is always allowed)")
+            raise InputError(f"--types {name!r} is not a type of {where}: use some of {offered}, comma-separated (floating point is always allowed)")
         picked.append(p)
     return tuple(dict.fromkeys(picked))
 

@@ -246,7 +246,7 @@ def _changed_set_stats(stats_dir: Path, tmp: Path) -> Path:
         ("changed-set", "whose manifest has changed since (SHA-256 differs): run `medmoe-edge calibrate --model demo --set calibration --out NEW_STATS`"),
         ("no-stats", "holds no calibration statistics"),
         ("dispatch", "--moe-dispatch 'nonzero' is not one of"),
-        ("unknown-type", "--types 'q3_k' is not a type of --format onnx: use some of int4, int8 (floating point is always allowed)"),
+        ("unknown-type", "--types 'q3_k' is not a type of --format onnx: use some of int4, int8, comma-separated (floating point is always allowed)"),
         ("empty-types", "--types is empty: list some of int4, int8"),
         ("delta-tensorrt", "--delta-from-meta is written for --format onnx only (tensorrt: its engines are not built with it yet): drop the flag or use --no-delta-from-meta"),
     ],
