@@ -54,7 +54,9 @@ def read_fraction(unit, n_experts: int, n_vocab: int) -> float:
 
 def planned_reader(ckpt: Path, stats_dir: Path):
     """bits → bytes per token the planned units of the knapsack's plan at `--avg-bits bits` read
-    (cached proxy sensitivities, router guard as `quantize`; no model run)."""
+    (cached proxy sensitivities, router guard as `quantize`; no model run). The whole-plan router
+    check of `quantize` is left out, so it may move a pick: this only chooses the bits, and what is
+    measured is the file `quantize` then writes, read back."""
     from dataclasses import replace
 
     from medmoe_edge.allocation import BACKENDS, budget_from, guard, solve_routed
