@@ -191,9 +191,10 @@ def budget_from(units: Sequence[Unit], *, budget_mb: float | None = None, avg_bi
     return int(avg_bits * sum(u.params for u in units) / 8)
 
 
-def check_budget(units: Sequence[Unit], budget: int) -> None:
+def check_budget(units: Sequence[Unit], budget: int, also: str = "") -> None:
     """Refuse a budget below the smallest plan (every unit at its smallest choice); only the
-    choices' bytes are read, so it runs before any sensitivity is measured.
+    choices' bytes are read, so it runs before any sensitivity is measured. `also`: another fix
+    the caller can name, appended to the message.
 
     Raises:
         InputError: a unit without choices, or a budget below the smallest plan (naming the least budget).
@@ -206,7 +207,7 @@ def check_budget(units: Sequence[Unit], budget: int) -> None:
         params = max(sum(u.params for u in units), 1)
         raise InputError(
             f"the budget {budget / 1e6:.3f} MB is below what the smallest types allow ({smallest / 1e6:.3f} MB, {8 * smallest / params:.2f} bits per weight): "
-            f"raise --budget-mb to at least {math.ceil(smallest / 1e3) / 1e3:.3f} or --avg-bits to at least {math.ceil(800 * smallest / params) / 100:.2f}"
+            f"raise --budget-mb to at least {math.ceil(smallest / 1e3) / 1e3:.3f} or --avg-bits to at least {math.ceil(800 * smallest / params) / 100:.2f}{also}"
         )
 
 

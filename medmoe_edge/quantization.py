@@ -339,12 +339,8 @@ def make_plan(
     b = BACKENDS[backend]
     book = GgmlCodeBook(stats, method) if b.name == "gguf" else CodeBook(stats, method, block, symmetric=not b.zero_point)
     sized = restrict(with_choices(units_for(loaded, b), stats, b, book), types)  # bytes only: the budget is checked before minutes of measuring
-    try:
-        check_budget(sized, budget_from(sized, budget_mb=budget_mb, avg_bits=avg_bits))
-    except InputError as e:
-        if types is None:
-            raise
-        raise InputError(f"{e}, or allow smaller types than --types {','.join(p.value for p in types)}") from None
+    also = f", or allow smaller types than --types {','.join(p.value for p in types)}" if types is not None else ""
+    check_budget(sized, budget_from(sized, budget_mb=budget_mb, avg_bits=avg_bits), also)
     # one probe of the kept calibration sequences serves the sensitivities and the whole-plan router check
     probe = Probe.from_stats(loaded, stats) if stats.sequences and loaded.spec.moe.layers else None
     measured = restrict(sensitivities(sensitivity, loaded, stats, b, book, cache_dir=cache_dir, progress=progress, probe=probe), types)
