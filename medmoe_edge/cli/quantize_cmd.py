@@ -47,8 +47,9 @@ def quantize_cmd(
     check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
     q_method = parse_method(method, fmt)
     mode = parse_sensitivity(sensitivity)
-    shown_block = check_block(fmt, block, check_ops(fmt, ops))  # checked before any work; quantize_bundle takes the flags as given
-    allowed = check_types(fmt, types, check_ops(fmt, ops))
+    backend = check_ops(fmt, ops)
+    shown_block = check_block(fmt, block, backend)  # checked before any work; quantize_bundle takes the flags as given
+    allowed = check_types(fmt, types, backend)
     check_delta(fmt, delta_from_meta)
     took: dict[str, float] = {}
     with Progress(console=err, transient=True) as bar:
