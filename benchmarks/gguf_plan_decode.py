@@ -124,10 +124,11 @@ def main() -> None:
         rows.append((f"plan at {bits:g} bits (`quantize --format gguf --avg-bits {bits:g} --sensitivity proxy`)", out, bits))
     if a.match_activated:
         read_planned = planned_reader(ckpt, stats)
-        for q, (_n, same_bits, bits0) in zip(a.types, rows[len(a.types) :]):
+        n = len(a.types)
+        for q, (_u, uniform, _), (_p, same_bits, bits0) in zip(a.types, rows[:n], rows[n:]):
             # what the file reads outside the planned units (norms, biases, routers), from the plan at the type's bits
             offset = bytes_per_token(same_bits / "model.gguf")[0] - read_planned(bits0)
-            target = bytes_per_token(a.work / f"proxy-gguf-{q}" / "model.gguf")[0]
+            target = bytes_per_token(uniform / "model.gguf")[0]
             bits = round(activated_bits(read_planned, target - offset), 4)
             out = a.work / f"proxy-gguf-plan-{q}-activated"
             if not (out / "manifest.json").is_file():
