@@ -80,17 +80,32 @@ def image_features(loaded: LoadedModel, seq: TeacherSequence) -> torch.Tensor:
         return m.vision(seq.pixel_values.to(m.vision.vision_model.pre_layrnorm.weight.dtype)).to(m.dtype)
 
 
-def hidden(loaded: LoadedModel, seq: TeacherSequence, features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, Routing]]:
-    """One teacher-forced pass up to the lm_head: (final hidden states [L, H] over every spliced
-    position, routing per MoE layer)."""
+def embeddings(loaded: LoadedModel, seq: TeacherSequence, features: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder's input for the sequence [1, L, H]: token embeddings with the projected image
+    rows spliced in (§5.3)."""
     m = loaded.model
     with torch.inference_mode():
         feats = image_features(loaded, seq) if features is None else features
-        rows = m.lm.model.mm_projector(feats)
-        embeds = m.splice(seq.token_ids, rows)
-        n = embeds.shape[0]
-        h, routing = m.lm.model(embeds[None], torch.arange(n)[None], torch.ones(1, n, dtype=torch.int64), None)
+        return m.splice(seq.token_ids, m.lm.model.mm_projector(feats))[None]
+
+
+def hidden(
+    loaded: LoadedModel, seq: TeacherSequence, features: torch.Tensor | None = None, *, start: int = 0, stop: int | None = None, inputs: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[int, Routing]]:
+    """One teacher-forced pass up to the lm_head: (final hidden states [L, H] over every spliced
+    position, routing per MoE layer).
+
+    `start` and `stop` run only the decoder layers in between, from `inputs` (the hidden states
+    entering `start` [1, L, H], as an earlier call returned them; None: the embeddings), and with
+    a `stop` return the hidden states entering it (after the last layer: before the final norm)
+    instead of the final ones.
+    """
+    m = loaded.model
+    with torch.inference_mode():
+        x = embeddings(loaded, seq, features) if inputs is None else inputs
+        n = x.shape[1]
+        h, routing = m.lm.model(x, torch.arange(n)[None], torch.ones(1, n, dtype=torch.int64), None, from_layer=start, to_layer=stop)
     return h[0], routing
 
 
-__all__ = ["TeacherSequence", "hidden", "image_features", "prepare", "spliced_kinds"]
+__all__ = ["TeacherSequence", "embeddings", "hidden", "image_features", "prepare", "spliced_kinds"]

@@ -25,12 +25,13 @@ import torch
 from .allocation import BACKENDS, Allocation, Unit, budget_from, check_budget, guard, restrict, solve_routed
 from .bundle import Manifest
 from .calib_stats import CalibSettings, CalibStats, read_key
-from .calibration.collect import collect, hessian_bytes, select
+from .calibration.collect import collect, plan_passes, select
 from .calibration.delta import DeltaChoice
 from .calibration.delta import choose as choose_deltas
 from .calibration.routing import RoutedPlan, hold_routes
 from .calibration.sensitivity import CodeBook, GgmlCodeBook, Probe, SensitivityMode, sensitivities, swap, units_for, with_choices
 from .calibration.sets import QuestionSet, resolve_set
+from .calibration.teacher import prepare
 from .checkpoint import LoadedModel, load_model, resolve_model_dir
 from .ckpt_writer import atomic_dir, check_new_dir
 from .errors import InputError, RuntimeUnavailable
@@ -81,10 +82,15 @@ def calibrate(
     per_domain: int | None = None,
     sensitivity_per_domain: int = SENSITIVITY_PER_DOMAIN,
     preprocess: PreprocessMode = PreprocessMode.PAD,
+    hessian_memory: int | None = None,
     status: Status = _quiet,
     progress: Progress | None = None,
 ) -> tuple[CalibStats, bool]:
     """Compute (or reuse) the calibration statistics of `model` on a set into the directory `out`.
+
+    `hessian_memory` caps the bytes the Hessian accumulators and the hidden states carried between
+    passes may hold at once (None: what is free, less headroom); a model whose Hessians exceed it
+    is collected in several passes (`calibration.collect.plan_passes`), with the same result.
 
     Returns:
         (statistics, True when `out` already held statistics with the same cache key).
@@ -103,37 +109,28 @@ def calibrate(
     if existing == key:
         return CalibStats.load(out), True
     if existing is not None:
-        raise InputError(f"{out} holds calibration statistics of another model, set or settings: choose a new --out or remove {out}")
+        raise InputError(f"{out} holds calibration statistics of another model, set, settings or medmoe-edge version: choose a new --out or remove {out}")
     check_new_dir(out)
     with status(f"loading {model}"):
         loaded = load_model(model_dir)
-    check_calibration_memory(loaded)
-    stats = collect(loaded, samples, qs.root, settings, model_sha256=sha, label=model_dir.name if str(model) != "demo" else "demo", preprocess=preprocess, progress=progress)
+    seqs = prepare(loaded, samples, qs.root, preprocess)
+    passes = plan_passes(loaded, seqs, hessian_memory if hessian_memory is not None else free_for_hessians())
     with atomic_dir(out) as tmp:
+        stats = collect(loaded, seqs, settings, tmp, passes=passes, model_sha256=sha, label=model_dir.name if str(model) != "demo" else "demo", progress=progress)
         stats.save(tmp)
-    return stats, False
+    return CalibStats.load(out), False
 
 
-HESSIAN_HEADROOM = 1.25  # the saved file's staging and the forward's activations on top of the accumulators
+HESSIAN_HEADROOM = 1.25  # the forward's activations and the file being written, on top of the accumulators
 
 
-def check_calibration_memory(loaded: LoadedModel) -> None:
-    """Refuse, before the pass, statistics that cannot fit in this machine's free memory: every
-    Hessian is held for the whole pass (a full-size Phi-2 Med-MoE's are about 44 GB), and running
-    out of memory midway is a kill without a message after minutes of work.
-
-    Raises:
-        InputError: naming the memory needed and what is free.
-    """
+def free_for_hessians() -> int | None:
+    """Bytes calibrate's Hessians may hold at once by default: the free memory (the model is
+    already loaded), less headroom. None where the free memory cannot be read: one pass."""
     from .diagnostics import available_memory
 
-    need, free = hessian_bytes(loaded), available_memory()
-    if free is not None and need * HESSIAN_HEADROOM > free:
-        raise InputError(
-            f"the input Hessians of this model need {need / 2**30:.2f} GiB (+{HESSIAN_HEADROOM - 1:.0%} headroom) on top of the loaded model, "
-            f"and {free / 2**30:.2f} GiB is free: run calibrate on a machine with at least {math.ceil(need * HESSIAN_HEADROOM / 2**30)} GiB free "
-            f"(the statistics file is {need / 2**30:.2f} GiB too)"
-        )
+    free = available_memory()
+    return None if free is None else int(free / HESSIAN_HEADROOM)
 
 
 # --- quantize -------------------------------------------------------------------------------

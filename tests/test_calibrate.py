@@ -62,7 +62,7 @@ def test_matrices_that_read_one_input_share_one_hessian_on_disk_too(stats_dir):
     assert s.hessians[k] is s.hessians[q] and s.hessians[v] is s.hessians[q] and s.tokens[k] == s.tokens[q]
     from safetensors import safe_open
 
-    with safe_open(str(out / "stats.safetensors"), "pt") as f:
+    with safe_open(str(out / "stats-hessians-000.safetensors"), "pt") as f:
         names = set(f.keys())
     assert f"hessian/{q}" in names and f"hessian/{k}" not in names
     back = CalibStats.load(out)
@@ -79,7 +79,7 @@ def test_imatrix_is_the_mean_square_input(stats_dir):
 
 def test_stats_round_trip_and_cache(stats_dir):
     out, s = stats_dir
-    assert sorted(p.name for p in out.iterdir()) == ["stats.json", "stats.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["stats-hessians-000.safetensors", "stats.json", "stats.safetensors"]
     loaded = CalibStats.load(out)
     assert loaded.key == s.key and loaded.tokens == s.tokens
     assert len(loaded.sequences) == 4 and loaded.sequences[0]["pixel_values"].shape == (1, 3, 64, 64)
@@ -89,7 +89,7 @@ def test_stats_round_trip_and_cache(stats_dir):
 
 def test_other_settings_into_the_same_directory_are_refused(stats_dir):
     out, _ = stats_dir
-    with pytest.raises(InputError, match="holds calibration statistics of another model, set or settings: choose a new --out"):
+    with pytest.raises(InputError, match="holds calibration statistics of another model, set, settings or medmoe-edge version: choose a new --out"):
         calibrate("demo", out, per_domain=2)
 
 
@@ -124,28 +124,65 @@ def test_cli_bad_domain_is_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_hessians_that_do_not_fit_are_refused_before_the_pass(tmp_path, monkeypatch):
-    """A model whose Hessians exceed the free memory (a full-size Phi-2's are ~44 GB) is refused
-    up front with what it needs, not killed midway; the demo's need is its real Σ 4·d_in² bytes."""
+def test_hessians_that_do_not_fit_are_collected_in_passes_with_the_same_result(stats_dir, tmp_path):
+    """A model whose Hessians exceed the memory (a full-size Phi-2's are 44.5 GB) is collected a few
+    layers per pass, each pass resuming from the hidden states the last one stopped at: the
+    statistics are the same bit for bit, under the same cache key, and read back lazily."""
+    from medmoe_edge.calib_stats import HessianStore
+    from medmoe_edge.calibration.collect import hessian_bytes
+    from medmoe_edge.checkpoint import load_model, resolve_model_dir
+
+    one_dir, one = stats_dir
+    need = hessian_bytes(load_model(resolve_model_dir("demo")))
+    split, cached = calibrate("demo", tmp_path / "s", per_domain=1, sensitivity_per_domain=1, hessian_memory=need * 9 // 20)
+    assert not cached and split.passes == 4 and one.passes == 1
+    assert sorted(p.name for p in (tmp_path / "s").glob("stats-hessians-*")) == [f"stats-hessians-{i:03d}.safetensors" for i in range(split.passes)]
+    assert split.key == one.key and split.tokens == one.tokens and split.fallbacks == one.fallbacks
+    assert torch.equal(split.routed, one.routed) and torch.equal(split.margins, one.margins)
+    assert split.hessians.keys() == one.hessians.keys()
+    for k in one.hessians:
+        assert torch.equal(split.hessians[k], one.hessians[k]), k
+    assert isinstance(split.hessians, HessianStore) and split.hessians.resident() <= split.hessians.keep  # never all of them in memory
+
+
+def test_a_layer_that_does_not_fit_alone_is_refused_before_the_pass(tmp_path):
+    r = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "s"), "--per-domain", "1", "--hessian-memory", "0.001"])
+    assert r.exit_code != 0
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.output
+    assert "one layer's input Hessians (6.8 MiB) and the hidden states carried between passes (0.4 MiB) need more than the 1.0 MiB calibrate may hold" in lines[0]
+    assert "raise --hessian-memory" in lines[0] and "Traceback" not in r.output
+    assert not (tmp_path / "s").exists()
+    r = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "s"), "--hessian-memory", "0"])
+    assert r.exit_code == 2 and "--hessian-memory must be a positive number of GiB, got 0" in r.output and not (tmp_path / "s").exists()
+
+
+def test_the_free_memory_decides_the_passes_and_calibrate_says_so(tmp_path, monkeypatch):
+    """Without --hessian-memory the free memory (less headroom) is the cap: read from /proc/meminfo
+    and the cgroup, here made small enough for two passes."""
     import medmoe_edge.diagnostics as diagnostics
-    from medmoe_edge.calibration.collect import hessian_bytes, quantizable_linears, shared_inputs
+    from medmoe_edge.calibration.collect import hessian_bytes
     from medmoe_edge.checkpoint import load_model, resolve_model_dir
     from medmoe_edge.quantization import HESSIAN_HEADROOM
 
-    loaded = load_model(resolve_model_dir("demo"))
-    linears = quantizable_linears(loaded)
-    own = [m for k, m in linears.items() if k not in shared_inputs(list(linears))]
-    need = hessian_bytes(loaded)
-    assert need == sum(4 * m.in_features**2 for m in own) > 0
-    free = diagnostics.available_memory()  # this machine's, read from /proc/meminfo and the cgroup
-    assert free is not None and need * HESSIAN_HEADROOM < free
-    monkeypatch.setattr(diagnostics, "available_memory", lambda: need)  # less than need + headroom
+    need = hessian_bytes(load_model(resolve_model_dir("demo")))
+    free = diagnostics.available_memory()
+    assert free is not None and need * HESSIAN_HEADROOM < free  # this machine's: one pass
+    monkeypatch.setattr(diagnostics, "available_memory", lambda: int(need * 0.6 * HESSIAN_HEADROOM))
     r = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "s"), "--per-domain", "1"])
-    assert r.exit_code != 0
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and f"Hessians of this model need {need / 2**30:.2f} GiB" in lines[0] and "run calibrate on a machine with at least" in lines[0], r.output
-    assert "Traceback" not in r.output
-    assert not (tmp_path / "s").exists()
+    assert r.exit_code == 0, r.output
+    assert "the Hessians did not fit in memory at once: collected in 2 passes over consecutive layers (same statistics as one pass)" in " ".join(r.output.split())
+
+
+def test_a_missing_hessian_file_is_refused(stats_dir, tmp_path):
+    out, _ = stats_dir
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in out.iterdir():
+        if not p.name.startswith("stats-hessians-"):
+            (bad / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(InputError, match=r"calibration statistics in .* are corrupt .*stats-hessians-000.safetensors.*: run medmoe-edge calibrate again"):
+        CalibStats.load(bad)
 
 
 def test_per_domain_statistics_cut_the_other_domains_held_out_error(tmp_path):

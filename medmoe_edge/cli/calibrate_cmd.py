@@ -10,6 +10,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ..calib_stats import TOKEN_KINDS
+from ..errors import InputError
 from ..imaging import PreprocessMode
 from ..quantization import SENSITIVITY_PER_DOMAIN, calibrate
 from .common import err, out, user_errors
@@ -17,23 +18,32 @@ from .common import err, out, user_errors
 
 @user_errors
 def calibrate_cmd(
-    out_dir: Annotated[Path, typer.Option("--out", help="Directory for stats.safetensors + stats.json (new, empty, or holding these same statistics: then they are reused).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for stats.json, stats.safetensors and the Hessians' files (new, empty, or holding these same statistics: then they are reused).")],
     model: Annotated[str, typer.Option("--model", help="'demo' (built-in), a checkpoint directory, or a hub id.")] = "demo",
     set_name: Annotated[str, typer.Option("--set", help="calibration (the built-in split), a .jsonl manifest, or a directory holding one.")] = "calibration",
     domains: Annotated[str | None, typer.Option("--domains", help="Comma-separated domains to calibrate on (e.g. ct,mri) [default: every domain of the set].")] = None,
     per_domain: Annotated[int | None, typer.Option("--per-domain", help="Use the first N questions of each domain [default: all].")] = None,
     sensitivity: Annotated[int, typer.Option("--sensitivity-per-domain", help="Sequences per domain kept for sensitivity measurement by quantize.")] = SENSITIVITY_PER_DOMAIN,
     preprocess: Annotated[PreprocessMode, typer.Option("--preprocess", help="pad (default) or crop.")] = PreprocessMode.PAD,
+    hessian_memory: Annotated[
+        float | None,
+        typer.Option("--hessian-memory", help="GiB the input Hessians (and the hidden states carried between passes) may hold at once; more than that is collected a few layers per pass, with the same result [default: the free memory, less 20 %]."),
+    ] = None,
 ) -> None:
     """Record routed-token counts, per-linear input Hessians over each expert's own tokens, imatrix diagonals and router margins."""
     doms = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
+    if hessian_memory is not None and not hessian_memory > 0:
+        raise InputError(f"--hessian-memory must be a positive number of GiB, got {hessian_memory:g}")
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("calibrating", total=None)
         stats, cached = calibrate(
-            model, out_dir, set_name=set_name, domains=doms, per_domain=per_domain, sensitivity_per_domain=sensitivity, preprocess=preprocess, status=err.status, progress=lambda i, n: bar.update(task, completed=i, total=n)
+            model, out_dir, set_name=set_name, domains=doms, per_domain=per_domain, sensitivity_per_domain=sensitivity, preprocess=preprocess,
+            hessian_memory=None if hessian_memory is None else int(hessian_memory * 2**30), status=err.status, progress=lambda i, n: bar.update(task, completed=i, total=n)
         )
     s = stats.settings
     out.print(f"{'reused cached' if cached else 'computed'} statistics of {stats.label} on {s.set_name} ({', '.join(s.domains)}) in {out_dir} (key {stats.key[:12]})", highlight=False)
+    if stats.passes > 1:
+        out.print(f"the Hessians did not fit in memory at once: collected in {stats.passes} passes over consecutive layers (same statistics as one pass)", highlight=False)
     share = stats.domain_share()
     t = Table(title="routed tokens per expert (image/question/answer) and share from each domain")
     t.add_column("layer.expert")

@@ -145,6 +145,7 @@ class TextModel(nn.Module):
         cache: KVCache | None,
         *,
         from_layer: int = 0,
+        to_layer: int | None = None,
         layer_inputs: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[int, Routing]]:
         """Run the decoder on new rows.
@@ -157,13 +158,18 @@ class TextModel(nn.Module):
             cache: KV cache to read and extend, or None for a single full pass.
             from_layer: the first layer to run (sensitivity probes of a layer reuse the unchanged
                 layers below it; `num_layers` runs only the final norm). Needs cache None.
+            to_layer: stop before this layer (`num_layers`: after the last) and return the
+                hidden states entering it, without the final norm (calibration passes that hold a
+                few layers' statistics at a time resume there). None: run to the end and the final
+                norm. Needs cache None.
             layer_inputs: filled with the hidden states entering each layer that runs, then with
                 the last layer's output (what the final norm reads: `from_layer=num_layers`).
         Returns:
-            (final hidden states [B, T, H], {layer index: Routing} for the MoE layers that ran).
+            (final hidden states [B, T, H], {layer index: Routing} for the MoE layers that ran);
+            with `to_layer`, the hidden states entering that layer instead of the final ones.
         """
-        if from_layer and cache is not None:
-            raise ValueError("from_layer needs a full pass without a KV cache")
+        if (from_layer or to_layer is not None) and cache is not None:
+            raise ValueError("from_layer and to_layer need a full pass without a KV cache")
         start = cache.length if cache is not None else 0
         t = inputs_embeds.shape[1]
         if attention_mask.shape[1] != start + t:
@@ -172,14 +178,15 @@ class TextModel(nn.Module):
         bias = attention_bias(attention_mask, start, t)
         h = inputs_embeds
         routing: dict[int, Routing] = {}
-        for i, layer in enumerate(self.layers):
-            if i < from_layer:
-                continue
+        stop = len(self.layers) if to_layer is None else to_layer
+        for i in range(from_layer, stop):
             if layer_inputs is not None:
                 layer_inputs.append(h)
-            h, r = layer(h, cos, sin, bias, cache, i)
+            h, r = self.layers[i](h, cos, sin, bias, cache, i)
             if r is not None:
                 routing[i] = r
+        if to_layer is not None:
+            return h, routing
         if layer_inputs is not None:
             layer_inputs.append(h)
         if cache is not None:
