@@ -7,7 +7,7 @@ The proxy is `runtimes_bench.make_proxy` (StableLM-2-1.6B layer sizes, 4 decoder
 and 2 with 4 experts + meta, the real CLIP ViT-L/14-336 tower, random weights), as in
 `quantization_proxy.py`.
 
-    python benchmarks/calibration_passes.py [--per-domain 16] [--hessian-memory 0.9] [--work DIR]
+    python benchmarks/calibration_passes.py [--per-domain 16] [--hessian-memory 1.1] [--work DIR]
 
 Writes docs/QUANTIZATION.md (the block between its markers) and prints the tables.
 """
@@ -76,7 +76,7 @@ def full_size_rows(seqs) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-domain", type=int, default=16, help="calibration questions per domain (as quantization_proxy.py)")
-    ap.add_argument("--hessian-memory", type=float, default=0.9, help="the cap in GiB for the run in passes")
+    ap.add_argument("--hessian-memory", type=float, default=1.1, help="the cap in GiB for the run in passes")
     ap.add_argument("--work", type=Path, default=None, help="reuses a proxy checkpoint there (proxy-stablelm-4e)")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()

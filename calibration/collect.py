@@ -92,8 +92,9 @@ def stage_hessians(loaded: LoadedModel) -> dict[int, tuple[list[str], int]]:
     out: dict[int, tuple[list[str], int]] = {}
     for k, m in linears.items():
         if k not in shared:
-            keys, b = out.get(stage_of(k, loaded.spec.text.num_layers), ([], 0))
-            out[stage_of(k, loaded.spec.text.num_layers)] = ([*keys, k], b + 4 * m.in_features**2)
+            st = stage_of(k, loaded.spec.text.num_layers)
+            keys, b = out.get(st, ([], 0))
+            out[st] = ([*keys, k], b + 4 * m.in_features**2)
     return dict(sorted(out.items()))
 
 
@@ -141,7 +142,7 @@ def plan_passes(loaded: LoadedModel, seqs: Sequence[TeacherSequence], memory: in
     if largest + carry > memory:
         raise InputError(
             f"one layer's input Hessians ({size(largest)}) and the hidden states carried between passes ({size(carry)}) "
-            f"need more than the {size(memory)} calibrate may hold: free memory, calibrate fewer questions (--per-domain), or raise --hessian-memory if more is free"
+            f"need more than the {size(memory)} calibrate may hold: close other programs, calibrate fewer questions (--per-domain), or raise --hessian-memory if more is free"
         )
     groups: list[list[int]] = [[]]
     for st, (_k, b) in stages.items():

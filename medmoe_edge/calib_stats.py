@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -337,11 +338,14 @@ def check_hessian_files(store: HessianStore) -> None:
     """Every tensor the index names is in its file (headers only: the Hessians are read later).
 
     Raises:
-        KeyError: a tensor is missing; OSError, SafetensorError: a file is missing or unreadable.
+        ValueError: a name that is not one `save_hessians` writes; KeyError: a tensor is missing;
+        OSError, SafetensorError: a file is missing or unreadable.
     """
     from safetensors import safe_open
 
     for name in store.files():
+        if not re.fullmatch(r"stats-hessians-\d{3}\.safetensors", name):  # an edited index must not reach outside the directory
+            raise ValueError(f"{name!r} is not a Hessian file name")
         with safe_open(str(store.directory / name), framework="pt") as f:
             have = set(f.keys())
         missing = [t for file, t in store.index.values() if file == name and t not in have]

@@ -150,7 +150,7 @@ def test_a_layer_that_does_not_fit_alone_is_refused_before_the_pass(tmp_path):
     assert r.exit_code != 0
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1, r.output
-    assert "one layer's input Hessians (6.8 MiB) and the hidden states carried between passes (0.4 MiB) need more than the 1.0 MiB calibrate may hold" in lines[0]
+    assert "one layer's input Hessians (6.8 MiB) and the hidden states carried between passes (0.4 MiB) need more than the 1.0 MiB calibrate may hold: close other programs" in lines[0]
     assert "raise --hessian-memory" in lines[0] and "Traceback" not in r.output
     assert not (tmp_path / "s").exists()
     r = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "s"), "--hessian-memory", "0"])
@@ -174,7 +174,7 @@ def test_the_free_memory_decides_the_passes_and_calibrate_says_so(tmp_path, monk
     assert "the Hessians did not fit in memory at once: collected in 2 passes over consecutive layers (same statistics as one pass)" in " ".join(r.output.split())
 
 
-def test_a_missing_hessian_file_is_refused(stats_dir, tmp_path):
+def test_a_missing_or_misnamed_hessian_file_is_refused(stats_dir, tmp_path):
     out, _ = stats_dir
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -182,6 +182,14 @@ def test_a_missing_hessian_file_is_refused(stats_dir, tmp_path):
         if not p.name.startswith("stats-hessians-"):
             (bad / p.name).write_bytes(p.read_bytes())
     with pytest.raises(InputError, match=r"calibration statistics in .* are corrupt .*stats-hessians-000.safetensors.*: run medmoe-edge calibrate again"):
+        CalibStats.load(bad)
+    # an index edited to point outside the directory is refused before any file is opened
+    for p in out.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    meta = json.loads((bad / "stats.json").read_text())
+    meta["hessians"] = {k: ["../../elsewhere.safetensors", n] for k, (_f, n) in meta["hessians"].items()}
+    (bad / "stats.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"are corrupt \(ValueError: '../../elsewhere.safetensors' is not a Hessian file name\)"):
         CalibStats.load(bad)
 
 
