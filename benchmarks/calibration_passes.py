@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--per-domain", type=int, default=16, help="calibration questions per domain (as quantization_proxy.py)")
     ap.add_argument("--hessian-memory", type=float, default=1.1, help="the cap in GiB for the run in passes")
     ap.add_argument("--work", type=Path, default=None, help="reuses a proxy checkpoint there (proxy-stablelm-4e)")
+    ap.add_argument("--reuse", action="store_true", help="report the runs already in --work (their statistics and calibration_passes.json) instead of running them again")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
 
@@ -94,13 +95,17 @@ def main() -> None:
     if not (ckpt / "config.json").is_file():
         make_proxy(ckpt, 4)
     runs = {"one pass": [], f"--hessian-memory {args.hessian_memory:g}": ["--hessian-memory", str(args.hessian_memory)]}
-    timed, stats = {}, {}
+    record = work / "calibration_passes.json"
+    timed = {k: tuple(v) for k, v in json.loads(record.read_text()).items()} if args.reuse else {}
+    stats = {}
     for name, extra in runs.items():
         out = work / f"stats-{'one' if not extra else 'capped'}"
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [CLI, "calibrate", "--model", str(ckpt), "--per-domain", str(args.per_domain), "--sensitivity-per-domain", "2", "--out", str(out), *extra]
-        print("running", " ".join(cmd), flush=True)
-        timed[name] = run_timed(cmd, work / f"calibrate-{'one' if not extra else 'capped'}.log")
+        if not args.reuse:
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [CLI, "calibrate", "--model", str(ckpt), "--per-domain", str(args.per_domain), "--sensitivity-per-domain", "2", "--out", str(out), *extra]
+            print("running", " ".join(cmd), flush=True)
+            timed[name] = run_timed(cmd, work / f"calibrate-{'one' if not extra else 'capped'}.log")
+            record.write_text(json.dumps({k: list(v) for k, v in timed.items()}))
         stats[name] = CalibStats.load(out)
         print(name, timed[name], stats[name].passes, flush=True)
     (one, capped) = stats.values()
@@ -122,7 +127,7 @@ def main() -> None:
         *(f"| {name} | {stats[name].passes} | {w / 60:.1f} min | {rss / 2**30:.2f} GiB |" for name, (w, rss) in timed.items()),
         "",
         f"- The statistics of the two runs compared tensor by tensor: **{same}**.",
-        f"- In passes over in one, this run: wall {w2 / w1:.2f}×, peak RSS {r2 / r1:.2f}×.",
+        f"- In passes against one pass, side by side: wall {w2 / w1:.2f}×, peak RSS {r2 / r1:.2f}×.",
         f"- `quantize` reads the Hessians from their files as it needs them and keeps the last 4: at most "
         f"{4 * largest / 2**30:.2f} GiB of them here, where the statistics hold {sum(p.stat().st_size for p in (work / 'stats-one').glob('stats-hessians-*')) / 2**30:.2f} GiB.",
         "",
@@ -137,7 +142,6 @@ def main() -> None:
         print("\n".join(lines))
     else:
         publish_block(DOC, BEGIN, END, lines, "Quantization")
-    (work / "calibration_passes.json").write_text(json.dumps({k: list(v) for k, v in timed.items()}))
 
 
 if __name__ == "__main__":
