@@ -1,4 +1,4 @@
-"""One teacher-forced pass over a calibration set → `CalibStats` (see `medmoe_edge.calib_stats`).
+"""A teacher-forced pass over a calibration set → `CalibStats` (see `medmoe_edge.calib_stats`).
 
 A forward pre-hook on every quantizable `nn.Linear` of the language model (attention, dense FFN,
 routed experts, meta experts, projector; never the router) adds x xᵀ of the rows it is called

@@ -143,6 +143,9 @@ class HessianStore(Mapping):
             self._cache.popitem(last=False)
         return t
 
+    def __contains__(self, key: object) -> bool:
+        return key in self.index  # Mapping's default would read the tensor to find out
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.index)
 

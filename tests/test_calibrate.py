@@ -143,6 +143,8 @@ def test_hessians_that_do_not_fit_are_collected_in_passes_with_the_same_result(s
     for k in one.hessians:
         assert torch.equal(split.hessians[k], one.hessians[k]), k
     assert isinstance(split.hessians, HessianStore) and split.hessians.resident() <= split.hessians.keep  # never all of them in memory
+    fresh = CalibStats.load(tmp_path / "s").hessians
+    assert all(k in fresh for k in one.hessians) and "lm_head.bias" not in fresh and fresh.resident() == 0  # asking costs no read
 
 
 def test_a_layer_that_does_not_fit_alone_is_refused_before_the_pass(tmp_path):
