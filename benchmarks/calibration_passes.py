@@ -91,11 +91,13 @@ def main() -> None:
     from medmoe_edge.quantization import resolve_calibration_set
 
     work = args.work or Path(tempfile.mkdtemp(prefix="calib-passes-"))
+    record = work / "calibration_passes.json"
+    if args.reuse and not record.is_file():
+        raise SystemExit(f"--reuse: {record} is missing; run without --reuse first")
     ckpt = work / "proxy-stablelm-4e"
     if not (ckpt / "config.json").is_file():
         make_proxy(ckpt, 4)
     runs = {"one pass": [], f"--hessian-memory {args.hessian_memory:g}": ["--hessian-memory", str(args.hessian_memory)]}
-    record = work / "calibration_passes.json"
     timed = {k: tuple(v) for k, v in json.loads(record.read_text()).items()} if args.reuse else {}
     stats = {}
     for name, extra in runs.items():
