@@ -145,10 +145,13 @@ def plan_passes(loaded: LoadedModel, seqs: Sequence[TeacherSequence], memory: in
             f"need more than the {size(memory)} calibrate may hold: close other programs, calibrate fewer questions (--per-domain), or raise --hessian-memory if more is free"
         )
     groups: list[list[int]] = [[]]
+    held = 0  # the Hessian bytes of the group being filled
     for st, (_k, b) in stages.items():
-        if groups[-1] and sum(stages[g][1] for g in groups[-1]) + b + carry > memory:
+        if groups[-1] and held + b + carry > memory:
             groups.append([])
+            held = 0
         groups[-1].append(st)
+        held += b
     passes = []
     for i, g in enumerate(groups):
         last = i == len(groups) - 1
@@ -232,9 +235,8 @@ def collect(
                 if carry is not None:
                     carry[n] = None  # drop each carried row once used: the old and the new carry are never both whole
                 h, routing = hidden(loaded, seq, start=ps.start, stop=None if ps.last else ps.stop, inputs=inputs)
-                if ps.last:
-                    if head_key in hooks:
-                        hooks[head_key](None, (h,))
+                if ps.last:  # the lm_head's stage is always in the last pass
+                    hooks[head_key](None, (h,))
                 else:
                     out.append(h)
                 d = domains.index(seq.domain)

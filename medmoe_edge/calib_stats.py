@@ -49,6 +49,7 @@ from .errors import InputError
 STATS_VERSION = 3  # 2: shared Hessians (q/k/v, gate/up) stored once; 3: Hessians in per-pass files, read lazily
 STATS_STEM = "stats"
 HESSIAN_FILE = "stats-hessians-{:03d}.safetensors"  # one per collection pass
+HESSIAN_FILE_RE = re.compile(r"stats-hessians-\d{3}\.safetensors")  # the names HESSIAN_FILE makes
 MIN_TOKENS_PER_INPUT = 4  # n_min = 4·d_in tokens for a well-conditioned H (quantization-study §1)
 FEW_TOKEN_MIN_BITS = 4
 TOKEN_KINDS = ("image", "question", "answer")  # answer = teacher-forced answer tokens + EOS
@@ -236,15 +237,14 @@ class CalibStats:
     # --- files ----------------------------------------------------------------------------
 
     def save(self, directory: Path) -> list[Path]:
-        """Write stats.safetensors and stats.json into `directory`, each atomically, and the
-        Hessians too unless they are already there (the collector writes them pass by pass)."""
+        """Write stats.safetensors and stats.json into `directory`, each atomically, beside the
+        Hessians' files the collector wrote there pass by pass (`hessians` is their store)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        if isinstance(self.hessians, HessianStore) and self.hessians.directory == directory:
-            index = self.hessians.index
-        else:
-            index = save_hessians(dict(self.hessians), directory / HESSIAN_FILE.format(0))
+        if not (isinstance(self.hessians, HessianStore) and self.hessians.directory == directory):
+            raise ValueError(f"the Hessians are not in {directory}: the collector writes them there before the header")
+        index = self.hessians.index
         tensors = {"routed": self.routed.to(torch.int64).contiguous(), "margins": self.margins.to(torch.int64).contiguous()}
         seqs = []
         for i, s in enumerate(self.sequences):
@@ -347,7 +347,7 @@ def check_hessian_files(store: HessianStore) -> None:
     from safetensors import safe_open
 
     for name in store.files():
-        if not re.fullmatch(r"stats-hessians-\d{3}\.safetensors", name):  # an edited index must not reach outside the directory
+        if not HESSIAN_FILE_RE.fullmatch(name):  # an edited index must not reach outside the directory
             raise ValueError(f"{name!r} is not a Hessian file name")
         with safe_open(str(store.directory / name), framework="pt") as f:
             have = set(f.keys())
