@@ -52,6 +52,7 @@ from medmoe_edge.quantizer import DEFAULT_BLOCK, GptqFactors, QTensor, Quantizer
 from medmoe_edge.tensor_ids import checkpoint_id
 from medmoe_edge.vocab import Component, Precision, PrecisionKind
 
+from .code_store import CodeStore
 from .collect import quantizable_linears
 from .teacher import TeacherSequence, image_features
 
@@ -110,7 +111,7 @@ class CodeBook:
     method: QuantMethod
     block: int = DEFAULT_BLOCK
     symmetric: bool = False
-    codes: dict[tuple[str, int], QTensor] = field(default_factory=dict)
+    codes: CodeStore = field(default_factory=CodeStore, repr=False)  # by (key, bits); capped and spilled on a full-size model
     factors: GptqFactors = field(default_factory=GptqFactors, repr=False)
 
     def method_for(self, key: str, precision: Precision | None = None) -> QuantMethod:
@@ -119,11 +120,8 @@ class CodeBook:
         return QuantMethod.RTN if key == EMBED_KEY or key not in self.stats.hessians else self.method
 
     def get(self, key: str, weight: torch.Tensor, bits: int) -> QTensor:
-        if (key, bits) not in self.codes:
-            method = self.method_for(key)
-            cfg = QuantizerConfig(bits, self.block, method, self.symmetric)
-            self.codes[(key, bits)] = quantize(weight, cfg, self.stats.hessians.get(key), self.stats.tokens.get(key, 0), self.factors)
-        return self.codes[(key, bits)]
+        cfg = QuantizerConfig(bits, self.block, self.method_for(key), self.symmetric)
+        return self.codes.get((key, bits), lambda: quantize(weight, cfg, self.stats.hessians.get(key), self.stats.tokens.get(key, 0), self.factors))
 
     def codes_for(self, key: str, weight: torch.Tensor, precision: Precision) -> QTensor:
         return self.get(key, weight, INT_BITS[precision])
@@ -142,7 +140,7 @@ class GgmlCodeBook:
     stats: CalibStats
     method: QuantMethod
     block: int | None = None  # ggml types fix their own blocks
-    codes: dict[tuple[str, Precision], GgmlCodes] = field(default_factory=dict)
+    codes: CodeStore = field(default_factory=CodeStore, repr=False)  # by (key, precision)
     factors: GptqFactors = field(default_factory=GptqFactors, repr=False)
 
     def method_for(self, key: str, precision: Precision) -> QuantMethod:
@@ -154,15 +152,15 @@ class GgmlCodeBook:
         return self.method
 
     def codes_for(self, key: str, weight: torch.Tensor, precision: Precision) -> GgmlCodes:
-        if (key, precision) not in self.codes:
+        def make() -> GgmlCodes:
             method = self.method_for(key, precision)
             if method is QuantMethod.GPTQ:
                 q = quantize(weight, QuantizerConfig(PACKABLE[precision], 32, QuantMethod.GPTQ, symmetric=True), self.stats.hessians[key], self.stats.tokens.get(key, 0), self.factors)
-                self.codes[(key, precision)] = ggml_pack(q, precision)
-            else:
-                use = method is QuantMethod.IMATRIX_RTN
-                self.codes[(key, precision)] = ggml_quantize(weight, precision, self.stats.imatrix(key) if use else None)
-        return self.codes[(key, precision)]
+                return ggml_pack(q, precision)
+            use = method is QuantMethod.IMATRIX_RTN
+            return ggml_quantize(weight, precision, self.stats.imatrix(key) if use else None)
+
+        return self.codes.get((key, precision), make)
 
 
 class Probe:
@@ -222,13 +220,21 @@ class Probe:
 
 
 def swap(loaded: LoadedModel, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Put `weights` (checkpoint key → tensor) into the model; return the tensors they replaced."""
-    old = {}
-    with torch.no_grad():
-        for k, w in weights.items():
-            p = loaded.model.lm.get_parameter(k)
-            old[k] = p.detach().clone()
-            p.copy_(w.to(p.dtype))
+    """Put `weights` (checkpoint key → tensor) into the model; return the parameters they replaced
+    (pass them back to restore the model exactly).
+
+    The tensors are put in as they are, not copied into the old parameters: dequantized codes stay
+    exact in fp32 where the model keeps a checkpoint's matrices in bf16 (`load_model(keep_stored=True)`),
+    and nothing is cloned. Each weight takes the model's compute dtype unless it is a kept matrix
+    being put back."""
+    lm, old = loaded.model.lm, {}
+    for k, w in weights.items():
+        module, _, name = k.rpartition(".")
+        owner = lm.get_submodule(module)
+        old[k] = getattr(owner, name)
+        if not isinstance(w, torch.nn.Parameter):
+            w = torch.nn.Parameter(w.detach().to(loaded.model.dtype), requires_grad=False)
+        setattr(owner, name, w)
     return old
 
 

@@ -261,7 +261,12 @@ def checkpoint_infos(checkpoint_dir: Path) -> list[TensorInfo]:
     return tensor_infos(weight_files(checkpoint_dir))
 
 
-def load_model(model: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", vision_tower: str | Path | None = None) -> LoadedModel:
+NARROW_FLOATS = (torch.bfloat16, torch.float16)
+
+
+def load_model(
+    model: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", vision_tower: str | Path | None = None, keep_stored: bool = False
+) -> LoadedModel:
     """Load a Med-MoE checkpoint (directory or hub id) into the reference model.
 
     Args:
@@ -269,6 +274,10 @@ def load_model(model: str | Path, *, dtype: torch.dtype = torch.float32, device:
         dtype: parameter dtype (the router always computes in fp32, §2.3).
         device: torch device.
         vision_tower: CLIP directory overriding `config.mm_image_tower`.
+        keep_stored: keep the checkpoint's matrices (2-D weights) in their stored dtype where it
+            is bf16 or fp16, while the model computes in `dtype` (fp32): the same results bit
+            for bit, with half the weights' memory (`model.linear.Linear`). For `calibrate` and
+            `quantize`, which hold a full-size model beside their statistics.
     Returns:
         The model in eval mode with its tokenizer and image-processor settings.
     Raises:
@@ -294,7 +303,13 @@ def load_model(model: str | Path, *, dtype: torch.dtype = torch.float32, device:
     tstate = _tower_state(tower.directory, m)
     check_tensors({k: tuple(v.shape) for k, v in m.vision.state_dict().items()}, {k: tuple(v.shape) for k, v in tstate.items()}, f"vision tower {tower.directory}")
 
-    m.lm.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
+    if keep_stored and dtype != torch.float32:
+        raise ValueError("keep_stored widens stored matrices to fp32: load with dtype=torch.float32")
+
+    def kept(v: torch.Tensor) -> torch.dtype:
+        return v.dtype if keep_stored and v.dim() == 2 and v.dtype in NARROW_FLOATS else dtype
+
+    m.lm.load_state_dict({k: v.to(device=device, dtype=kept(v)) for k, v in state.items()}, strict=True, assign=True)
     m.vision.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tstate.items()}, strict=True, assign=True)
     m.eval().requires_grad_(False)
     if len(tokenizer) > m.n_vocab:

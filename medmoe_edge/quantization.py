@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 from .allocation import BACKENDS, Allocation, Unit, budget_from, check_budget, guard, restrict, solve_routed
 from .bundle import Manifest
 from .calib_stats import CalibSettings, CalibStats, read_key
+from .calibration.code_store import CodeStore
 from .calibration.collect import collect, plan_passes, select
 from .calibration.delta import DeltaChoice
 from .calibration.delta import choose as choose_deltas
@@ -112,7 +114,7 @@ def calibrate(
         raise InputError(f"{out} holds calibration statistics of another model, set, settings or medmoe-edge version: choose a new --out or remove {out}")
     check_new_dir(out)
     with status(f"loading {model}"):
-        loaded = load_model(model_dir)
+        loaded = load_model(model_dir, keep_stored=True)
     seqs = prepare(loaded, samples, qs.root, preprocess)
     passes = plan_passes(loaded, seqs, hessian_memory if hessian_memory is not None else free_for_hessians())
     with atomic_dir(out) as tmp:
@@ -133,6 +135,32 @@ def free_for_hessians() -> int | None:
     return None if free is None else int(free / HESSIAN_HEADROOM)
 
 
+# quantize's candidate codes may take this share of the memory free once the model is loaded; the
+# rest is for the probes' activations, a few Hessians and their GPTQ factors, and the picked codes
+CODES_SHARE = 0.5
+
+
+def free_for_codes() -> int | None:
+    """Bytes quantize's candidate codes may hold at once by default (None: the free memory cannot be read; no cap)."""
+    from .diagnostics import available_memory
+
+    free = available_memory()
+    return None if free is None else int(free * CODES_SHARE)
+
+
+def candidate_code_bytes(units: Sequence[Unit], block: int) -> int:
+    """What the codes of every unit's every quantized choice take in memory: a `QTensor` holds a
+    byte per code and an fp32 scale and a byte zero point per block; ggml codes their own bytes."""
+    total = 0
+    for u in units:
+        for c in u.choices:
+            if c.precision.kind is PrecisionKind.INT:
+                total += u.params + 5 * u.params // block
+            elif not c.precision.is_float:
+                total += c.nbytes
+    return total
+
+
 # --- quantize -------------------------------------------------------------------------------
 
 FORMATS = ("onnx", "gguf", "tensorrt")
@@ -151,6 +179,17 @@ class PlanResult:
     units: tuple[Unit, ...]
     routing: RoutedPlan | None = None  # the whole plan's router agreement, measured (calibration.routing)
     deltas: tuple[DeltaChoice, ...] = ()  # experts coded both ways, direct and as the delta from their meta expert (calibration.delta)
+    spilled: CodeMemory | None = None  # set when the candidate codes did not fit in memory at once
+
+
+@dataclass(frozen=True)
+class CodeMemory:
+    """The candidate codes of a plan that did not fit in memory: what they take in all, the cap
+    they were held to, and how many were read back from the spill directory instead of being made again."""
+
+    need: int
+    cap: int
+    read_back: int
 
 
 # --method when none is given: GPTQ for the integer codes of ONNX and TensorRT; llama.cpp's own
@@ -318,12 +357,16 @@ def make_plan(
     progress: Progress | None = None,
     delta_from_meta: bool = False,
     types: Sequence[Precision] | None = None,
+    codes_memory: int | None = None,
+    spill_dir: Path | None = None,
 ) -> PlanResult:
     """Measure (or, `SensitivityMode.PROXY`, estimate) sensitivities (cached in `cache_dir`),
     solve the knapsack and quantize the chosen groups. With `delta_from_meta` (ONNX and PyTorch
     backends), each quantized routed expert's input projections are coded as the delta from the
     meta expert's where that adds less output error at the same bytes (`calibration.delta`).
     `types` (`check_types`) narrows the quantized types the knapsack may pick.
+    `codes_memory` caps the bytes the candidate codes hold at once (None: `free_for_codes()`); past
+    it they are spilled to a temporary directory in `spill_dir` (None: the system's), removed after.
 
     The budget covers the planned matrices (LLM matrices and projector, scales included); norms,
     biases, routers and the vision tower stay in floating point outside it.
@@ -335,68 +378,78 @@ def make_plan(
         raise InputError(f"no allocation backend {backend!r}: use one of {', '.join(BACKENDS)}")
     b = BACKENDS[backend]
     book = GgmlCodeBook(stats, method) if b.name == "gguf" else CodeBook(stats, method, block, symmetric=not b.zero_point)
-    sized = restrict(with_choices(units_for(loaded, b), stats, b, book), types)  # bytes only: the budget is checked before minutes of measuring
+    offered = with_choices(units_for(loaded, b), stats, b, book)  # bytes only: the budget is checked before minutes of measuring
+    sized = restrict(offered, types)
     also = f", or allow smaller types than --types {','.join(p.value for p in types)}" if types is not None else ""
     check_budget(sized, budget_from(sized, budget_mb=budget_mb, avg_bits=avg_bits), also)
-    # one probe of the kept calibration sequences serves the sensitivities and the whole-plan router check
-    probe = Probe.from_stats(loaded, stats) if stats.sequences and loaded.spec.moe.layers else None
-    measured = restrict(sensitivities(sensitivity, loaded, stats, b, book, cache_dir=cache_dir, progress=progress, probe=probe), types)
-    units = tuple(replace(u, choices=guard(u.choices, router_guard)) for u in measured)
-    budget = budget_from(units, budget_mb=budget_mb, avg_bits=avg_bits)
-    smallest = sum(min(c.nbytes for c in u.choices) for u in units)
-    if smallest > budget:  # the bytes alone fitted (checked above): the router guard dropped the small types
-        held = [u.name for u, m in zip(units, measured) if min(c.nbytes for c in u.choices) > min(c.nbytes for c in m.choices)]
-        params = max(sum(u.params for u in units), 1)
-        raise InputError(
-            f"the budget {budget / 1e6:.3f} MB is below the smallest plan that keeps router agreement >= {router_guard:.1%} ({smallest / 1e6:.3f} MB, {8 * smallest / params:.2f} bits per weight; "
-            f"{len(held)} groups flip routes at their smallest type, first {held[0]}): raise --budget-mb to at least {math.ceil(smallest / 1e3) / 1e3:.3f} or --avg-bits to at least {math.ceil(800 * smallest / params) / 100:.2f}"
-        )
-    # the guard holds per unit, the plan's summed flips are held to the same share
-    # (allocation.solve_routed), and the whole plan, measured, too (calibration.routing)
-    state = loaded.model.lm.state_dict()
-    routed = None
-    if probe is not None:
-        routed = hold_routes(
-            loaded, probe, units, budget, 1.0 - router_guard, lambda u, c: {k: book.codes_for(k, state[k], c.precision).dequantize() for k in u.keys},
-            estimated=sensitivity is SensitivityMode.PROXY,
-        )
-        alloc, units = routed.allocation, routed.units
-    else:  # nothing to measure a plan's routes on
-        alloc = solve_routed(units, budget, 1.0 - router_guard)
-    rules, codes = [], {}
-    picked: dict[str, Precision] = {}  # checkpoint key → the type its group was given
-    for u, c in zip(units, alloc.picks):
-        if c.precision is b.float_precision:  # the plan's default
-            continue
-        note = {"delta_kl": c.delta, "router_agreement": c.router_agreement, "sensitivity": sensitivity.value, "bytes": c.nbytes, "params": u.params, "calibration_set_sha256": stats.settings.set_sha256}
-        # a float pick (GGUF's fp16) is a rule too, so the file stores what the budget counted; ggml
-        # types fix their own block (32 for q8_0, 256 for k-quants): no group size of ours
-        rules.append(QuantRule(u.name, QuantSpec(c.precision, c.method, block if c.precision.kind is PrecisionKind.INT else None), note))
-        if c.precision.is_float:
-            continue
-        for k in u.keys:
-            codes[k] = book.codes_for(k, state[k], c.precision)
-            picked[k] = c.precision
-    deltas: list[DeltaChoice] = []
-    if delta_from_meta:
-        if b.name not in DELTA_BACKENDS:
-            raise InputError(f"delta-from-meta coding is written for --format onnx only, not the {b.name} backend: leave it off")
-        codes, deltas = choose_deltas(loaded, stats, codes, book.factors)
-        # a rule per delta-coded projection, ahead of its expert's group rule (first match wins)
-        # to 6 digits: float32 matmuls reorder their sums with the thread count, and a plan is compared whole
-        energy = {f"layers.{d.layer}.expert.{d.expert}": {"direct": float(f"{d.direct:.6g}"), "delta": float(f"{d.delta:.6g}")} for d in deltas}
-        first = [
-            QuantRule(
-                str(checkpoint_id(k)),
-                QuantSpec(picked[k], q.method, q.block, base=str(checkpoint_id(q.base_key))),
-                {"delta_from_meta": True, "output_energy": energy[str(checkpoint_id(k).group)]},  # the expert's, both codings, over its routed tokens
+    # the candidate codes (every unit at every quantized type) are made once and read again by the
+    # sensitivities, the router check and the picks; where they would not fit in memory they are
+    # held to a cap and the rest read back from a spill directory (calibration.code_store)
+    need = candidate_code_bytes(offered, book.block or DEFAULT_BLOCK)  # every type is measured, --types or not
+    cap = codes_memory if codes_memory is not None else free_for_codes()
+    with contextlib.ExitStack() as stack:
+        if cap is not None and need > cap:
+            book.codes = CodeStore(cap, Path(stack.enter_context(tempfile.TemporaryDirectory(dir=spill_dir, prefix=".medmoe-codes-"))))
+        # one probe of the kept calibration sequences serves the sensitivities and the whole-plan router check
+        probe = Probe.from_stats(loaded, stats) if stats.sequences and loaded.spec.moe.layers else None
+        measured = restrict(sensitivities(sensitivity, loaded, stats, b, book, cache_dir=cache_dir, progress=progress, probe=probe), types)
+        units = tuple(replace(u, choices=guard(u.choices, router_guard)) for u in measured)
+        budget = budget_from(units, budget_mb=budget_mb, avg_bits=avg_bits)
+        smallest = sum(min(c.nbytes for c in u.choices) for u in units)
+        if smallest > budget:  # the bytes alone fitted (checked above): the router guard dropped the small types
+            held = [u.name for u, m in zip(units, measured) if min(c.nbytes for c in u.choices) > min(c.nbytes for c in m.choices)]
+            params = max(sum(u.params for u in units), 1)
+            raise InputError(
+                f"the budget {budget / 1e6:.3f} MB is below the smallest plan that keeps router agreement >= {router_guard:.1%} ({smallest / 1e6:.3f} MB, {8 * smallest / params:.2f} bits per weight; "
+                f"{len(held)} groups flip routes at their smallest type, first {held[0]}): raise --budget-mb to at least {math.ceil(smallest / 1e3) / 1e3:.3f} or --avg-bits to at least {math.ceil(800 * smallest / params) / 100:.2f}"
             )
-            for k, q in codes.items()
-            if isinstance(q, DeltaQTensor)
-        ]
-        rules = first + rules
-    plan = QuantPlan(QuantSpec(b.float_precision), tuple(rules), calibration=stats.key)
-    return PlanResult(alloc, plan, codes, units, routed, tuple(deltas))
+        # the guard holds per unit, the plan's summed flips are held to the same share
+        # (allocation.solve_routed), and the whole plan, measured, too (calibration.routing)
+        state = loaded.model.lm.state_dict()
+        routed = None
+        if probe is not None:
+            routed = hold_routes(
+                loaded, probe, units, budget, 1.0 - router_guard, lambda u, c: {k: book.codes_for(k, state[k], c.precision).dequantize() for k in u.keys},
+                estimated=sensitivity is SensitivityMode.PROXY,
+            )
+            alloc, units = routed.allocation, routed.units
+        else:  # nothing to measure a plan's routes on
+            alloc = solve_routed(units, budget, 1.0 - router_guard)
+        rules, codes = [], {}
+        picked: dict[str, Precision] = {}  # checkpoint key → the type its group was given
+        for u, c in zip(units, alloc.picks):
+            if c.precision is b.float_precision:  # the plan's default
+                continue
+            note = {"delta_kl": c.delta, "router_agreement": c.router_agreement, "sensitivity": sensitivity.value, "bytes": c.nbytes, "params": u.params, "calibration_set_sha256": stats.settings.set_sha256}
+            # a float pick (GGUF's fp16) is a rule too, so the file stores what the budget counted; ggml
+            # types fix their own block (32 for q8_0, 256 for k-quants): no group size of ours
+            rules.append(QuantRule(u.name, QuantSpec(c.precision, c.method, block if c.precision.kind is PrecisionKind.INT else None), note))
+            if c.precision.is_float:
+                continue
+            for k in u.keys:
+                codes[k] = book.codes_for(k, state[k], c.precision)
+                picked[k] = c.precision
+        deltas: list[DeltaChoice] = []
+        if delta_from_meta:
+            if b.name not in DELTA_BACKENDS:
+                raise InputError(f"delta-from-meta coding is written for --format onnx only, not the {b.name} backend: leave it off")
+            codes, deltas = choose_deltas(loaded, stats, codes, book.factors)
+            # a rule per delta-coded projection, ahead of its expert's group rule (first match wins)
+            # to 6 digits: float32 matmuls reorder their sums with the thread count, and a plan is compared whole
+            energy = {f"layers.{d.layer}.expert.{d.expert}": {"direct": float(f"{d.direct:.6g}"), "delta": float(f"{d.delta:.6g}")} for d in deltas}
+            first = [
+                QuantRule(
+                    str(checkpoint_id(k)),
+                    QuantSpec(picked[k], q.method, q.block, base=str(checkpoint_id(q.base_key))),
+                    {"delta_from_meta": True, "output_energy": energy[str(checkpoint_id(k).group)]},  # the expert's, both codings, over its routed tokens
+                )
+                for k, q in codes.items()
+                if isinstance(q, DeltaQTensor)
+            ]
+            rules = first + rules
+        plan = QuantPlan(QuantSpec(b.float_precision), tuple(rules), calibration=stats.key)
+        spilled = CodeMemory(need, cap, book.codes.read_back) if cap is not None and need > cap else None
+        return PlanResult(alloc, plan, codes, units, routed, tuple(deltas), spilled)
 
 
 def fake_quantize(loaded: LoadedModel, codes: dict[str, QTensor]) -> dict[str, torch.Tensor]:
@@ -440,6 +493,7 @@ def quantize_bundle(
     sensitivity: SensitivityMode = SensitivityMode.MEASURED,
     delta_from_meta: bool | None = None,
     types: str | None = None,
+    codes_memory: int | None = None,
     status: Status = _quiet,
     progress: Progress | None = None,
 ) -> tuple[Manifest, PlanResult]:
@@ -447,11 +501,14 @@ def quantize_bundle(
 
     Raises:
         InputError: an unknown or unimplemented format, a bad budget (neither or both, not positive,
-            below the smallest types), a type the format does not store in `types`, a non-empty
+            below the smallest types), a type the format does not store in `types`, a `codes_memory`
+            (bytes the candidate codes may hold at once, `make_plan`) that is not positive, a non-empty
             or unwritable `out`, statistics of another model or set. Every one of them before
             anything is written.
     """
     check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
+    if codes_memory is not None and codes_memory <= 0:
+        raise InputError(f"--codes-memory must be a positive number of GiB, got {codes_memory / 2**30:g}")
     method = parse_method(None if method is None else method.value, fmt)
     backend = check_ops(fmt, ops)
     allowed = check_types(fmt, types, backend)
@@ -474,10 +531,11 @@ def quantize_bundle(
     stats = load_stats(stats_dir, model_dir, model, set_name)
 
     with status(f"loading {model}"):
-        loaded = load_model(model_dir)
+        loaded = load_model(model_dir, keep_stored=True)
     with status(f"{method.value} codes at every candidate type, {'estimated' if sensitivity is SensitivityMode.PROXY else 'measured'} sensitivities, allocation"):
         result = make_plan(
-            loaded, stats, backend, method=method, budget_mb=budget_mb, avg_bits=avg_bits, block=block, sensitivity=sensitivity, cache_dir=stats_dir, progress=progress, delta_from_meta=delta_from_meta, types=allowed
+            loaded, stats, backend, method=method, budget_mb=budget_mb, avg_bits=avg_bits, block=block, sensitivity=sensitivity, cache_dir=stats_dir, progress=progress, delta_from_meta=delta_from_meta, types=allowed,
+            codes_memory=codes_memory, spill_dir=Path(out).absolute().parent,  # beside the bundle, on the disk the user chose for it
         )
     # the trace and the exporter load the checkpoint themselves: a real-dimension model is not
     # held twice (the plan's codes are all that is needed from here on)
@@ -526,4 +584,4 @@ def quantize_bundle(
     return manifest, result
 
 
-__all__ = ["DEFAULT_METHOD", "DELTA_BACKENDS", "OPS", "ROUTER_GUARD", "check_delta", "check_block", "check_ops", "check_types", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]
+__all__ = ["CODES_SHARE", "CodeMemory", "candidate_code_bytes", "free_for_codes", "DEFAULT_METHOD", "DELTA_BACKENDS", "OPS", "ROUTER_GUARD", "check_delta", "check_block", "check_ops", "check_types", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]

@@ -15,6 +15,7 @@ from ..calibration.routing import MAX_KL_COST
 from ..calibration.sensitivity import SensitivityMode
 from ..quantization import METHODS, ROUTER_GUARD, check_block, check_delta, check_ops, check_request, check_types, parse_method, parse_sensitivity, quantize_bundle
 from ..quantizer import DEFAULT_BLOCK
+from ..errors import InputError
 from .common import err, out, user_errors
 from .export_cmd import tensorrt_check_runtime
 from .verify_cmd import check_written_bundle, print_report
@@ -41,6 +42,10 @@ def quantize_cmd(
     sensitivity: Annotated[str | None, typer.Option("--sensitivity", help="measured: one end-to-end probe per group and type (the demo: about a minute); proxy: tr(ΔW H ΔWᵀ) from the calibration Hessians, scaled by one probe per layer and component (for real-dimension models) [default: measured].")] = None,
     delta_from_meta: Annotated[bool | None, typer.Option("--delta-from-meta/--no-delta-from-meta", help="ONNX: store a quantized routed expert's input projections (fc1; gate/up) as codes of their difference from the meta expert's, where that adds less output error at the same bytes; the meta expert's pre-activation, computed for every token anyway, is reused [default: on for onnx].", show_default=False)] = None,
     types: Annotated[str | None, typer.Option("--types", help="Quantized types the plan may choose from, comma-separated (e.g. q4_k,q6_k,q8_0: llama.cpp on a CPU reads q3_k at about half the bandwidth of the others, docs/QUANTIZATION.md); floating point is always allowed [default: every type of the format].")] = None,
+    codes_memory: Annotated[
+        float | None,
+        typer.Option("--codes-memory", help="GiB the candidate codes (every group at every type, made once) may hold at once; past it they wait in a temporary folder beside --out and are read back, with the same plan [default: half the memory free once the model is loaded]."),
+    ] = None,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {QUANTIZE_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
     """Quantize each expert (and every other weight group) to its own precision from measured sensitivities, under a byte budget."""
@@ -51,12 +56,14 @@ def quantize_cmd(
     shown_block = check_block(fmt, block, backend)  # checked before any work; quantize_bundle takes the flags as given
     allowed = check_types(fmt, types, backend)
     check_delta(fmt, delta_from_meta)
+    if codes_memory is not None and not codes_memory > 0:
+        raise InputError(f"--codes-memory must be a positive number of GiB, got {codes_memory:g}")
     took: dict[str, float] = {}
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("measuring sensitivities", total=None)
         manifest, result = quantize_bundle(
             model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch, ops=ops, sensitivity=mode, delta_from_meta=delta_from_meta, types=types,
-            trace_questions=QUANTIZE_VERIFY_LIMIT, status=timed(err.status, took), progress=lambda i, n: bar.update(task, completed=i, total=n),
+            codes_memory=None if codes_memory is None else int(codes_memory * 2**30), trace_questions=QUANTIZE_VERIFY_LIMIT, status=timed(err.status, took), progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
     err.print("took: " + "; ".join(f"{what} {secs:.0f} s" for what, secs in took.items()), highlight=False, soft_wrap=True)
     if fmt == "gguf":
@@ -93,6 +100,14 @@ def quantize_cmd(
         out.print(
             f"delta-from-meta coding: {len(chosen)} of {len(result.deltas)} quantized experts store their input projections (fc1; gate/up) as the delta from their meta expert's "
             f"(less output error at the same bytes{': ' + ', '.join(chosen) if chosen else ''})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if result.spilled is not None:
+        sp = result.spilled
+        out.print(
+            f"the candidate codes ({sp.need / 2**30:.2f} GiB) did not fit in memory at once: held to {sp.cap / 2**30:.2f} GiB, the rest written beside --out and read back "
+            f"({sp.read_back} read back), with the same plan; the folder is removed",
             highlight=False,
             soft_wrap=True,
         )

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..spec import TextSpec, Variant
+from .linear import Linear
 
 
 class PhiMLP(nn.Module):
@@ -21,8 +22,8 @@ class PhiMLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(hidden, inter, bias=True)
-        self.fc2 = nn.Linear(inter, hidden, bias=True)
+        self.fc1 = Linear(hidden, inter, bias=True)
+        self.fc2 = Linear(inter, hidden, bias=True)
 
     def pre(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (self.fc1(x),)
@@ -39,9 +40,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden: int, inter: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, bias=False)
+        self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
 
     def pre(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (self.gate_proj(x), self.up_proj(x))

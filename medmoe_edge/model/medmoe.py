@@ -15,6 +15,7 @@ from torch import nn
 
 from ..spec import ModelSpec
 from .kvcache import KVCache
+from .linear import Linear
 from .moe import Routing
 from .text import TextModel
 from .vision import VisionTower
@@ -27,7 +28,7 @@ class Projector(nn.Module):
 
     def __init__(self, mm_hidden: int, hidden: int) -> None:
         super().__init__()
-        self.image_spatial_proj = nn.Sequential(nn.Linear(mm_hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.image_spatial_proj = nn.Sequential(Linear(mm_hidden, hidden), nn.GELU(), Linear(hidden, hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.image_spatial_proj(x)
@@ -47,7 +48,7 @@ class MedMoELM(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.model = LlavaTextModel(spec)
-        self.lm_head = nn.Linear(spec.text.hidden_size, spec.text.vocab_size, bias=False)
+        self.lm_head = Linear(spec.text.hidden_size, spec.text.vocab_size, bias=False)
 
 
 @dataclass
@@ -92,7 +93,9 @@ class MedMoE(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm.lm_head.weight.dtype
+        """The dtype the decoder computes in: its norms'. Matrices may be stored narrower
+        (`checkpoint.load_model(keep_stored=True)`, `linear.Linear`)."""
+        return self.lm.model.final_norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -133,14 +136,14 @@ class MedMoE(nn.Module):
         for i in ids:
             if i == IMAGE_TOKEN_INDEX:
                 if text:
-                    parts.append(embed(torch.tensor(text, device=self.device)))
+                    parts.append(embed(torch.tensor(text, device=self.device)).to(self.dtype))
                     text = []
                 parts.append(image_rows[img].to(self.dtype))
                 img += 1
             else:
                 text.append(i)
         if text:
-            parts.append(embed(torch.tensor(text, device=self.device)))
+            parts.append(embed(torch.tensor(text, device=self.device)).to(self.dtype))
         return torch.cat(parts, dim=0)
 
     def make_batch(self, rows: Sequence[torch.Tensor]) -> Batch:
@@ -159,4 +162,4 @@ class MedMoE(nn.Module):
 
     @torch.inference_mode()
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.model.embed_tokens(token_ids.to(self.device))
+        return self.lm.model.embed_tokens(token_ids.to(self.device)).to(self.dtype)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..spec import MoESpec, TextSpec
 from .ffn import make_ffn
+from .linear import Linear
 
 
 class Dispatch(str, Enum):
@@ -59,7 +60,7 @@ class _Gate(nn.Module):
     def __init__(self, hidden: int, n_experts: int) -> None:
         super().__init__()
         # §2.2: the Router's fc1 replaces `wg`, so the key is gate.wg.* and it has a bias.
-        self.wg = nn.Linear(hidden, n_experts, bias=True)
+        self.wg = Linear(hidden, n_experts, bias=True)
 
 
 class _Experts(nn.Module):
@@ -107,7 +108,7 @@ class MoEFFN(nn.Module):
         self.deepspeed_moe = _MOELayer(text, moe)
         self.meta_moe = make_ffn(text)
         if moe.use_residual:
-            self.coefficient = nn.Linear(text.hidden_size, 2, bias=True)
+            self.coefficient = Linear(text.hidden_size, 2, bias=True)
         # Graph exporters trace Python, so they need a loop with a fixed shape (see
         # `_dispatch_static` and `_dispatch_masked`); eager inference keeps the data-dependent loop.
         self.dispatch = Dispatch.EAGER

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..spec import MoESpec, TextSpec, Variant
 from .ffn import make_ffn
+from .linear import Linear
 from .kvcache import KVCache
 from .moe import MoEFFN, Routing
 
@@ -60,11 +61,11 @@ class Attention(nn.Module):
         super().__init__()
         self.text = text
         h, d = text.hidden_size, text.head_dim
-        self.q_proj = nn.Linear(h, text.num_heads * d, bias=True)
-        self.k_proj = nn.Linear(h, text.num_kv_heads * d, bias=True)
-        self.v_proj = nn.Linear(h, text.num_kv_heads * d, bias=True)
+        self.q_proj = Linear(h, text.num_heads * d, bias=True)
+        self.k_proj = Linear(h, text.num_kv_heads * d, bias=True)
+        self.v_proj = Linear(h, text.num_kv_heads * d, bias=True)
         # Phi: `dense` with bias; StableLM: `o_proj` without bias (§2.6).
-        out = nn.Linear(text.num_heads * d, h, bias=text.variant is Variant.PHI)
+        out = Linear(text.num_heads * d, h, bias=text.variant is Variant.PHI)
         setattr(self, "dense" if text.variant is Variant.PHI else "o_proj", out)
 
     @property

@@ -1,0 +1,78 @@
+"""A bf16 checkpoint's matrices kept as stored (`load_model(keep_stored=True)`, what `calibrate` and
+`quantize` load): the fp32 reference bit for bit with about half the weights' memory, so the
+statistics, the measured sensitivities, the plan and the codes are those of an fp32 load."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from medmoe_edge import quantization
+from medmoe_edge.calibration.sensitivity import Probe
+from medmoe_edge.calibration.sets import resolve_set
+from medmoe_edge.calibration.teacher import prepare
+from medmoe_edge.checkpoint import load_model
+from medmoe_edge.demo import demo_dir
+from medmoe_edge.imaging import PreprocessMode
+from medmoe_edge.quant_plan import QuantMethod
+
+
+@pytest.fixture(scope="module")
+def bf16_demo(tmp_path_factory) -> Path:
+    """The demo checkpoint stored in bf16, as Med-MoE's released checkpoints are (torch_dtype bfloat16)."""
+    out = tmp_path_factory.mktemp("bf16") / "demo-bf16"
+    shutil.copytree(demo_dir(), out)
+    for f in out.glob("model-*.safetensors"):
+        t = load_file(f)
+        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in t.items()}, f, metadata={"format": "pt"})
+    return out
+
+
+def _lm_bytes(loaded) -> int:
+    return sum(p.numel() * p.element_size() for p in loaded.model.lm.parameters())
+
+
+def test_kept_matrices_compute_the_fp32_reference_bit_for_bit(bf16_demo):
+    wide, kept = load_model(bf16_demo), load_model(bf16_demo, keep_stored=True)
+    params = dict(kept.model.lm.named_parameters())
+    assert {k for k, p in params.items() if p.dtype == torch.bfloat16} == {k for k, p in params.items() if p.dim() == 2}
+    assert all(p.dtype == torch.float32 for p in params.values() if p.dim() == 1)  # norms and biases: the compute dtype
+    assert kept.model.dtype == torch.float32
+    assert _lm_bytes(kept) < 0.55 * _lm_bytes(wide)
+    samples, root = resolve_set("eval")
+    a, b = (Probe(m, prepare(m, samples[:8], root, PreprocessMode.PAD)) for m in (wide, kept))
+    assert torch.equal(a.ref_logp, b.ref_logp)
+    assert a.ref_routes.keys() == b.ref_routes.keys() and all(torch.equal(a.ref_routes[k], b.ref_routes[k]) for k in a.ref_routes)
+
+
+def test_an_fp32_checkpoint_is_never_narrowed_and_keep_stored_needs_fp32_compute():
+    kept = load_model(demo_dir(), keep_stored=True)
+    assert {p.dtype for p in kept.model.lm.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="dtype=torch.float32"):
+        load_model(demo_dir(), dtype=torch.bfloat16, keep_stored=True)
+
+
+def test_calibrate_and_quantize_from_kept_matrices_equal_an_fp32_load(bf16_demo, tmp_path, monkeypatch):
+    kept_stats, _ = quantization.calibrate(bf16_demo, tmp_path / "kept", per_domain=1, sensitivity_per_domain=1)
+    kept = load_model(bf16_demo, keep_stored=True)
+    kept_plan = quantization.make_plan(kept, kept_stats, "torch", method=QuantMethod.GPTQ, avg_bits=4.0, cache_dir=tmp_path / "kept")
+    assert next(kept.model.lm.parameters()).dtype == torch.bfloat16  # the probes put every matrix back as it was
+
+    monkeypatch.setattr(quantization, "load_model", lambda d, **_: load_model(d))  # the whole model in fp32
+    wide_stats, _ = quantization.calibrate(bf16_demo, tmp_path / "wide", per_domain=1, sensitivity_per_domain=1)
+    assert wide_stats.key == kept_stats.key and wide_stats.tokens == kept_stats.tokens
+    assert torch.equal(wide_stats.routed, kept_stats.routed) and torch.equal(wide_stats.margins, kept_stats.margins)
+    assert wide_stats.hessians.keys() == kept_stats.hessians.keys()
+    for k in kept_stats.hessians:
+        assert torch.equal(wide_stats.hessians[k], kept_stats.hessians[k]), k
+    wide_plan = quantization.make_plan(load_model(bf16_demo), wide_stats, "torch", method=QuantMethod.GPTQ, avg_bits=4.0, cache_dir=tmp_path / "wide")
+    assert [(u.name, c.precision, c.delta, c.router_agreement) for u, c in zip(wide_plan.units, wide_plan.allocation.picks)] == [
+        (u.name, c.precision, c.delta, c.router_agreement) for u, c in zip(kept_plan.units, kept_plan.allocation.picks)
+    ]
+    assert wide_plan.codes.keys() == kept_plan.codes.keys()
+    for k, q in kept_plan.codes.items():
+        assert torch.equal(q.codes, wide_plan.codes[k].codes) and torch.equal(q.scales, wide_plan.codes[k].scales), k
