@@ -58,6 +58,7 @@ from .teacher import TeacherSequence, image_features
 
 Progress = Callable[[int, int], None]
 EMBED_KEY = "model.embed_tokens.weight"
+ENERGY_ROWS = 4096  # rows of ΔW per block in `output_energy`
 
 
 class SensitivityMode(str, Enum):
@@ -285,8 +286,14 @@ def output_energy(stats: CalibStats, key: str, weight: torch.Tensor, dequantized
     h = stats.hessians.get(key)
     if h is None:
         return None
-    dw = dequantized.float() - weight.float()  # float32 matmul: a real-dimension down projection is 2048 x 5632 @ 5632²
-    return float(((dw @ h.float()) * dw).double().sum())
+    h = h.float()  # float32 matmul: a real-dimension down projection is 2048 x 5632 @ 5632²
+    total = 0.0
+    # a block of rows at a time: the whole of a 100k-row lm_head's ΔW, ΔW·H and their product took
+    # 4 GB at once on the real-dimension proxy, the largest transient of `quantize`
+    for i in range(0, weight.shape[0], ENERGY_ROWS):
+        dw = dequantized[i : i + ENERGY_ROWS].float() - weight[i : i + ENERGY_ROWS].float()
+        total += float(((dw @ h) * dw).sum(dtype=torch.float64))
+    return total
 
 
 def probe_class(unit: Unit) -> tuple:

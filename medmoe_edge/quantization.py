@@ -462,13 +462,15 @@ def restore(loaded: LoadedModel, original: dict[str, torch.Tensor]) -> None:
     swap(loaded, original)
 
 
-def _embedded_trace(model_dir: Path, questions: int):
-    """The 16-question eval trace every export embeds (so `verify BUNDLE` works without the checkpoint)."""
-    from .api import load
+def _embedded_trace(model_dir: Path, questions: int, loaded: LoadedModel | None = None):
+    """The eval trace every export embeds (so `verify BUNDLE` works without the checkpoint), of
+    `loaded` when given (the reference as `make_plan` left it), else of the checkpoint loaded again."""
+    from .api import Pipeline, load
+    from .runtimes.torch_runtime import TorchRuntime
     from .trace import TraceQuestion, record
 
     samples, root = resolve_set("eval")
-    with load(model_dir, runtime="torch") as ref:
+    with Pipeline(TorchRuntime(loaded)) if loaded is not None else load(model_dir, runtime="torch") as ref:
         qs = []
         for s in samples[:questions]:
             req, _ = ref.prepare(root / s.image, s.question)
@@ -537,14 +539,15 @@ def quantize_bundle(
             loaded, stats, backend, method=method, budget_mb=budget_mb, avg_bits=avg_bits, block=block, sensitivity=sensitivity, cache_dir=stats_dir, progress=progress, delta_from_meta=delta_from_meta, types=allowed,
             codes_memory=codes_memory, spill_dir=Path(out).absolute().parent,  # beside the bundle, on the disk the user chose for it
         )
-    # the trace and the exporter load the checkpoint themselves: a real-dimension model is not
-    # held twice (the plan's codes are all that is needed from here on)
-    del loaded
-    gc.collect()
+    # the trace is recorded on the model the plan was made with (every planned weight put back:
+    # `swap` restores the very parameters), so a bf16 checkpoint's matrices stay kept; the
+    # exporter loads the checkpoint itself, after this one is let go (not held twice)
     trace = None
     if trace_questions:
         with status(f"recording the reference trace ({trace_questions} eval questions) the bundle embeds"):
-            trace = _embedded_trace(model_dir, trace_questions)
+            trace = _embedded_trace(model_dir, trace_questions, loaded)
+    del loaded
+    gc.collect()
     a = result.allocation
     summary = {
         "backend": backend,

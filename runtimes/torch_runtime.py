@@ -48,18 +48,25 @@ class TorchRuntime(Runtime):
         gpu = "CUDA available" if torch.cuda.is_available() else "CPU only"
         return Availability(True, f"torch {torch.__version__}, {gpu}")
 
-    def _load(self, model: str | Path, options: ResolvedOptions) -> None:
-        if is_bundle(model):
+    def _load(self, model: str | Path | LoadedModel, options: ResolvedOptions) -> None:
+        if not isinstance(model, LoadedModel) and is_bundle(model):
             raise InputError(f"{model} is an exported bundle, not a checkpoint: run it with --runtime {_bundle_runtime_hint(model)}")
         self._load_checkpoint(model, options)
 
-    def _load_checkpoint(self, model: str | Path, options: ResolvedOptions) -> None:
-        """Load a checkpoint directory or hub id (for subclasses that find one inside their artifact)."""
+    def _load_checkpoint(self, model: str | Path | LoadedModel, options: ResolvedOptions) -> None:
+        """Load a checkpoint directory or hub id (for subclasses that find one inside their artifact),
+        or take a `LoadedModel` the caller already holds (`quantize` records its bundle's trace on
+        the model it planned with, a bf16 checkpoint's matrices kept as stored: one load, not two)."""
         device = _torch_device(options.device)
         # the user's count, else the contract's default (which leaves room for other work on the cores)
         torch.set_num_threads(options.num_threads)
         dtype = options.dtype or Precision.FP32
-        self.loaded: LoadedModel = load_model(model, dtype=dtype.torch, device=device, vision_tower=options.vision_tower)
+        if isinstance(model, LoadedModel):
+            if model.model.dtype != dtype.torch or model.model.device != device:
+                raise ValueError(f"the model computes in {model.model.dtype} on {model.model.device}, not {dtype.torch} on {device}")
+            self.loaded = model
+        else:
+            self.loaded = load_model(model, dtype=dtype.torch, device=device, vision_tower=options.vision_tower)
         self.model = self.loaded.model
         self._info = ModelInfo(
             spec=self.loaded.spec,
