@@ -116,7 +116,7 @@ def calibrate(
     with status(f"loading {model}"):
         loaded = load_model(model_dir, keep_stored=True)
     seqs = prepare(loaded, samples, qs.root, preprocess)
-    passes = plan_passes(loaded, seqs, hessian_memory if hessian_memory is not None else free_for_hessians())
+    passes = plan_passes(loaded, seqs, hessian_memory if hessian_memory is not None else free_for_hessians(weight_bytes(loaded)))
     with atomic_dir(out) as tmp:
         stats = collect(loaded, seqs, settings, tmp, passes=passes, model_sha256=sha, label=model_dir.name if str(model) != "demo" else "demo", progress=progress)
         stats.save(tmp)
@@ -126,13 +126,20 @@ def calibrate(
 HESSIAN_HEADROOM = 1.25  # the forward's activations and the file being written, on top of the accumulators
 
 
-def free_for_hessians() -> int | None:
-    """Bytes calibrate's Hessians may hold at once by default: the free memory (the model is
-    already loaded), less headroom. None where the free memory cannot be read: one pass."""
+def weight_bytes(loaded: LoadedModel) -> int:
+    """Bytes of the model's parameters. Counted against the free memory even though they are loaded:
+    weights read from safetensors are mapped from the file and take memory only as the forward
+    first touches them, which the free memory just after loading does not show yet."""
+    return sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+
+
+def free_for_hessians(weights: int = 0) -> int | None:
+    """Bytes calibrate's Hessians may hold at once by default: the free memory less the model's
+    `weights` (`weight_bytes`), less headroom. None where the free memory cannot be read: one pass."""
     from .diagnostics import available_memory
 
     free = available_memory()
-    return None if free is None else int(free / HESSIAN_HEADROOM)
+    return None if free is None else max(int((free - weights) / HESSIAN_HEADROOM), 1)
 
 
 # quantize's candidate codes may take this share of the memory free once the model is loaded; the
@@ -140,12 +147,13 @@ def free_for_hessians() -> int | None:
 CODES_SHARE = 0.5
 
 
-def free_for_codes() -> int | None:
-    """Bytes quantize's candidate codes may hold at once by default (None: the free memory cannot be read; no cap)."""
+def free_for_codes(weights: int = 0) -> int | None:
+    """Bytes quantize's candidate codes may hold at once by default: a share of the free memory
+    less the model's `weights` (`weight_bytes`). None where the free memory cannot be read: no cap."""
     from .diagnostics import available_memory
 
     free = available_memory()
-    return None if free is None else int(free * CODES_SHARE)
+    return None if free is None else max(int((free - weights) * CODES_SHARE), 1)
 
 
 def candidate_code_bytes(units: Sequence[Unit], block: int) -> int:
@@ -365,7 +373,7 @@ def make_plan(
     backends), each quantized routed expert's input projections are coded as the delta from the
     meta expert's where that adds less output error at the same bytes (`calibration.delta`).
     `types` (`check_types`) narrows the quantized types the knapsack may pick.
-    `codes_memory` caps the bytes the candidate codes hold at once (None: `free_for_codes()`); past
+    `codes_memory` caps the bytes the candidate codes hold at once (None: `free_for_codes`); past
     it they are spilled to a temporary directory in `spill_dir` (None: the system's), removed after.
 
     The budget covers the planned matrices (LLM matrices and projector, scales included); norms,
@@ -386,7 +394,7 @@ def make_plan(
     # sensitivities, the router check and the picks; where they would not fit in memory they are
     # held to a cap and the rest read back from a spill directory (calibration.code_store)
     need = candidate_code_bytes(offered, book.block or DEFAULT_BLOCK)  # every type is measured, --types or not
-    cap = codes_memory if codes_memory is not None else free_for_codes()
+    cap = codes_memory if codes_memory is not None else free_for_codes(weight_bytes(loaded))
     with contextlib.ExitStack() as stack:
         if cap is not None and need > cap:
             book.codes = CodeStore(cap, Path(stack.enter_context(tempfile.TemporaryDirectory(dir=spill_dir, prefix=".medmoe-codes-"))))
@@ -587,4 +595,4 @@ def quantize_bundle(
     return manifest, result
 
 
-__all__ = ["CODES_SHARE", "CodeMemory", "candidate_code_bytes", "free_for_codes", "DEFAULT_METHOD", "DELTA_BACKENDS", "OPS", "ROUTER_GUARD", "check_delta", "check_block", "check_ops", "check_types", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]
+__all__ = ["CODES_SHARE", "CodeMemory", "candidate_code_bytes", "free_for_codes", "weight_bytes", "DEFAULT_METHOD", "DELTA_BACKENDS", "OPS", "ROUTER_GUARD", "check_delta", "check_block", "check_ops", "check_types", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]

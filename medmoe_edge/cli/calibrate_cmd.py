@@ -27,7 +27,7 @@ def calibrate_cmd(
     preprocess: Annotated[PreprocessMode, typer.Option("--preprocess", help="pad (default) or crop.")] = PreprocessMode.PAD,
     hessian_memory: Annotated[
         float | None,
-        typer.Option("--hessian-memory", help="GiB the input Hessians (and the hidden states carried between passes) may hold at once; more than that is collected a few layers per pass, with the same result [default: the free memory, less 20 %]."),
+        typer.Option("--hessian-memory", help="GiB the input Hessians (and the hidden states carried between passes) may hold at once; more than that is collected a few layers per pass, with the same result [default: the free memory less the model's weights, less 20 %]."),
     ] = None,
 ) -> None:
     """Record routed-token counts, per-linear input Hessians over each expert's own tokens, imatrix diagonals and router margins."""

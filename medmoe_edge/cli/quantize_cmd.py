@@ -44,7 +44,7 @@ def quantize_cmd(
     types: Annotated[str | None, typer.Option("--types", help="Quantized types the plan may choose from, comma-separated (e.g. q4_k,q6_k,q8_0: llama.cpp on a CPU reads q3_k at about half the bandwidth of the others, docs/QUANTIZATION.md); floating point is always allowed [default: every type of the format].")] = None,
     codes_memory: Annotated[
         float | None,
-        typer.Option("--codes-memory", help="GiB the candidate codes (every group at every type, made once) may hold at once; past it they wait in a temporary folder beside --out and are read back, with the same plan [default: half the memory free once the model is loaded]."),
+        typer.Option("--codes-memory", help="GiB the candidate codes (every group at every type, made once) may hold at once; past it they wait in a temporary folder beside --out and are read back, with the same plan [default: half of the free memory less the model's weights]."),
     ] = None,
     check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {QUANTIZE_VERIFY_LIMIT} eval questions.")] = True,
 ) -> None:
