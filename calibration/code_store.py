@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from medmoe_edge.ggml_codes import GgmlCodes
 from medmoe_edge.quant_plan import QuantMethod
@@ -53,7 +53,7 @@ def _load(path: Path) -> QTensor | GgmlCodes:
 
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["codes"])
-    t = load_file(str(path))
+    t = load(path.read_bytes())  # in memory of its own: `load_file` maps the file, which the folder's removal would pull away
     if meta["kind"] == "ggml":
         return GgmlCodes(Precision(meta["precision"]), t["data"].numpy(), tuple(meta["shape"]), meta["imatrix"], meta["gptq"])  # type: ignore[arg-type]
     return QTensor(t["codes"], t["scales"], t["zeros"], meta["bits"], meta["block"], meta["symmetric"], QuantMethod(meta["method"]))

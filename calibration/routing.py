@@ -42,7 +42,7 @@ from medmoe_edge.errors import InputError
 from medmoe_edge.tensor_ids import checkpoint_id
 from medmoe_edge.vocab import Component
 
-from .sensitivity import Probe, first_layer, probe_one, swap
+from .sensitivity import Deferred, Probe, first_layer, probe_one, swap
 
 ROUNDS = 8  # knapsack solves along the flip target at most; each new plan is measured once (one pass over the probe sequences)
 NEIGHBOURS = 24  # plans near the knapsack's own measured at most, when it fails
@@ -52,7 +52,7 @@ NEIGHBOURS = 24  # plans near the knapsack's own measured at most, when it fails
 # route of the system prompt kept at the price of everything else), and there the knapsack's
 # plan is kept and the cost reported.
 MAX_KL_COST = 1.5
-Dequantize = Callable[[Unit, Choice], dict[str, torch.Tensor]]  # a unit's weights at a choice
+Dequantize = Callable[[Unit, Choice], dict[str, torch.Tensor | Deferred]]  # a unit's weights at a choice (made now or when their layer runs)
 
 
 @dataclass(frozen=True)

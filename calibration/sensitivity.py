@@ -43,6 +43,7 @@ import torch
 from medmoe_edge.allocation import INT_BITS, Backend, Choice, Unit, unit_name
 from medmoe_edge.calib_stats import CalibStats
 from medmoe_edge.checkpoint import LoadedModel
+from medmoe_edge.model.linear import Linear
 from medmoe_edge.ggml_codes import CODE_BITS, PACKABLE, GgmlCodes
 from medmoe_edge.ggml_codes import pack as ggml_pack
 from medmoe_edge.ggml_codes import nbytes as ggml_nbytes
@@ -220,22 +221,40 @@ class Probe:
         return self.kl(logp), same / max(total, 1)
 
 
-def swap(loaded: LoadedModel, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Put `weights` (checkpoint key → tensor) into the model; return the parameters they replaced
-    (pass them back to restore the model exactly).
+@dataclass(frozen=True)
+class Deferred:
+    """A weight made when its layer is called (`model.linear.Linear`), not when `swap` puts it in:
+    a whole plan measured at once holds its codes, not every planned matrix in fp32 (twice a
+    bf16 checkpoint's weights at full size)."""
 
-    The tensors are put in as they are, not copied into the old parameters: dequantized codes stay
+    make: Callable[[], torch.Tensor]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.make()
+
+
+def swap(loaded: LoadedModel, weights: dict[str, torch.Tensor | Deferred]) -> dict[str, torch.Tensor | Deferred]:
+    """Put `weights` (checkpoint key → tensor, or a `Deferred` one) into the model; return what
+    they replaced (pass it back to restore the model exactly).
+
+    Tensors are put in as they are, not copied into the old parameters: dequantized codes stay
     exact in fp32 where the model keeps a checkpoint's matrices in bf16 (`load_model(keep_stored=True)`),
-    and nothing is cloned. Each weight takes the model's compute dtype unless it is a kept matrix
-    being put back."""
-    lm, old = loaded.model.lm, {}
+    and nothing is cloned. Each takes the model's compute dtype and device unless it is a kept
+    parameter being put back. A `Deferred` weight stays deferred in a `Linear` and is made at once
+    elsewhere (an embedding)."""
+    lm, m, old = loaded.model.lm, loaded.model, {}
     for k, w in weights.items():
         module, _, name = k.rpartition(".")
         owner = lm.get_submodule(module)
         old[k] = getattr(owner, name)
-        if not isinstance(w, torch.nn.Parameter):
-            w = torch.nn.Parameter(w.detach().to(loaded.model.dtype), requires_grad=False)
-        setattr(owner, name, w)
+        if isinstance(w, Deferred) and not isinstance(owner, Linear):
+            w = w.dequantize()
+        if isinstance(w, torch.nn.Parameter) or isinstance(w, Deferred):
+            if name in owner._parameters:  # a plain attribute can only take a parameter's name once it is gone
+                delattr(owner, name)
+            setattr(owner, name, w)
+        else:
+            setattr(owner, name, torch.nn.Parameter(w.detach().to(device=m.device, dtype=m.dtype), requires_grad=False))
     return old
 
 
@@ -424,4 +443,4 @@ def with_choices(units: Sequence[Unit], stats: CalibStats, backend: Backend, boo
     return out
 
 
-__all__ = ["CodeBook", "EMBED_KEY", "GgmlCodeBook", "SensitivityMode", "code_bits", "Probe", "choice_bytes", "estimate", "measure", "output_energy", "probe_class", "probe_one", "first_layer", "sensitivities", "swap", "units_for", "with_choices"]
+__all__ = ["Deferred", "CodeBook", "EMBED_KEY", "GgmlCodeBook", "SensitivityMode", "code_bits", "Probe", "choice_bytes", "estimate", "measure", "output_energy", "probe_class", "probe_one", "first_layer", "sensitivities", "swap", "units_for", "with_choices"]

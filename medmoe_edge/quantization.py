@@ -12,8 +12,10 @@ whose manifest carries the plan.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -31,7 +33,7 @@ from .calibration.collect import collect, plan_passes, select
 from .calibration.delta import DeltaChoice
 from .calibration.delta import choose as choose_deltas
 from .calibration.routing import RoutedPlan, hold_routes
-from .calibration.sensitivity import CodeBook, GgmlCodeBook, Probe, SensitivityMode, sensitivities, swap, units_for, with_choices
+from .calibration.sensitivity import CodeBook, Deferred, GgmlCodeBook, Probe, SensitivityMode, sensitivities, swap, units_for, with_choices
 from .calibration.sets import QuestionSet, resolve_set
 from .calibration.teacher import prepare
 from .checkpoint import LoadedModel, load_model, resolve_model_dir
@@ -397,7 +399,14 @@ def make_plan(
     cap = codes_memory if codes_memory is not None else free_for_codes(weight_bytes(loaded))
     with contextlib.ExitStack() as stack:
         if cap is not None and need > cap:
-            book.codes = CodeStore(cap, Path(stack.enter_context(tempfile.TemporaryDirectory(dir=spill_dir, prefix=".medmoe-codes-"))))
+            where = Path(spill_dir or tempfile.gettempdir())
+            free = shutil.disk_usage(where).free
+            if free < need:
+                raise InputError(
+                    f"the candidate codes ({need / 2**30:.2f} GiB) do not fit in the {cap / 2**30:.2f} GiB of memory they may hold, and {where} has only {free / 2**30:.2f} GiB free to hold the rest: "
+                    "free disk space there (quantize writes them beside --out), or raise --codes-memory if more memory is free"
+                )
+            book.codes = CodeStore(cap, Path(stack.enter_context(tempfile.TemporaryDirectory(dir=where, prefix=".medmoe-codes-"))))
         # one probe of the kept calibration sequences serves the sensitivities and the whole-plan router check
         probe = Probe.from_stats(loaded, stats) if stats.sequences and loaded.spec.moe.layers else None
         measured = restrict(sensitivities(sensitivity, loaded, stats, b, book, cache_dir=cache_dir, progress=progress, probe=probe), types)
@@ -416,10 +425,10 @@ def make_plan(
         state = loaded.model.lm.state_dict()
         routed = None
         if probe is not None:
-            routed = hold_routes(
-                loaded, probe, units, budget, 1.0 - router_guard, lambda u, c: {k: book.codes_for(k, state[k], c.precision).dequantize() for k in u.keys},
-                estimated=sensitivity is SensitivityMode.PROXY,
-            )
+            def deferred(u: Unit, c) -> dict[str, Deferred]:  # each matrix made from its codes while its layer runs
+                return {k: Deferred(functools.partial(lambda k, p: book.codes_for(k, state[k], p).dequantize(), k, c.precision)) for k in u.keys}
+
+            routed = hold_routes(loaded, probe, units, budget, 1.0 - router_guard, deferred, estimated=sensitivity is SensitivityMode.PROXY)
             alloc, units = routed.allocation, routed.units
         else:  # nothing to measure a plan's routes on
             alloc = solve_routed(units, budget, 1.0 - router_guard)
@@ -462,7 +471,7 @@ def make_plan(
 
 def fake_quantize(loaded: LoadedModel, codes: dict[str, QTensor]) -> dict[str, torch.Tensor]:
     """The PyTorch oracle: put the dequantized codes into the reference model; returns the
-    replaced fp32 weights (pass them to `restore`)."""
+    parameters they replaced (pass them to `restore`)."""
     return swap(loaded, {k: q.dequantize() for k, q in codes.items()})
 
 

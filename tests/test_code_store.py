@@ -60,3 +60,25 @@ def test_cli_codes_memory_must_be_positive(stats_dir, tmp_path):
     r = CliRunner().invoke(app, ["quantize", "--format", "onnx", "--stats", str(stats_dir), "--avg-bits", "4", "--codes-memory", "0", "--out", str(tmp_path / "b")])
     assert r.exit_code != 0 and "--codes-memory must be a positive number of GiB, got 0" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "b").exists()
+
+
+def test_a_whole_plan_measured_with_deferred_weights_is_measured_as_with_them_put_in(stats_dir):
+    """The whole-plan router check makes each matrix from its codes while its layer runs (`Deferred`),
+    not every planned matrix in fp32 at once: the same logits and routes, and the model restored."""
+    from medmoe_edge.calibration.routing import measure_plan
+    from medmoe_edge.calibration.sensitivity import CodeBook, Deferred, Probe
+
+    loaded = load_model(resolve_model_dir("demo"))
+    stats = load_stats(stats_dir, resolve_model_dir("demo"), "demo")
+    state = loaded.model.lm.state_dict()
+    book = CodeBook(stats, QuantMethod.GPTQ, 32)
+    keys = [k for k in state if k.endswith(".weight") and state[k].dim() == 2 and "gate.wg" not in k]  # the embedding too: made at once
+    eager = {k: book.get(k, state[k], 3).dequantize() for k in keys}
+    made = []
+    deferred = {k: Deferred(lambda k=k: made.append(k) or book.get(k, state[k], 3).dequantize()) for k in keys}
+    before = {k: p for k, p in loaded.model.lm.named_parameters()}
+    probe = Probe.from_stats(loaded, stats)
+    a, b = measure_plan(loaded, probe, eager), measure_plan(loaded, probe, deferred)
+    assert (a.delta_kl, a.flips, a.stderr) == (b.delta_kl, b.flips, b.stderr) and a.flips > 0
+    assert "model.embed_tokens.weight" in made and len(made) >= len(keys)  # every matrix was made, each when its layer ran
+    assert all(p is before[k] for k, p in loaded.model.lm.named_parameters()) and before.keys() == dict(loaded.model.lm.named_parameters()).keys()

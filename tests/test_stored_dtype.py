@@ -76,14 +76,9 @@ def test_calibrate_and_quantize_from_kept_matrices_equal_an_fp32_load(bf16_demo,
     assert wide_plan.codes.keys() == kept_plan.codes.keys()
     for k, q in kept_plan.codes.items():
         assert torch.equal(q.codes, wide_plan.codes[k].codes) and torch.equal(q.scales, wide_plan.codes[k].scales), k
-
-
-def test_the_trace_a_bundle_embeds_is_recorded_on_the_kept_model_as_on_an_fp32_load(bf16_demo):
-    """`quantize` records the bundle's reference trace on the model it planned with (one load)."""
-    from medmoe_edge.quantization import _embedded_trace
-
-    kept = load_model(bf16_demo, keep_stored=True)
-    on_kept, fresh = _embedded_trace(bf16_demo, 4, kept), _embedded_trace(bf16_demo, 4)
+    # last: the torch runtime sets the thread count, and float32 sums change with it
+    # quantize records the bundle's trace on the model as make_plan left it: the fp32 reference's
+    on_kept, fresh = quantization._embedded_trace(bf16_demo, 4, kept), quantization._embedded_trace(bf16_demo, 4)
     assert [i.id for i in on_kept.items] == [i.id for i in fresh.items]
     for a, b in zip(on_kept.items, fresh.items):
         assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors), a.id

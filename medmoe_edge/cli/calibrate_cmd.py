@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -32,7 +33,7 @@ def calibrate_cmd(
 ) -> None:
     """Record routed-token counts, per-linear input Hessians over each expert's own tokens, imatrix diagonals and router margins."""
     doms = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
-    if hessian_memory is not None and not hessian_memory > 0:
+    if hessian_memory is not None and not 0 < hessian_memory < math.inf:
         raise InputError(f"--hessian-memory must be a positive number of GiB, got {hessian_memory:g}")
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("calibrating", total=None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,7 +57,7 @@ def quantize_cmd(
     shown_block = check_block(fmt, block, backend)  # checked before any work; quantize_bundle takes the flags as given
     allowed = check_types(fmt, types, backend)
     check_delta(fmt, delta_from_meta)
-    if codes_memory is not None and not codes_memory > 0:
+    if codes_memory is not None and not 0 < codes_memory < math.inf:
         raise InputError(f"--codes-memory must be a positive number of GiB, got {codes_memory:g}")
     took: dict[str, float] = {}
     with Progress(console=err, transient=True) as bar:

@@ -99,7 +99,7 @@ class MedMoE(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm.lm_head.weight.device
+        return self.lm.model.final_norm.weight.device  # never quantized (the lm_head's may be a deferred weight)
 
     def truncate_vocab(self, n: int) -> None:
         """Keep the first `n` embedding / lm_head rows, as the official loader's
