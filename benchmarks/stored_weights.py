@@ -11,7 +11,7 @@ bf16 (as Med-MoE's released checkpoints are), each run in its own process (wall 
 The proxy is `runtimes_bench.make_proxy` (StableLM-2-1.6B layer sizes, 4 decoder layers, MoE on 0
 and 2 with 4 experts + meta, the CLIP ViT-L/14-336 tower, random weights), cast to bf16.
 
-    python benchmarks/stored_weights.py [--per-domain 16] [--codes-memory 0.25] [--work DIR]
+    python benchmarks/stored_weights.py [--per-domain 16] [--codes-memory 0.25] [--work DIR] [--reuse-calibrate]
 
 Writes docs/QUANTIZATION.md (the block between its markers) and prints the tables.
 """
@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--per-domain", type=int, default=16, help="calibration questions per domain (as quantization_proxy.py)")
     ap.add_argument("--codes-memory", type=float, default=0.25, help="GiB cap on quantize's candidate codes (below what they take)")
     ap.add_argument("--work", type=Path, default=None, help="reuses a proxy checkpoint there (proxy-stablelm-4e)")
+    ap.add_argument("--reuse-calibrate", action="store_true", help="report the calibrate runs already in --work (their statistics and stored_weights.json) and run only quantize")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
 
@@ -118,11 +119,17 @@ def main() -> None:
         "whole model in fp32 (before)": ([sys.executable, "-c", WHOLE_FP32, *calib, "--out", str(work / "stats-wide")], work / "stats-wide"),
         "matrices kept in bf16 (as shipped)": ([CLI, *calib, "--out", str(work / "stats-kept")], work / "stats-kept"),
     }
-    timed, stats = {}, {}
+    record = work / "stored_weights.json"
+    if args.reuse_calibrate and not record.is_file():
+        raise SystemExit(f"--reuse-calibrate: {record} is missing; run without it first")
+    timed = {k: tuple(v) for k, v in json.loads(record.read_text()).items()} if args.reuse_calibrate else {}
+    stats = {}
     for name, (cmd, out) in runs.items():
-        shutil.rmtree(out, ignore_errors=True)
-        print("running", " ".join(cmd[-12:]), flush=True)
-        timed[name] = run_timed(cmd, out.with_suffix(".log"))
+        if not args.reuse_calibrate:
+            shutil.rmtree(out, ignore_errors=True)
+            print("running", " ".join(cmd[-12:]), flush=True)
+            timed[name] = run_timed(cmd, out.with_suffix(".log"))
+            record.write_text(json.dumps({k: list(v) for k, v in timed.items()}))
         stats[name] = CalibStats.load(out)
         print(name, timed[name], flush=True)
     same = compare(*stats.values())

@@ -137,11 +137,20 @@ def weight_bytes(loaded: LoadedModel) -> int:
 
 def free_for_hessians(weights: int = 0) -> int | None:
     """Bytes calibrate's Hessians may hold at once by default: the free memory less the model's
-    `weights` (`weight_bytes`), less headroom. None where the free memory cannot be read: one pass."""
+    `weights` (`weight_bytes`), less headroom. None where the free memory cannot be read: one pass.
+
+    Raises:
+        InputError: the weights alone take all of the free memory.
+    """
     from .diagnostics import available_memory
 
     free = available_memory()
-    return None if free is None else max(int((free - weights) / HESSIAN_HEADROOM), 1)
+    if free is not None and free <= weights:
+        raise InputError(
+            f"the model's weights ({weights / 2**30:.1f} GiB) take all of the {free / 2**30:.1f} GiB of free memory, leaving none for the calibration statistics: "
+            "close other programs or calibrate on a machine with more memory, or give --hessian-memory GIB to try anyway"
+        )
+    return None if free is None else int((free - weights) / HESSIAN_HEADROOM)
 
 
 # quantize's candidate codes may take this share of the memory free once the model is loaded; the

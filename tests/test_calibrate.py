@@ -156,7 +156,7 @@ def test_a_layer_that_does_not_fit_alone_is_refused_before_the_pass(tmp_path):
     assert "raise --hessian-memory" in lines[0] and "Traceback" not in r.output
     assert not (tmp_path / "s").exists()
     r = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "s"), "--hessian-memory", "0"])
-    assert r.exit_code == 2 and "--hessian-memory must be a positive number of GiB, got 0" in r.output and not (tmp_path / "s").exists()
+    assert r.exit_code == 2 and "--hessian-memory must be a positive, finite number of GiB, got 0" in r.output and not (tmp_path / "s").exists()
 
 
 def test_the_free_memory_decides_the_passes_and_calibrate_says_so(tmp_path, monkeypatch):
@@ -177,6 +177,15 @@ def test_the_free_memory_decides_the_passes_and_calibrate_says_so(tmp_path, monk
     assert r.exit_code == 0, r.output
     assert "the Hessians did not fit in memory at once: collected in 2 passes over consecutive layers (same statistics as one pass)" in " ".join(r.output.split())
 
+
+
+def test_weights_that_take_all_the_free_memory_are_refused_in_one_line(tmp_path, monkeypatch):
+    import medmoe_edge.diagnostics as diagnostics
+
+    monkeypatch.setattr(diagnostics, "available_memory", lambda: 1000)
+    r = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "s"), "--per-domain", "1"])
+    assert r.exit_code != 0 and "Traceback" not in r.output and not (tmp_path / "s").exists()
+    assert "take all of the 0.0 GiB of free memory, leaving none for the calibration statistics: close other programs" in " ".join(r.output.split())
 
 def test_a_missing_or_misnamed_hessian_file_is_refused(stats_dir, tmp_path):
     out, _ = stats_dir

@@ -56,9 +56,10 @@ def test_a_plan_whose_candidate_codes_do_not_fit_is_the_same_plan(stats_dir, tmp
         assert torch.equal(q.codes, capped.codes[k].codes) and torch.equal(q.scales, capped.codes[k].scales), k
 
 
-def test_cli_codes_memory_must_be_positive(stats_dir, tmp_path):
-    r = CliRunner().invoke(app, ["quantize", "--format", "onnx", "--stats", str(stats_dir), "--avg-bits", "4", "--codes-memory", "0", "--out", str(tmp_path / "b")])
-    assert r.exit_code != 0 and "--codes-memory must be a positive number of GiB, got 0" in r.output and "Traceback" not in r.output
+@pytest.mark.parametrize("value", ["0", "-1", "inf"])
+def test_cli_codes_memory_must_be_positive_and_finite(stats_dir, tmp_path, value):
+    r = CliRunner().invoke(app, ["quantize", "--format", "onnx", "--stats", str(stats_dir), "--avg-bits", "4", "--codes-memory", value, "--out", str(tmp_path / "b")])
+    assert r.exit_code != 0 and f"--codes-memory must be a positive, finite number of GiB, got {value}" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "b").exists()
 
 

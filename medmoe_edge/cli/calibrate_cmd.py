@@ -34,7 +34,7 @@ def calibrate_cmd(
     """Record routed-token counts, per-linear input Hessians over each expert's own tokens, imatrix diagonals and router margins."""
     doms = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
     if hessian_memory is not None and not 0 < hessian_memory < math.inf:
-        raise InputError(f"--hessian-memory must be a positive number of GiB, got {hessian_memory:g}")
+        raise InputError(f"--hessian-memory must be a positive, finite number of GiB, got {hessian_memory:g}")
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("calibrating", total=None)
         stats, cached = calibrate(

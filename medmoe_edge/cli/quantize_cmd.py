@@ -58,7 +58,7 @@ def quantize_cmd(
     allowed = check_types(fmt, types, backend)
     check_delta(fmt, delta_from_meta)
     if codes_memory is not None and not 0 < codes_memory < math.inf:
-        raise InputError(f"--codes-memory must be a positive number of GiB, got {codes_memory:g}")
+        raise InputError(f"--codes-memory must be a positive, finite number of GiB, got {codes_memory:g}")
     took: dict[str, float] = {}
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("measuring sensitivities", total=None)
