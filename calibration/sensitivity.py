@@ -315,6 +315,16 @@ def output_energy(stats: CalibStats, key: str, weight: torch.Tensor, dequantized
     return total
 
 
+def offered_types(units: Sequence[Unit], stats: CalibStats, backend: Backend) -> dict[str, list[Precision]]:
+    """The quantized types `with_choices` will offer each unit (by name): a type below a
+    few-token floor (`CalibStats.min_bits`) is never made, probed nor estimated."""
+    out = {}
+    for u in units:
+        floor = max((stats.min_bits(k) or 0) for k in u.keys)
+        out[u.name] = [p for p in backend.candidates if not p.is_float and backend.offers(p, u) and code_bits(p) >= floor]
+    return out
+
+
 def probe_class(unit: Unit) -> tuple:
     """The units that share one end-to-end probe in the proxy: same layer, same component."""
     tid = checkpoint_id(unit.keys[0])
@@ -339,8 +349,8 @@ def measure(
     path = cache_dir / cache_name(stats, backend, book.method, book.block) if cache_dir is not None else None
     cached = _read_cache(path)
     state = loaded.model.lm.state_dict()
-    ints = [p for p in backend.candidates if not p.is_float]
-    todo = [(u, p) for u in units for p in ints if backend.offers(p, u) and f"{u.name}|{p.value}" not in cached]
+    offered = offered_types(units, stats, backend)
+    todo = [(u, p) for u in units for p in offered[u.name] if f"{u.name}|{p.value}" not in cached]
     probe = probe if probe is not None or not todo else Probe.from_stats(loaded, stats)
     for n, (u, p) in enumerate(todo):
         assert probe is not None
@@ -373,9 +383,7 @@ def estimate(
     if "probes" in cached:
         return with_choices(units, stats, backend, book, cached["values"])
     state = loaded.model.lm.state_dict()
-    # what `with_choices` will offer: a type below a few-token floor is never probed nor estimated
-    floor = {u.name: max((stats.min_bits(k) or 0) for k in u.keys) for u in units}
-    offered = {u.name: [p for p in backend.candidates if not p.is_float and backend.offers(p, u) and code_bits(p) >= floor[u.name]] for u in units}
+    offered = offered_types(units, stats, backend)
     energy: dict[str, float | None] = {}
     steps = sum(len(v) for v in offered.values())
     done = 0
