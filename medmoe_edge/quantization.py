@@ -153,6 +153,23 @@ def free_for_hessians(weights: int = 0) -> int | None:
     return None if free is None else int((free - weights) / HESSIAN_HEADROOM)
 
 
+def fp32_fits(loaded: LoadedModel) -> bool:
+    """Whether `loaded` keeps narrower matrices (`load_model(keep_stored=True)`) and the whole
+    model in fp32 would fit in the free memory (less headroom), so a decode-heavy step (the trace a
+    bundle embeds) is better run on an fp32 load than on matrices widened at every token."""
+    from .diagnostics import available_memory
+
+    if not keeps_narrow(loaded):
+        return False
+    free = available_memory()
+    return free is not None and free > HESSIAN_HEADROOM * sum(p.numel() for p in loaded.model.parameters()) * loaded.model.dtype.itemsize
+
+
+def keeps_narrow(loaded: LoadedModel) -> bool:
+    """Whether some of `loaded`'s parameters are stored narrower than it computes (`load_model(keep_stored=True)`)."""
+    return any(p.dtype != loaded.model.dtype for p in loaded.model.parameters())
+
+
 # quantize's candidate codes may take this share of the memory free once the model is loaded; the
 # rest is for the probes' activations, a few Hessians and their GPTQ factors, and the picked codes
 CODES_SHARE = 0.5
@@ -566,13 +583,19 @@ def quantize_bundle(
             codes_memory=codes_memory, spill_dir=Path(out).absolute().parent,  # beside the bundle, on the disk the user chose for it
         )
     # the trace is recorded on the model the plan was made with (every planned weight put back:
-    # `swap` restores the very parameters), so a bf16 checkpoint's matrices stay kept; the
+    # `swap` restores the very parameters) unless it keeps bf16 matrices and the fp32 model fits:
+    # decoding widens every matrix at every token (2.4x the time on the real-dimension proxy). The
     # exporter loads the checkpoint itself, after this one is let go (not held twice)
+    on = None if fp32_fits(loaded) else loaded
+    if on is None:
+        del loaded
+        gc.collect()
     trace = None
     if trace_questions:
-        with status(f"recording the reference trace ({trace_questions} eval questions) the bundle embeds"):
-            trace = _embedded_trace(model_dir, trace_questions, loaded)
-    del loaded
+        how = " on the model as stored (its fp32 weights do not fit in memory: slower)" if on is not None and keeps_narrow(on) else ""
+        with status(f"recording the reference trace ({trace_questions} eval questions) the bundle embeds{how}"):
+            trace = _embedded_trace(model_dir, trace_questions, on)
+    del on
     gc.collect()
     a = result.allocation
     summary = {
@@ -613,4 +636,4 @@ def quantize_bundle(
     return manifest, result
 
 
-__all__ = ["CODES_SHARE", "CodeMemory", "candidate_code_bytes", "free_for_codes", "weight_bytes", "DEFAULT_METHOD", "DELTA_BACKENDS", "OPS", "ROUTER_GUARD", "check_delta", "check_block", "check_ops", "check_types", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]
+__all__ = ["CODES_SHARE", "CodeMemory", "candidate_code_bytes", "free_for_codes", "fp32_fits", "weight_bytes", "DEFAULT_METHOD", "DELTA_BACKENDS", "OPS", "ROUTER_GUARD", "check_delta", "check_block", "check_ops", "check_types", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]

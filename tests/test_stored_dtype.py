@@ -82,3 +82,15 @@ def test_calibrate_and_quantize_from_kept_matrices_equal_an_fp32_load(bf16_demo,
     assert [i.id for i in on_kept.items] == [i.id for i in fresh.items]
     for a, b in zip(on_kept.items, fresh.items):
         assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors), a.id
+
+
+def test_quantize_records_the_trace_on_an_fp32_load_when_it_fits_and_on_the_kept_model_when_not(bf16_demo, monkeypatch):
+    """Decoding widens every kept matrix at every token (2.4x the time on the real-dimension proxy),
+    so the trace uses an fp32 load where it fits, and the kept model only where it does not."""
+    import medmoe_edge.diagnostics as diagnostics
+
+    kept, wide = load_model(bf16_demo, keep_stored=True), load_model(bf16_demo)
+    assert quantization.keeps_narrow(kept) and not quantization.keeps_narrow(wide)
+    assert quantization.fp32_fits(kept) and not quantization.fp32_fits(wide)  # an fp32 checkpoint is reused as loaded
+    monkeypatch.setattr(diagnostics, "available_memory", lambda: 2**20)
+    assert not quantization.fp32_fits(kept)
