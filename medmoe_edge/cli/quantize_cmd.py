@@ -27,6 +27,10 @@ from .verify_cmd import check_written_bundle, print_report
 QUANTIZE_VERIFY_LIMIT = 40
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 @user_errors
 def quantize_cmd(
     fmt: Annotated[str, typer.Option("--format", help="Bundle format: onnx (DequantizeLinear → MatMul, int4/int8 per TensorId), gguf (ggml types q2_k…q8_0 per layer × projection, each expert rounded with its own imatrix) or tensorrt (fp16 engines with symmetric blocked int4 weights per TensorId, built with TensorRT-RTX).")],
@@ -107,7 +111,7 @@ def quantize_cmd(
     if result.spilled is not None:
         sp = result.spilled
         out.print(
-            f"the candidate codes ({sp.need / 2**30:.2f} GiB) did not fit in memory at once: held to {sp.cap / 2**30:.2f} GiB, the rest written beside --out and read back "
+            f"the candidate codes ({_size(sp.need)}) did not fit in memory at once: held to {_size(sp.cap)}, the rest written beside --out and read back "
             f"({sp.read_back} read back), with the same plan; the folder is removed",
             highlight=False,
             soft_wrap=True,
