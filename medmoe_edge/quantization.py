@@ -408,7 +408,8 @@ def make_plan(
     biases, routers and the vision tower stay in floating point outside it.
 
     Raises:
-        InputError: a budget below the smallest types, an unknown backend.
+        InputError: a budget below the smallest types, an unknown backend, candidate codes that
+            neither the memory cap nor the disk beside `spill_dir` can hold.
     """
     if backend not in BACKENDS:
         raise InputError(f"no allocation backend {backend!r}: use one of {', '.join(BACKENDS)}")
@@ -587,9 +588,8 @@ def quantize_bundle(
     # decoding widens every matrix at every token (2.4x the time on the real-dimension proxy). The
     # exporter loads the checkpoint itself, after this one is let go (not held twice)
     on = None if fp32_fits(loaded) else loaded
-    if on is None:
-        del loaded
-        gc.collect()
+    del loaded  # `on` holds it where the trace needs it
+    gc.collect()
     trace = None
     if trace_questions:
         how = " on the model as stored (its fp32 weights do not fit in memory: slower)" if on is not None and keeps_narrow(on) else ""
