@@ -49,11 +49,10 @@ def _save(codes: QTensor | GgmlCodes, path: Path) -> None:
 
 
 def _load(path: Path) -> QTensor | GgmlCodes:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["codes"])
-    t = load(path.read_bytes())  # in memory of its own: `load_file` maps the file, which the folder's removal would pull away
+    raw = path.read_bytes()  # in memory of its own: `load_file` maps the file, which the folder's removal would pull away
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])  # safetensors: a u64 length, then the JSON header
+    meta = json.loads(header["__metadata__"]["codes"])
+    t = load(raw)
     if meta["kind"] == "ggml":
         return GgmlCodes(Precision(meta["precision"]), t["data"].numpy(), tuple(meta["shape"]), meta["imatrix"], meta["gptq"])  # type: ignore[arg-type]
     return QTensor(t["codes"], t["scales"], t["zeros"], meta["bits"], meta["block"], meta["symmetric"], QuantMethod(meta["method"]))
