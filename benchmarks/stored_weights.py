@@ -71,6 +71,7 @@ def full_size_rows() -> list[str]:
     import torch
 
     from medmoe_edge.allocation import GGML_CANDIDATES
+    from medmoe_edge.calibration.code_store import qtensor_bytes
     from medmoe_edge.ggml_codes import nbytes as ggml_nbytes
     from medmoe_edge.model.medmoe import MedMoE
     from medmoe_edge.presets import PRESETS, Preset
@@ -83,7 +84,7 @@ def full_size_rows() -> list[str]:
         planned = sum(n for k, n in matrices.items() if "embed_tokens" not in k)  # ONNX keeps the embedding in floating point
         lm = sum(p.numel() for p in model.lm.parameters())
         kept = 2 * sum(matrices.values()) + 4 * (lm - sum(matrices.values()))
-        onnx = 2 * (planned + 5 * planned // 32)
+        onnx = 2 * qtensor_bytes(planned, 32)
         gguf = sum(ggml_nbytes(sum(matrices.values()), p) for p in GGML_CANDIDATES)
         rows.append(f"| {preset.value} | {4 * lm / 2**30:.1f} GiB | {kept / 2**30:.1f} GiB | {onnx / 2**30:.1f} GiB | {gguf / 2**30:.1f} GiB |")
     return rows
@@ -107,6 +108,9 @@ def main() -> None:
     from medmoe_edge.vocab import Precision
 
     work = args.work or Path(tempfile.mkdtemp(prefix="stored-weights-"))
+    record = work / "stored_weights.json"
+    if args.reuse_calibrate and not record.is_file():  # before minutes of making checkpoints
+        raise SystemExit(f"--reuse-calibrate: {record} is missing; run without it first")
     src = work / "proxy-stablelm-4e"
     if not (src / "config.json").is_file():
         make_proxy(src, 4)
@@ -119,9 +123,6 @@ def main() -> None:
         "whole model in fp32 (before)": ([sys.executable, "-c", WHOLE_FP32, *calib, "--out", str(work / "stats-wide")], work / "stats-wide"),
         "matrices kept in bf16 (as shipped)": ([CLI, *calib, "--out", str(work / "stats-kept")], work / "stats-kept"),
     }
-    record = work / "stored_weights.json"
-    if args.reuse_calibrate and not record.is_file():
-        raise SystemExit(f"--reuse-calibrate: {record} is missing; run without it first")
     timed = {k: tuple(v) for k, v in json.loads(record.read_text()).items()} if args.reuse_calibrate else {}
     stats = {}
     for name, (cmd, out) in runs.items():

@@ -31,6 +31,12 @@ from medmoe_edge.vocab import Precision
 Codes = TypeVar("Codes", QTensor, GgmlCodes)
 
 
+def qtensor_bytes(params: int, block: int) -> int:
+    """Bytes a `QTensor` of `params` weights takes in memory: a byte per code, and an fp32 scale
+    and a byte zero point per block of `block` weights (whatever its bit width)."""
+    return params + 5 * params // block
+
+
 def held_bytes(codes: QTensor | GgmlCodes) -> int:
     """Bytes one set of codes takes in memory."""
     if isinstance(codes, GgmlCodes):
@@ -108,4 +114,4 @@ class CodeStore:
             self.nbytes -= held_bytes(dropped)
 
 
-__all__ = ["CodeStore", "held_bytes"]
+__all__ = ["CodeStore", "held_bytes", "qtensor_bytes"]

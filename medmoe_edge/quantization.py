@@ -12,7 +12,6 @@ whose manifest carries the plan.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import math
 import shutil
@@ -28,7 +27,7 @@ import torch
 from .allocation import BACKENDS, Allocation, Unit, budget_from, check_budget, guard, restrict, solve_routed
 from .bundle import Manifest
 from .calib_stats import CalibSettings, CalibStats, read_key
-from .calibration.code_store import CodeStore
+from .calibration.code_store import CodeStore, qtensor_bytes
 from .calibration.collect import collect, plan_passes, select
 from .calibration.delta import DeltaChoice
 from .calibration.delta import choose as choose_deltas
@@ -170,6 +169,19 @@ def keeps_narrow(loaded: LoadedModel) -> bool:
     return any(p.dtype != loaded.model.dtype for p in loaded.model.parameters())
 
 
+def parse_gib(value: float | None, flag: str) -> int | None:
+    """A memory option in GiB (--hessian-memory, --codes-memory) as bytes; None stays None.
+
+    Raises:
+        InputError: not a positive, finite number.
+    """
+    if value is None:
+        return None
+    if not 0 < value < math.inf:
+        raise InputError(f"{flag} must be a positive, finite number of GiB, got {value:g}")
+    return int(value * 2**30)
+
+
 # quantize's candidate codes may take this share of the memory free once the model is loaded; the
 # rest is for the probes' activations, a few Hessians and their GPTQ factors, and the picked codes
 CODES_SHARE = 0.5
@@ -185,13 +197,13 @@ def free_for_codes(weights: int = 0) -> int | None:
 
 
 def candidate_code_bytes(units: Sequence[Unit], block: int) -> int:
-    """What the codes of every unit's every quantized choice take in memory: a `QTensor` holds a
-    byte per code and an fp32 scale and a byte zero point per block; ggml codes their own bytes."""
+    """What the codes of every unit's every quantized choice take in memory (`code_store.qtensor_bytes`
+    for integer codes; ggml codes their own bytes)."""
     total = 0
     for u in units:
         for c in u.choices:
             if c.precision.kind is PrecisionKind.INT:
-                total += u.params + 5 * u.params // block
+                total += qtensor_bytes(u.params, block)
             elif not c.precision.is_float:
                 total += c.nbytes
     return total
@@ -424,8 +436,9 @@ def make_plan(
     # held to a cap and the rest read back from a spill directory (calibration.code_store)
     need = candidate_code_bytes(offered, book.block or DEFAULT_BLOCK)  # every type is measured, --types or not
     cap = codes_memory if codes_memory is not None else free_for_codes(weight_bytes(loaded))
+    spilling = cap is not None and need > cap
     with contextlib.ExitStack() as stack:
-        if cap is not None and need > cap:
+        if spilling:
             where = Path(spill_dir or tempfile.gettempdir())
             free = shutil.disk_usage(where).free
             if free < need:
@@ -453,7 +466,7 @@ def make_plan(
         routed = None
         if probe is not None:
             def deferred(u: Unit, c) -> dict[str, Deferred]:  # each matrix made from its codes while its layer runs
-                return {k: Deferred(functools.partial(lambda k, p: book.codes_for(k, state[k], p).dequantize(), k, c.precision)) for k in u.keys}
+                return {k: Deferred(lambda k=k, p=c.precision: book.codes_for(k, state[k], p).dequantize()) for k in u.keys}
 
             routed = hold_routes(loaded, probe, units, budget, 1.0 - router_guard, deferred, estimated=sensitivity is SensitivityMode.PROXY)
             alloc, units = routed.allocation, routed.units
@@ -492,8 +505,7 @@ def make_plan(
             ]
             rules = first + rules
         plan = QuantPlan(QuantSpec(b.float_precision), tuple(rules), calibration=stats.key)
-        spilled = CodeMemory(need, cap, book.codes.read_back) if cap is not None and need > cap else None
-        return PlanResult(alloc, plan, codes, units, routed, tuple(deltas), spilled)
+        return PlanResult(alloc, plan, codes, units, routed, tuple(deltas), CodeMemory(need, cap, book.codes.read_back) if spilling else None)
 
 
 def fake_quantize(loaded: LoadedModel, codes: dict[str, QTensor]) -> dict[str, torch.Tensor]:
@@ -636,4 +648,4 @@ def quantize_bundle(
     return manifest, result
 
 
-__all__ = ["CODES_SHARE", "CodeMemory", "candidate_code_bytes", "free_for_codes", "fp32_fits", "weight_bytes", "DEFAULT_METHOD", "DELTA_BACKENDS", "OPS", "ROUTER_GUARD", "check_delta", "check_block", "check_ops", "check_types", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]
+__all__ = ["CODES_SHARE", "CodeMemory", "candidate_code_bytes", "free_for_codes", "fp32_fits", "parse_gib", "weight_bytes", "DEFAULT_METHOD", "DELTA_BACKENDS", "OPS", "ROUTER_GUARD", "check_delta", "check_block", "check_ops", "check_types", "FORMATS", "check_request", "SENSITIVITY_PER_DOMAIN", "PlanResult", "calibrate", "fake_quantize", "load_stats", "make_plan", "parse_method", "parse_sensitivity", "quantize_bundle", "resolve_calibration_set", "restore"]

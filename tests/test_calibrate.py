@@ -178,7 +178,6 @@ def test_the_free_memory_decides_the_passes_and_calibrate_says_so(tmp_path, monk
     assert "the Hessians did not fit in memory at once: collected in 2 passes over consecutive layers (same statistics as one pass)" in " ".join(r.output.split())
 
 
-
 def test_weights_that_take_all_the_free_memory_are_refused_in_one_line(tmp_path, monkeypatch):
     import medmoe_edge.diagnostics as diagnostics
 
@@ -186,6 +185,7 @@ def test_weights_that_take_all_the_free_memory_are_refused_in_one_line(tmp_path,
     r = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "s"), "--per-domain", "1"])
     assert r.exit_code != 0 and "Traceback" not in r.output and not (tmp_path / "s").exists()
     assert "take all of the 0.0 GiB of free memory, leaving none for the calibration statistics: close other programs" in " ".join(r.output.split())
+
 
 def test_a_missing_or_misnamed_hessian_file_is_refused(stats_dir, tmp_path):
     out, _ = stats_dir

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -11,9 +10,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ..calib_stats import TOKEN_KINDS
-from ..errors import InputError
 from ..imaging import PreprocessMode
-from ..quantization import SENSITIVITY_PER_DOMAIN, calibrate
+from ..quantization import SENSITIVITY_PER_DOMAIN, calibrate, parse_gib
 from .common import err, out, user_errors
 
 
@@ -33,13 +31,12 @@ def calibrate_cmd(
 ) -> None:
     """Record routed-token counts, per-linear input Hessians over each expert's own tokens, imatrix diagonals and router margins."""
     doms = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
-    if hessian_memory is not None and not 0 < hessian_memory < math.inf:
-        raise InputError(f"--hessian-memory must be a positive, finite number of GiB, got {hessian_memory:g}")
+    hessian_bytes = parse_gib(hessian_memory, "--hessian-memory")
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("calibrating", total=None)
         stats, cached = calibrate(
             model, out_dir, set_name=set_name, domains=doms, per_domain=per_domain, sensitivity_per_domain=sensitivity, preprocess=preprocess,
-            hessian_memory=None if hessian_memory is None else int(hessian_memory * 2**30), status=err.status, progress=lambda i, n: bar.update(task, completed=i, total=n)
+            hessian_memory=hessian_bytes, status=err.status, progress=lambda i, n: bar.update(task, completed=i, total=n)
         )
     s = stats.settings
     out.print(f"{'reused cached' if cached else 'computed'} statistics of {stats.label} on {s.set_name} ({', '.join(s.domains)}) in {out_dir} (key {stats.key[:12]})", highlight=False)

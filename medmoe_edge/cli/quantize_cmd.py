@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,9 +13,8 @@ from rich.table import Table
 
 from ..calibration.routing import MAX_KL_COST
 from ..calibration.sensitivity import SensitivityMode
-from ..quantization import METHODS, ROUTER_GUARD, check_block, check_delta, check_ops, check_request, check_types, parse_method, parse_sensitivity, quantize_bundle
+from ..quantization import METHODS, ROUTER_GUARD, check_block, check_delta, check_ops, check_request, check_types, parse_gib, parse_method, parse_sensitivity, quantize_bundle
 from ..quantizer import DEFAULT_BLOCK
-from ..errors import InputError
 from .common import err, out, user_errors
 from .export_cmd import tensorrt_check_runtime
 from .verify_cmd import check_written_bundle, print_report
@@ -61,14 +59,13 @@ def quantize_cmd(
     shown_block = check_block(fmt, block, backend)  # checked before any work; quantize_bundle takes the flags as given
     allowed = check_types(fmt, types, backend)
     check_delta(fmt, delta_from_meta)
-    if codes_memory is not None and not 0 < codes_memory < math.inf:
-        raise InputError(f"--codes-memory must be a positive, finite number of GiB, got {codes_memory:g}")
+    codes_bytes = parse_gib(codes_memory, "--codes-memory")
     took: dict[str, float] = {}
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("measuring sensitivities", total=None)
         manifest, result = quantize_bundle(
             model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch, ops=ops, sensitivity=mode, delta_from_meta=delta_from_meta, types=types,
-            codes_memory=None if codes_memory is None else int(codes_memory * 2**30), trace_questions=QUANTIZE_VERIFY_LIMIT, status=timed(err.status, took), progress=lambda i, n: bar.update(task, completed=i, total=n),
+            codes_memory=codes_bytes, trace_questions=QUANTIZE_VERIFY_LIMIT, status=timed(err.status, took), progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
     err.print("took: " + "; ".join(f"{what} {secs:.0f} s" for what, secs in took.items()), highlight=False, soft_wrap=True)
     if fmt == "gguf":

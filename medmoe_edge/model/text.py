@@ -16,8 +16,8 @@ from torch import nn
 
 from ..spec import MoESpec, TextSpec, Variant
 from .ffn import make_ffn
-from .linear import Linear
 from .kvcache import KVCache
+from .linear import Linear
 from .moe import MoEFFN, Routing
 
 
