@@ -11,6 +11,10 @@ Choices (docs/ONNX.md has the measurements behind them):
 * Three graphs (vision, embed, decoder), one decoder for prefill and decode.
 * Weights are stored next to each graph in one external-data file (`<graph>.onnx.data`),
   which keeps real-size models under protobuf's 2 GB limit.
+* The embedding and decoder graphs are traced on stand-ins and their weights written one at a
+  time afterwards (`onnx_weights`), and an fp32 export keeps a bf16 checkpoint's matrices as
+  stored: a full-size Phi-2 Med-MoE exports in about the memory of its bf16 weights, where a
+  trace on fp32 weights held them three times over.
 * The manifest's tensor groups are read back from the written graphs: every initializer is
   mapped to its TensorId (`medmoe_edge.tensor_ids.ONNX_NAMES`) and each group must hold exactly
   the model's parameters, so no weight is left out or stored twice unnoticed.
@@ -36,6 +40,7 @@ from medmoe_edge.model.moe import Dispatch
 
 from .onnx_graphs import DecoderGraph, EmbedGraph, VisionGraph, decoder_io_names, use_buffer_attention, use_dispatch
 from .onnx_moe_cond import wrap_experts_in_if
+from .onnx_weights import ExternalData, WeightSource, as_placeholders, fill, stand_ins, weight_sources, widened
 
 OPSET = 17
 GRAPH_FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
@@ -56,30 +61,66 @@ def _require_onnx():
     return onnx
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict[str, dict[int, str]], rewrite: Callable[[Any], Any] | None = None) -> None:
-    """Trace `module` to `path` (weights in `path.name + '.data'`), passing the graph through `rewrite` first."""
+# Called with each graph before its weights are written: (graph proto, initializer → source
+# parameter, name → real parameter, the external-data file). `OnnxQuantExporter` writes its codes here.
+PlaceWeights = Callable[[Any, dict[str, WeightSource], dict[str, torch.Tensor], ExternalData], None]
+
+
+def _export(
+    module: torch.nn.Module,
+    args: tuple,
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    dynamic: dict[str, dict[int, str]],
+    rewrite: Callable[[Any], Any] | None = None,
+    *,
+    dtype: torch.dtype,
+    with_weights: bool = False,
+    place: PlaceWeights | None = None,
+) -> None:
+    """Trace `module` to `path` (weights in `path.name + '.data'`), passing the graph through
+    `rewrite` and then `place` before its weights are written.
+
+    Without `with_weights` the trace runs on stand-ins and the weights are written one at a time
+    afterwards (`onnx_weights`); with it, the module is traced with its weights as they are
+    (widened to `dtype`): for the vision graph, whose folded position embeddings only a trace
+    with weights computes, and whose weights are small beside the decoder's.
+    """
     onnx = _require_onnx()
     scratch = path.parent / f".{path.stem}-trace"
     scratch.mkdir()
-    with warnings.catch_warnings():
+    traced = scratch / path.name
+    with warnings.catch_warnings(), (widened(module, dtype) if with_weights else stand_ins(module, dtype)) as params:
         # The TorchScript exporter is deprecated in favour of dynamo; see the module docstring for why we use it.
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
             args,
-            str(scratch / path.name),
+            str(traced),
             dynamo=False,
             opset_version=OPSET,
             input_names=inputs,
             output_names=outputs,
             dynamic_axes=dynamic,
             do_constant_folding=True,
+            export_params=with_weights,
+            # stand-ins are all zero: deduplicating equal initializers would merge them
+            keep_initializers_as_inputs=None if with_weights else True,
         )
-    proto = onnx.load(str(scratch / path.name), load_external_data=True)
+    proto = onnx.load(str(traced), load_external_data=with_weights)
+    shutil.rmtree(scratch)
+    if not with_weights:
+        as_placeholders(proto.graph, inputs)
+    sources = weight_sources(proto.graph, params)
     if rewrite is not None:
         rewrite(proto)
-    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=0)
-    shutil.rmtree(scratch)
+    with ExternalData(path.with_name(path.name + ".data")) as data:
+        if place is not None:
+            place(proto, sources, params, data)
+        data.put_raw(proto.graph)
+        fill(proto.graph, sources, params, data)
+    onnx.save_model(proto, str(path))
 
 
 def _rewrites(*passes: Callable[[Any], Any] | None) -> Callable[[Any], None] | None:
@@ -180,6 +221,24 @@ class OnnxExporter(Exporter):
                     "ONNX bundles take one precision for every group (per-expert plans are not supported for ONNX yet); export with one --precision"
                 )
 
+    def load(self, model: str | Path, request: ExportRequest) -> LoadedModel:
+        """As every exporter, but an fp32 export keeps a bf16/fp16 checkpoint's matrices as stored
+        (`load_model(keep_stored=True)`): the graphs are traced without weights and each weight is
+        widened when it is written, so the model takes half the memory and the files are the same."""
+        from medmoe_edge.checkpoint import load_model
+
+        p = request.precision
+        dtype = p.torch if p.is_float else Precision.FP32.torch
+        return load_model(model, dtype=dtype, vision_tower=request.vision_tower, keep_stored=dtype == torch.float32)
+
+    def place_weights(self, proto: Any, sources: dict[str, WeightSource], params: dict[str, torch.Tensor], data: ExternalData) -> None:
+        """Called with each traced graph before its float weights are written; a subclass writes
+        other weights here (quantization codes). Here: nothing, every weight is written as it is."""
+
+    def tensor_groups(self, bundle: Path, loaded: LoadedModel) -> tuple:
+        """The written graphs' tensor groups (`tensor_groups`)."""
+        return tensor_groups(bundle, loaded)
+
     def write(self, loaded: LoadedModel, out: Path, request: ExportRequest) -> ExportParts:
         onnx = _require_onnx()
         m = loaded.model
@@ -196,9 +255,9 @@ class OnnxExporter(Exporter):
 
         # vision: N images
         bf16_fix = fix_bf16_casts if request.precision is Precision.BF16 else None
-        _export(VisionGraph(m), (torch.zeros(2, 3, size, size),), out / GRAPH_FILES["vision"], ["pixel_values"], ["image_embeds"], {"pixel_values": {0: "images"}, "image_embeds": {0: "images"}}, bf16_fix)
+        _export(VisionGraph(m), (torch.zeros(2, 3, size, size),), out / GRAPH_FILES["vision"], ["pixel_values"], ["image_embeds"], {"pixel_values": {0: "images"}, "image_embeds": {0: "images"}}, bf16_fix, dtype=dt, with_weights=True, place=self.place_weights)
         # embed: N ids
-        _export(EmbedGraph(m), (torch.zeros(5, dtype=torch.int64),), out / GRAPH_FILES["embed"], ["input_ids"], ["embeds"], {"input_ids": {0: "tokens"}, "embeds": {0: "tokens"}})
+        _export(EmbedGraph(m), (torch.zeros(5, dtype=torch.int64),), out / GRAPH_FILES["embed"], ["input_ids"], ["embeds"], {"input_ids": {0: "tokens"}, "embeds": {0: "tokens"}}, dtype=dt, place=self.place_weights)
         # decoder: distinct trace sizes (B=2, T=3, past 4, capacity 9) so no two dynamic axes are confused.
         b0, t0, p0, c0 = 2, 3, 4, 9
         ins, outs = decoder_io_names(n_layers, moe_layers)
@@ -209,7 +268,7 @@ class OnnxExporter(Exporter):
             dyn[name] = {0: "batch", 2: "capacity"}
         for name in outs[1:]:
             dyn[name] = {0: "batch", 1: "new"} if name.startswith(("experts_", "router_probs_")) else {0: "batch", 2: "new"}
-        _export(DecoderGraph(m), tuple(args), out / GRAPH_FILES["decoder"], ins, outs, dyn, _rewrites(wrap_experts_in_if if dispatch is Dispatch.MASKED else None, bf16_fix))
+        _export(DecoderGraph(m), tuple(args), out / GRAPH_FILES["decoder"], ins, outs, dyn, _rewrites(wrap_experts_in_if if dispatch is Dispatch.MASKED else None, bf16_fix), dtype=dt, place=self.place_weights)
 
         graphs = {
             "vision": GraphSpec(GRAPH_FILES["vision"], _io(["pixel_values"], ["float32"], [("images", 3, size, size)]), _io(["image_embeds"], [dname], [("images", spec.image_tokens, h)])),
@@ -227,7 +286,7 @@ class OnnxExporter(Exporter):
         return ExportParts(
             roles={f: "graph" for f in GRAPH_FILES.values()} | {f + ".data": "weights" for f in GRAPH_FILES.values()},
             graphs=graphs,
-            tensor_groups=tensor_groups(out, loaded),
+            tensor_groups=self.tensor_groups(out, loaded),
             toolchain=_toolchain(onnx),
             layout={"dtype": dname, "moe_dispatch": dispatch_name},
             extra={"tensorrt_profiles": tensorrt_profiles(spec.image_tokens, t.max_position_embeddings, request.options["max_batch"])},

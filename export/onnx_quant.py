@@ -1,9 +1,11 @@
 """`medmoe-edge quantize --format onnx|tensorrt`: the ONNX exporter's graphs with planned weights as
 blocked `DequantizeLinear` → `MatMul` (opset 21), written from the quantizer core's codes.
 
-A post-process of the graphs `OnnxExporter` writes (that module is not changed): every planned
-weight is found among the initializers read by a MatMul or Gemm node (by value: W for a Gemm
-with transB=1, Wᵀ for a MatMul), and
+A pass over each graph `OnnxExporter` traces, run before its float weights are written
+(`OnnxExporter.place_weights`), so a planned weight is never written in floating point: every
+planned weight is found among the initializers read by a MatMul or Gemm node (by the parameter
+each initializer holds, `onnx_weights.weight_sources`: W for a Gemm with transB=1, Wᵀ for a
+MatMul), and
 
     MatMul(A, W_init)                    →  MatMul(A, DequantizeLinear(codes, scales, zero))
     Gemm(A, W_init, C, transB=1)         →  Add(MatMul(A, DequantizeLinear(codes, ...)), C)
@@ -36,8 +38,6 @@ node, whose inputs changed at 18).
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from medmoe_edge.tensor_ids import _all_nodes, checkpoint_id, checkpoint_map, on
 from medmoe_edge.vocab import OnnxOps, Precision
 
 from .onnx_export import GRAPH_FILES, OnnxExporter, _require_onnx
+from .onnx_weights import ExternalData, WeightSource
 
 QDQ_OPSET = 21
 QDQ_IR_VERSION = 10
@@ -63,6 +64,7 @@ MATMULNBITS_LEVEL = 4  # ONNX Runtime's default for the fused DQ pattern (sessio
 OPS_BITS = {OnnxOps.QDQ: _BITS, OnnxOps.MATMULNBITS: {Precision.INT2: 2, **_BITS}}
 _NBITS_PRECISION = {2: Precision.INT2, 4: Precision.INT4, 8: Precision.INT8}
 _FLOAT_TYPES = {1: Precision.FP32, 10: Precision.FP16, 16: Precision.BF16}
+_NUMPY_FLOATS = {1: np.float32, 10: np.float16}  # the float types a quantized graph takes (fp32 ONNX, fp16 TensorRT)
 
 
 def _code_type(onnx, q: QTensor):
@@ -98,10 +100,6 @@ def _tensor(onnx, name: str, values: np.ndarray, dtype: int, bits: int):
     return onnx.helper.make_tensor(name, dtype, list(values.shape), _pack(values, bits), raw=True)
 
 
-def _fingerprint(a: np.ndarray) -> tuple:
-    return (a.shape, hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest())
-
-
 def _scope(node_name: str) -> str:
     return node_name.rsplit("/", 1)[0] if "/" in node_name else node_name
 
@@ -132,35 +130,35 @@ def _dq_matmul(onnx, owner, node, q: QTensor, base: str, scope: str, dtype: np.d
     return out
 
 
-def rewrite_graph(path: Path, codes: dict[str, QTensor], weights: dict[str, torch.Tensor], ops: OnnxOps = OnnxOps.QDQ) -> dict[str, str]:
-    """Rewrite one written graph in place: planned weights become DQ → MatMul, or MatMulNBits
-    (see the module docstring).
+def place_codes(proto: Any, sources: dict[str, WeightSource], params: dict[str, torch.Tensor], data: ExternalData, codes: dict[str, QTensor], keys: dict[int, str], ops: OnnxOps = OnnxOps.QDQ) -> dict[str, str]:
+    """Write the planned weights of one traced graph as DQ → MatMul, or MatMulNBits (see the module
+    docstring), before its float weights are written (`OnnxExporter.place_weights`): the planned
+    float initializers are dropped, never written.
 
     Args:
+        sources: initializer → the parameter it holds (`onnx_weights.weight_sources`).
+        params: parameter name in the traced module → the model's parameter.
+        data: the graph's external-data file, which takes the codes, scales and zero points.
         codes: checkpoint weight key → its codes, for every planned weight.
-        weights: checkpoint weight key → the fp32 weight the exporter wrote (to find its initializer).
+        keys: `id()` of each of the model's parameters → its checkpoint key.
     Returns:
-        checkpoint key → the name of the node that now reads its DequantizeLinear.
+        checkpoint key → the name of the node that now reads its codes.
     Raises:
         CheckpointError: a planned weight is read by a node this rewrite does not handle.
     """
     onnx = _require_onnx()
-    from onnx import numpy_helper
-
-    proto = onnx.load(str(path), load_external_data=True)
     g = proto.graph
-    inits = {i.name: i for i in g.initializer}
-    by_print: dict[tuple, tuple[str, bool]] = {}
-    for key in codes:
-        w = weights[key].detach().to(torch.float32).numpy()
-        by_print[_fingerprint(w)] = (key, False)  # as stored: a Gemm with transB=1 reads it
-        by_print[_fingerprint(w.T)] = (key, True)  # transposed: a MatMul reads it
+    planned: dict[str, tuple[str, bool]] = {}
+    for name, src in sources.items():
+        key = keys.get(id(params[src.name]))
+        if key in codes:
+            planned[name] = (key, src.transposed)
+    floats = {i.name: _NUMPY_FLOATS[i.data_type] for i in g.initializer if i.name in planned}
     readers: dict[str, int] = {}
     for node in _all_nodes(g):  # an If per expert (--moe-dispatch if) reads the expert's weights from inside its branch
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
     done: dict[str, str] = {}
-    drop: set[str] = set()
 
     def rewrite(owner) -> None:
         """Rewrite the nodes of `owner` (the main graph or a subgraph) and of its subgraphs. The
@@ -173,15 +171,10 @@ def rewrite_graph(path: Path, codes: dict[str, QTensor], weights: dict[str, torc
                 for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
                     rewrite(sub)
             w_name = node.input[1] if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 else None
-            if w_name is None or w_name not in inits:
+            if w_name not in planned:
                 new_nodes.append(node)
                 continue
-            arr = numpy_helper.to_array(inits[w_name])
-            hit = by_print.get(_fingerprint(arr)) if arr.ndim == 2 else None
-            if hit is None:
-                new_nodes.append(node)
-                continue
-            key, transposed = hit
+            key, transposed = planned[w_name]
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             if node.op_type == "Gemm":
                 if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transB", 0) == int(transposed):
@@ -192,15 +185,17 @@ def rewrite_graph(path: Path, codes: dict[str, QTensor], weights: dict[str, torc
                 raise CheckpointError(f"{key} ({w_name}) is read by {readers[w_name]} nodes: a shared weight cannot be quantized for one of them")
             q = codes[key]
             write = _matmulnbits if ops is OnnxOps.MATMULNBITS else _dq_matmul
-            new_nodes += write(onnx, owner, node, q, f"{w_name}.q{q.bits}", _scope(node.name), arr.dtype)
-            drop.add(w_name)
+            before = len(owner.initializer)
+            new_nodes += write(onnx, owner, node, q, f"{w_name}.q{q.bits}", _scope(node.name), floats[w_name])
+            for init in owner.initializer[before:]:  # into the file now: one weight's codes in memory at a time
+                data.put(init, init.raw_data)
             done[key] = node.name
 
         del owner.node[:]
         owner.node.extend(new_nodes)
 
     rewrite(g)
-    keep = [i for i in g.initializer if i.name not in drop]
+    keep = [i for i in g.initializer if i.name not in planned]
     del g.initializer[:]
     g.initializer.extend(keep)
     if done:
@@ -210,10 +205,6 @@ def rewrite_graph(path: Path, codes: dict[str, QTensor], weights: dict[str, torc
         if ops is OnnxOps.MATMULNBITS and not any(op.domain == "com.microsoft" for op in proto.opset_import):
             proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
         proto.ir_version = max(proto.ir_version, QDQ_IR_VERSION)
-    data = path.with_name(path.name + ".data")
-    # onnx appends to an existing external-data file, so the old one goes first (its tensors are in memory)
-    os.remove(data)
-    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=0)
     return done
 
 
@@ -392,23 +383,27 @@ class OnnxQuantExporter(OnnxExporter):
             if t.dim() == 2 and (key not in self.codes or self.codes[key].bits != bits[p]):
                 raise InputError(f"the plan gives {key} {p.value} but no {bits[p]}-bit codes were given for it: quantize it first")
 
+    def tensor_groups(self, bundle: Path, loaded: LoadedModel) -> tuple:
+        return quantized_tensor_groups(bundle, loaded)
+
+    def place_weights(self, proto: Any, sources: dict[str, WeightSource], params: dict[str, torch.Tensor], data: ExternalData) -> None:
+        self._done |= place_codes(proto, sources, params, data, self.codes, self._keys, self.ops)
+
     def write(self, loaded: LoadedModel, out: Path, request: ExportRequest) -> ExportParts:
         # experts coded as deltas from their meta expert are traced as such (they add the meta
         # expert's pre-activation); their weights become the D their codes were made from
         to_delta_model(loaded, self.codes)
+        self._keys = {id(t): k for k, t in loaded.model.lm.state_dict(keep_vars=True).items()}
+        self._done: dict[str, str] = {}
         parts = super().write(loaded, out, request)
-        state = loaded.model.lm.state_dict()
-        weights = {k: state[k] for k in self.codes}
-        done: dict[str, str] = {}
-        for file in GRAPH_FILES.values():
-            done |= rewrite_graph(out / file, self.codes, weights, self.ops)
+        done = self._done
         missing = sorted(set(self.codes) - set(done))
         if missing:
             raise CheckpointError(f"{len(missing)} planned weights were not found in the ONNX graphs (first: {missing[0]}): the exporter's graph layout changed; plan those groups in floating point")
         how = f"com.microsoft.MatMulNBits (accuracy_level {MATMULNBITS_LEVEL})" if self.ops is OnnxOps.MATMULNBITS else "DequantizeLinear(blocked, axis 0) -> MatMul"
         toolchain: dict[str, Any] = dict(parts.toolchain, opset=QDQ_OPSET, quantization=how)
         extra = dict(parts.extra, quantization=self.summary | {"quantized_weights": len(done)})
-        return ExportParts(parts.roles, parts.graphs, quantized_tensor_groups(out, loaded), toolchain, parts.layout, extra)
+        return ExportParts(parts.roles, parts.graphs, parts.tensor_groups, toolchain, parts.layout, extra)
 
 
-__all__ = ["MATMULNBITS_LEVEL", "OPS_BITS", "QDQ_OPSET", "OnnxOps", "OnnxQuantExporter", "pack_rows", "quantized_tensor_groups", "read_back", "rewrite_graph"]
+__all__ = ["MATMULNBITS_LEVEL", "OPS_BITS", "QDQ_OPSET", "OnnxOps", "OnnxQuantExporter", "pack_rows", "place_codes", "quantized_tensor_groups", "read_back"]

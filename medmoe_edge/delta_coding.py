@@ -52,7 +52,12 @@ def to_delta_model(loaded: LoadedModel, codes: dict[str, QTensor]) -> set[tuple[
                 q = codes[k]
                 assert isinstance(q, DeltaQTensor)
                 w = params[k]
-                w.copy_((w.to(torch.float32) - q.base).to(w.dtype))
+                d = w.to(torch.float32) - q.base
+                if w.dtype == loaded.model.dtype:
+                    w.copy_(d.to(w.dtype))
+                else:  # a matrix kept as stored (bf16) in an fp32 model: D itself, not D rounded to bf16
+                    owner, _, attr = k.rpartition(".")
+                    setattr(loaded.model.lm.get_submodule(owner), attr, torch.nn.Parameter(d.to(loaded.model.dtype), requires_grad=False))
                 bias_key, meta_bias = k.replace(".weight", ".bias"), m.replace(".weight", ".bias")
                 if bias_key in params:  # Phi's fc1 has one, StableLM's gate/up do not
                     params[bias_key].copy_(params[bias_key] - params[meta_bias])

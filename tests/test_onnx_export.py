@@ -232,10 +232,10 @@ def test_verify_refuses_a_reference_that_is_not_the_source(fp32_bundles):
 def test_interrupted_export_leaves_no_bundle(tiny_ckpts, tmp_path, monkeypatch):
     real = onnx_export._export
 
-    def fail_on_decoder(module, args, path, *rest):
+    def fail_on_decoder(module, args, path, *rest, **options):
         if path.name == "decoder.onnx":
             raise KeyboardInterrupt
-        return real(module, args, path, *rest)
+        return real(module, args, path, *rest, **options)
 
     monkeypatch.setattr(onnx_export, "_export", fail_on_decoder)
     with pytest.raises(KeyboardInterrupt):
