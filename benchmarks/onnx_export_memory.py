@@ -1,4 +1,4 @@
-"""What `export --format onnx` holds in memory: the graphs traced on their weights (the exporter
+"""What the ONNX exporter holds in memory: the graphs traced on their weights (the exporter
 before, run from a git worktree of `--before`) against the graphs traced on stand-ins with each
 weight written afterwards (`export/onnx_weights.py`, as shipped). Measured side by side in one run,
 each export in its own process (wall time, peak RSS), on the real-dimension StableLM proxy stored
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from docblock import publish_block  # noqa: E402
-from quantization_proxy import CLI, run_timed  # noqa: E402
+from quantization_proxy import run_timed  # noqa: E402
 from stored_weights import to_bf16  # noqa: E402
 
 DOC = ROOT / "docs" / "ONNX.md"
@@ -47,10 +47,9 @@ class Finder:
 sys.meta_path.insert(0, Finder)
 import medmoe_edge.export.onnx_export as e
 assert e.__file__.startswith(tree), e.__file__
-from medmoe_edge.cli.app import main
-sys.argv = ["medmoe-edge", *sys.argv[1:]]
-main()
 """
+# The ONNX exporter alone (`export_onnx`: no reference trace, no fidelity check), in one process.
+EXPORT = "import sys; from pathlib import Path; from medmoe_edge.export.onnx_export import export_onnx; export_onnx(Path(sys.argv[1]), Path(sys.argv[2]))"
 
 
 def same_weights(a: Path, b: Path) -> str:
@@ -103,11 +102,11 @@ def main() -> None:
     rows = []
     for label, ckpt in (("fp32", src), ("bf16", bf16)):
         runs = {}
-        for how, prefix in ((f"traced on the weights (before, {rev})", [sys.executable, "-c", OTHER_CHECKOUT, str(tree)]), ("traced on stand-ins (as shipped)", [CLI])):
-            out = work / f"export-{label}-{'before' if prefix[0] != CLI else 'now'}"
+        for how, tag, code in ((f"traced on the weights (before, {rev})", "before", OTHER_CHECKOUT + EXPORT), ("traced on stand-ins (as shipped)", "now", EXPORT)):
+            out = work / f"export-{label}-{tag}"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [*prefix, "export", "--format", "onnx", "--model", str(ckpt), "--no-verify", "--out", str(out)]
-            print("running", " ".join(cmd[-9:]), flush=True)
+            cmd = [sys.executable, "-c", code, *([str(tree)] if tag == "before" else []), str(ckpt), str(out)]
+            print("running", tag, label, flush=True)
             runs[how] = (*run_timed(cmd, out.with_suffix(".log")), out)
         (w0, r0, a), (w1, r1, b) = runs.values()
         same = same_weights(a, b)
@@ -121,7 +120,7 @@ def main() -> None:
 
     lines = [
         f"`python benchmarks/onnx_export_memory.py --before {args.before}` (the real-dimension StableLM proxy stored in fp32 and in bf16; "
-        "`export --format onnx --no-verify`, each export alone in its own process, both exporters in one run):",
+        "the ONNX exporter alone (`export_onnx`, fp32), each export in its own process, both exporters in one run):",
         "",
         "| checkpoint | exporter | wall | peak RSS |",
         "|---|---|---|---|",

@@ -262,6 +262,13 @@ def checkpoint_infos(checkpoint_dir: Path) -> list[TensorInfo]:
 
 
 NARROW_FLOATS = (torch.bfloat16, torch.float16)
+FIT_HEADROOM = 1.25  # a model "fits" when its weights times this fit in the free memory: activations and buffers on top
+
+
+def fp32_bytes(model_dir: Path) -> int:
+    """Bytes the checkpoint's tensors take loaded whole in fp32, read from the file headers (the CLIP
+    tower, stored apart and small beside the language model, not counted)."""
+    return 4 * sum(i.numel for i in checkpoint_infos(model_dir))
 
 
 def load_model(

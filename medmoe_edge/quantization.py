@@ -35,7 +35,7 @@ from .calibration.routing import RoutedPlan, hold_routes
 from .calibration.sensitivity import CodeBook, Deferred, GgmlCodeBook, Probe, SensitivityMode, sensitivities, swap, units_for, with_choices
 from .calibration.sets import QuestionSet, resolve_set
 from .calibration.teacher import prepare
-from .checkpoint import LoadedModel, load_model, resolve_model_dir
+from .checkpoint import FIT_HEADROOM, LoadedModel, load_model, resolve_model_dir
 from .ckpt_writer import atomic_dir, check_new_dir
 from .errors import InputError, RuntimeUnavailable
 from .llamacpp_lib import require_patched_llama_cpp
@@ -161,7 +161,7 @@ def fp32_fits(loaded: LoadedModel) -> bool:
     if not keeps_narrow(loaded):
         return False
     free = available_memory()
-    return free is not None and free > HESSIAN_HEADROOM * sum(p.numel() for p in loaded.model.parameters()) * loaded.model.dtype.itemsize
+    return free is not None and free > FIT_HEADROOM * sum(p.numel() for p in loaded.model.parameters()) * loaded.model.dtype.itemsize
 
 
 def keeps_narrow(loaded: LoadedModel) -> bool:

@@ -94,3 +94,22 @@ def test_quantize_records_the_trace_on_an_fp32_load_when_it_fits_and_on_the_kept
     assert quantization.fp32_fits(kept) and not quantization.fp32_fits(wide)  # an fp32 checkpoint is reused as loaded
     monkeypatch.setattr(diagnostics, "available_memory", lambda: 2**20)
     assert not quantization.fp32_fits(kept)
+
+
+def test_export_traces_a_checkpoint_whose_fp32_weights_do_not_fit_as_stored(bf16_demo, tmp_path, monkeypatch):
+    """`export` embeds a reference trace: recorded on the matrices as stored where the whole model
+    in fp32 would not fit (a full-size Phi: 23 GiB), the same trace bit for bit."""
+    from medmoe_edge import workflows
+    from medmoe_edge.trace import Trace
+
+    asked = []
+    real = workflows.record_trace
+    monkeypatch.setattr(workflows, "record_trace", lambda *a, **k: asked.append(k["keep_stored"]) or real(*a, **k))
+    monkeypatch.setattr(workflows, "available_memory", lambda: 2**20)
+    workflows.export_bundle("onnx", bf16_demo, tmp_path / "b", trace_questions=2)
+    monkeypatch.undo()
+    assert asked == [True]
+    embedded, fresh = Trace.load(tmp_path / "b"), workflows.record_trace(bf16_demo, limit=2)
+    assert [i.id for i in embedded.items] == [i.id for i in fresh.items]
+    for a, b in zip(embedded.items, fresh.items):
+        assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors), a.id
