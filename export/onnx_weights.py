@@ -225,15 +225,11 @@ class ExternalData:
         self._offset += length
 
     def put_raw(self, graph: Any) -> None:
-        """Move the data of every initializer of `graph` and its subgraphs that holds its bytes in
-        the proto (the traced vision graph's weights, quantization codes) into the file."""
-        from onnx import numpy_helper
-
+        """Move the bytes of every initializer of `graph` and its subgraphs that holds them in the
+        proto (`raw_data`: the traced vision graph's weights, quantization codes) into the file."""
         for init in graph.initializer:
             if init.HasField("raw_data"):
                 self.put(init, init.raw_data)
-            elif not init.external_data and init.data_location != init.EXTERNAL:
-                self.put(init, numpy_helper.to_array(init).tobytes())
         for node in graph.node:
             for attr in node.attribute:
                 for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):

@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny seeded checkpoints written by `init-random` in the released layout."""
+"""Shared fixtures: tiny seeded checkpoints written by `init-random` in the released layout, and the
+demo checkpoint stored in bf16."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +63,19 @@ def level0(monkeypatch):
 
     monkeypatch.setattr(ort, "SessionOptions", Level0)
     return Level0
+
+
+@pytest.fixture(scope="session")
+def bf16_demo(tmp_path_factory) -> Path:
+    """The demo checkpoint stored in bf16, as Med-MoE's released checkpoints are (torch_dtype bfloat16)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from medmoe_edge.demo import demo_dir
+
+    out = tmp_path_factory.mktemp("bf16") / "demo-bf16"
+    shutil.copytree(demo_dir(), out)
+    for f in out.glob("model-*.safetensors"):
+        t = load_file(f)
+        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in t.items()}, f, metadata={"format": "pt"})
+    return out

@@ -4,20 +4,17 @@ fp32, fp16 and a bf16 checkpoint kept as stored, and a weight that traces back t
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 
-from medmoe_edge.demo import demo_dir  # noqa: E402
 from medmoe_edge.errors import CheckpointError  # noqa: E402
 from medmoe_edge.export import onnx_export  # noqa: E402
 from medmoe_edge.export.onnx_export import OnnxExporter, export_onnx  # noqa: E402
@@ -108,17 +105,6 @@ def test_a_graph_input_that_traces_back_to_nothing_is_refused(tmp_path):
     assert sources == {}  # an Add's constant is no fold this module knows
     with ExternalData(tmp_path / "g.onnx.data") as data, pytest.raises(CheckpointError, match="neither a parameter nor folded from one"):
         fill(graph, sources, params, data)
-
-
-@pytest.fixture(scope="module")
-def bf16_demo(tmp_path_factory) -> Path:
-    """The demo checkpoint stored in bf16 (as Med-MoE's released checkpoints are)."""
-    out = tmp_path_factory.mktemp("bf16") / "demo-bf16"
-    shutil.copytree(demo_dir(), out)
-    for f in out.glob("model-*.safetensors"):
-        t = load_file(f)
-        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in t.items()}, f, metadata={"format": "pt"})
-    return out
 
 
 def test_a_bf16_checkpoint_kept_as_stored_exports_what_a_whole_fp32_load_exports(bf16_demo, tmp_path, monkeypatch):

@@ -4,12 +4,8 @@ statistics, the measured sensitivities, the plan and the codes are those of an f
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from medmoe_edge import quantization
 from medmoe_edge.calibration.sensitivity import Probe
@@ -19,17 +15,6 @@ from medmoe_edge.checkpoint import load_model
 from medmoe_edge.demo import demo_dir
 from medmoe_edge.imaging import PreprocessMode
 from medmoe_edge.quant_plan import QuantMethod
-
-
-@pytest.fixture(scope="module")
-def bf16_demo(tmp_path_factory) -> Path:
-    """The demo checkpoint stored in bf16, as Med-MoE's released checkpoints are (torch_dtype bfloat16)."""
-    out = tmp_path_factory.mktemp("bf16") / "demo-bf16"
-    shutil.copytree(demo_dir(), out)
-    for f in out.glob("model-*.safetensors"):
-        t = load_file(f)
-        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in t.items()}, f, metadata={"format": "pt"})
-    return out
 
 
 def _lm_bytes(loaded) -> int:
