@@ -13,8 +13,8 @@ Choices (docs/ONNX.md has the measurements behind them):
   which keeps real-size models under protobuf's 2 GB limit.
 * The embedding and decoder graphs are traced on stand-ins and their weights written one at a
   time afterwards (`onnx_weights`), and an fp32 export keeps a bf16 checkpoint's matrices as
-  stored: a full-size Phi-2 Med-MoE exports in about the memory of its bf16 weights, where a
-  trace on fp32 weights held them three times over.
+  stored: a full-size Phi-2 Med-MoE exports in about the memory of its bf16 weights (11.5 GiB),
+  where a trace on the fp32 weights holds them about twice over (docs/ONNX.md).
 * The manifest's tensor groups are read back from the written graphs: every initializer is
   mapped to its TensorId (`medmoe_edge.tensor_ids.ONNX_NAMES`) and each group must hold exactly
   the model's parameters, so no weight is left out or stored twice unnoticed.
