@@ -151,8 +151,8 @@ def _within(scope: list[list[str]], path: list[str]) -> bool:
 
 def weight_sources(graph: Any, params: dict[str, torch.Tensor]) -> dict[str, WeightSource]:
     """The source parameter of each initializer of `graph` (top level) that holds one of `params`,
-    as it is or folded; initializers that trace back to none (a vision tower's folded embeddings,
-    when `params` leaves the tower out) are left out, and it is for the caller to require them.
+    as it is or folded; initializers that trace back to none (the vision tower's folded position
+    embeddings, which an Add reads) are left out, and it is for the caller to require them.
 
     Raises:
         CheckpointError: a folded initializer that several parameters could be.
@@ -256,8 +256,10 @@ def fill(graph: Any, sources: dict[str, WeightSource], params: dict[str, torch.T
         src = sources.get(init.name)
         if src is None:
             raise CheckpointError(f"ONNX graph input {init.name} is neither a parameter nor folded from one: the exporter's graph layout changed")
-        value = params[src.name]
-        data.tensor(init, value.t() if src.transposed else value)
+        value = params[src.name].t() if src.transposed else params[src.name]
+        if tuple(value.shape) != tuple(init.dims):
+            raise CheckpointError(f"ONNX initializer {init.name} is {list(init.dims)} but {src.name} is {list(value.shape)}: the exporter's graph layout changed")
+        data.tensor(init, value)
 
 
 __all__ = ["ExternalData", "WeightSource", "as_placeholders", "fill", "is_placeholder", "stand_ins", "weight_sources", "widened"]
