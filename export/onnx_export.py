@@ -40,7 +40,7 @@ from medmoe_edge.model.moe import Dispatch
 
 from .onnx_graphs import DecoderGraph, EmbedGraph, VisionGraph, decoder_io_names, use_buffer_attention, use_dispatch
 from .onnx_moe_cond import wrap_experts_in_if
-from .onnx_weights import ExternalData, WeightSource, as_placeholders, fill, stand_ins, weight_sources, widened
+from .onnx_weights import ExternalData, WeightSource, as_placeholders, fill, merge_copies, stand_ins, weight_sources, widened
 
 OPSET = 17
 GRAPH_FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
@@ -113,6 +113,8 @@ def _export(
     if not with_weights:
         as_placeholders(proto.graph, inputs)
     sources = weight_sources(proto.graph, params)
+    if not with_weights:
+        merge_copies(proto.graph, sources)
     if rewrite is not None:
         rewrite(proto)
     with ExternalData(path.with_name(path.name + ".data")) as data:

@@ -18,7 +18,8 @@ MatMul (a Linear applied to rows of a 3-D input) and W cast for a Gemm (the rout
 initializer's (or its transpose, for a MatMul). Anything else is refused: the graph layout changed.
 
 Torch's deduplication of equal initializers is off for stand-in traces (every stand-in is zero);
-the graphs then hold one initializer per parameter, even for parameters that happen to be equal.
+`merge_copies` keeps one initializer per parameter instead (by source, not by value), so two
+parameters that happen to be equal are stored twice, and one read by two MatMuls once.
 """
 
 from __future__ import annotations
@@ -195,6 +196,31 @@ def _folded(init: Any, node: Any, slot: int, params: dict[str, torch.Tensor]) ->
     return WeightSource(hits[0], transposed) if hits else None
 
 
+def merge_copies(graph: Any, sources: dict[str, WeightSource]) -> None:
+    """Keep one initializer per parameter, as the graph reads it (same source, same type), and point
+    every reader at it. Constant folding makes a copy of Wᵀ for each MatMul that reads W: an expert
+    called twice (top-2 routing) would otherwise be stored twice. (Torch's deduplication, off for
+    stand-in traces, merged them by value.) Call it before the graph has subgraphs."""
+    first: dict[tuple[WeightSource, int], str] = {}
+    rename: dict[str, str] = {}
+    for init in graph.initializer:
+        src = sources.get(init.name)
+        if src is not None:
+            rename[init.name] = first.setdefault((src, init.data_type), init.name)
+    rename = {a: b for a, b in rename.items() if a != b}
+    if not rename:
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    keep = [i for i in graph.initializer if i.name not in rename]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    for name in rename:
+        del sources[name]
+
+
 class ExternalData:
     """One graph's external-data file, written tensor by tensor (`<graph>.onnx.data`)."""
 
@@ -262,4 +288,4 @@ def fill(graph: Any, sources: dict[str, WeightSource], params: dict[str, torch.T
         data.tensor(init, value)
 
 
-__all__ = ["ExternalData", "WeightSource", "as_placeholders", "fill", "is_placeholder", "stand_ins", "weight_sources", "widened"]
+__all__ = ["ExternalData", "WeightSource", "as_placeholders", "fill", "is_placeholder", "merge_copies", "stand_ins", "weight_sources", "widened"]
