@@ -141,3 +141,26 @@ def test_an_fp16_export_casts_each_weight_as_the_fp16_model_holds_it(tmp_path):
     gate = next(n for n in proto.graph.node if n.op_type == "Gemm" and n.name == "/text/layers.0/mlp/Gemm")
     assert inits[gate.input[1]].dtype == np.float32  # the router's .float(), folded and written in fp32
     np.testing.assert_array_equal(inits[gate.input[1]], lm["model.layers.0.mlp.deepspeed_moe.gate.wg.weight"].float().numpy())
+
+
+def test_a_matrix_two_matmuls_read_is_stored_once(tmp_path):
+    """Constant folding makes a Wᵀ copy for each MatMul (a top-2 expert is called twice): one is kept."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) + self.lin(2 * x)
+
+    m = Twice().eval()
+    x = torch.randn(1, 2, 4)
+    onnx_export._export(m, (x,), tmp_path / "t.onnx", ["x"], ["y"], {}, dtype=torch.float32)
+    graph = onnx.load(str(tmp_path / "t.onnx"), load_external_data=False).graph
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 2 and matmuls[0].input[1] == matmuls[1].input[1]
+    assert [list(i.dims) for i in graph.initializer].count([4, 4]) == 1
+    ort = pytest.importorskip("onnxruntime")
+    with torch.no_grad():
+        np.testing.assert_allclose(ort.InferenceSession(str(tmp_path / "t.onnx")).run(None, {"x": x.numpy()})[0], m(x).numpy(), rtol=1e-6, atol=1e-6)
