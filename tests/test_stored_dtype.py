@@ -96,5 +96,11 @@ def test_export_traces_a_checkpoint_whose_fp32_weights_do_not_fit_as_stored(bf16
     assert asked == [True]
     embedded, fresh = Trace.load(tmp_path / "b"), workflows.record_trace(bf16_demo, limit=2)
     assert [i.id for i in embedded.items] == [i.id for i in fresh.items]
+    # tokens and routes exactly; floats to float32 rounding: the torch runtime's thread count is
+    # load-aware, and float32 sums change with it between the two recordings (bit-equal at equal
+    # threads: test_kept_matrices_compute_the_fp32_reference_bit_for_bit)
     for a, b in zip(embedded.items, fresh.items):
-        assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors), a.id
+        assert a.tensors.keys() == b.tensors.keys(), a.id
+        for k in a.tensors:
+            x, y = a.tensors[k], b.tensors[k]
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-5) if x.is_floating_point() else torch.equal(x, y), (a.id, k)
