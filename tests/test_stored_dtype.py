@@ -83,7 +83,7 @@ def test_quantize_records_the_trace_on_an_fp32_load_when_it_fits_and_on_the_kept
 
 def test_export_traces_a_checkpoint_whose_fp32_weights_do_not_fit_as_stored(bf16_demo, tmp_path, monkeypatch):
     """`export` embeds a reference trace: recorded on the matrices as stored where the whole model
-    in fp32 would not fit (a full-size Phi: 23 GiB), the same trace bit for bit."""
+    in fp32 would not fit (a full-size Phi: 23 GiB), the same trace bit for bit at the same thread count."""
     from medmoe_edge import workflows
     from medmoe_edge.trace import Trace
 
