@@ -113,8 +113,7 @@ def _export(
     if not with_weights:
         as_placeholders(proto.graph, inputs)
     sources = weight_sources(proto.graph, params)
-    if not with_weights:
-        merge_copies(proto.graph, sources)
+    merge_copies(proto.graph, sources)  # a no-op after a trace with weights: torch merged equal copies
     if rewrite is not None:
         rewrite(proto)
     with ExternalData(path.with_name(path.name + ".data")) as data:

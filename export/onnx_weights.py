@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,49 +55,43 @@ class WeightSource:
 
 
 @contextlib.contextmanager
-def stand_ins(module: nn.Module, dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
+def _replaced(module: nn.Module, make: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[dict[str, torch.Tensor]]:
+    """Every parameter `p` of `module` for which `make(p)` gives a tensor replaced by it, for the
+    duration (a tied parameter by one replacement, so the trace still ties it). Yields name → the
+    real parameter, for every name of every parameter; the real ones are put back on exit."""
+    real: dict[str, torch.Tensor] = {}
+    made: dict[int, nn.Parameter | None] = {}
+    swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
+    try:
+        for name, p in list(module.named_parameters(remove_duplicate=False)):
+            real[name] = p
+            if id(p) not in made:
+                new = make(p)
+                made[id(p)] = None if new is None else nn.Parameter(new, requires_grad=False)
+            if made[id(p)] is not None:
+                owner_name, _, attr = name.rpartition(".")
+                owner = module.get_submodule(owner_name)
+                swapped.append((owner, attr, p))
+                setattr(owner, attr, made[id(p)])
+        yield real
+    finally:
+        for owner, attr, p in reversed(swapped):
+            setattr(owner, attr, p)
+
+
+def stand_ins(module: nn.Module, dtype: torch.dtype) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]]:
     """Every parameter of `module` replaced, for the duration, by a stand-in taking no memory: a
     zero-stride view of one zero, of the parameter's shape, in `dtype` (floats; the export's
     dtype, also for a bf16 matrix kept as stored). Yields name → the real parameter (every name of
     a tied parameter); the real parameters are put back on exit."""
-    real: dict[str, torch.Tensor] = {}
-    made: dict[int, nn.Parameter] = {}
-    swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
-    try:
-        for name, p in list(module.named_parameters(remove_duplicate=False)):
-            owner_name, _, attr = name.rpartition(".")
-            owner = module.get_submodule(owner_name)
-            if id(p) not in made:  # a tied parameter keeps one stand-in, so the trace still ties it
-                zero = torch.zeros((), dtype=dtype if p.is_floating_point() else p.dtype)
-                made[id(p)] = nn.Parameter(zero.expand(p.shape), requires_grad=False)
-            real[name] = p
-            swapped.append((owner, attr, p))
-            setattr(owner, attr, made[id(p)])
-        yield real
-    finally:
-        for owner, attr, p in reversed(swapped):
-            setattr(owner, attr, p)
+    return _replaced(module, lambda p: torch.zeros((), dtype=dtype if p.is_floating_point() else p.dtype).expand(p.shape))
 
 
-@contextlib.contextmanager
-def widened(module: nn.Module, dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
+def widened(module: nn.Module, dtype: torch.dtype) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]]:
     """The float parameters of `module` stored narrower than `dtype` (a bf16 checkpoint's kept
     matrices) replaced by `dtype` copies for the duration, so a trace with weights reads them as the
     model computes with them (no Cast). Yields name → the real parameter; put back on exit."""
-    real: dict[str, torch.Tensor] = {}
-    swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
-    try:
-        for name, p in list(module.named_parameters(remove_duplicate=False)):
-            real[name] = p
-            if p.is_floating_point() and p.dtype != dtype:
-                owner_name, _, attr = name.rpartition(".")
-                owner = module.get_submodule(owner_name)
-                swapped.append((owner, attr, p))
-                setattr(owner, attr, nn.Parameter(p.detach().to(dtype), requires_grad=False))
-        yield real
-    finally:
-        for owner, attr, p in reversed(swapped):
-            setattr(owner, attr, p)
+    return _replaced(module, lambda p: p.detach().to(dtype) if p.is_floating_point() and p.dtype != dtype else None)
 
 
 def as_placeholders(graph: Any, inputs: list[str]) -> None:
@@ -200,7 +194,8 @@ def merge_copies(graph: Any, sources: dict[str, WeightSource]) -> None:
     """Keep one initializer per parameter, as the graph reads it (same source, same type), and point
     every reader at it. Constant folding makes a copy of Wᵀ for each MatMul that reads W: an expert
     called twice (top-2 routing) would otherwise be stored twice. (Torch's deduplication, off for
-    stand-in traces, merged them by value.) Call it before the graph has subgraphs."""
+    stand-in traces, merged them by value, so after a trace with weights there is nothing left to
+    merge.) Call it before the graph has subgraphs."""
     first: dict[tuple[WeightSource, int], str] = {}
     rename: dict[str, str] = {}
     for init in graph.initializer:

@@ -262,7 +262,6 @@ def checkpoint_infos(checkpoint_dir: Path) -> list[TensorInfo]:
 
 
 NARROW_FLOATS = (torch.bfloat16, torch.float16)
-FIT_HEADROOM = 1.25  # a model "fits" when its weights times this fit in the free memory: activations and buffers on top
 
 
 def fp32_bytes(model_dir: Path) -> int:

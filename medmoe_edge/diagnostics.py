@@ -149,6 +149,17 @@ def available_memory() -> int | None:
     return avail
 
 
+# a model "fits" when its weights times this fit in the free memory: activations and buffers on top
+FIT_HEADROOM = 1.25
+
+
+def fits_in_memory(nbytes: int) -> bool | None:
+    """Whether `nbytes` of weights, with `FIT_HEADROOM`, fit in `available_memory()`; None where the
+    free memory cannot be read (each caller decides what an unknown means)."""
+    free = available_memory()
+    return None if free is None else free > FIT_HEADROOM * nbytes
+
+
 def measure_copy_bandwidth(mib: int = 512, repeats: int = 3) -> float | None:
     """GB/s of numpy copying `mib` MiB (read + write counted), best of `repeats` after a warm-up."""
     try:

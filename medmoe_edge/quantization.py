@@ -35,7 +35,7 @@ from .calibration.routing import RoutedPlan, hold_routes
 from .calibration.sensitivity import CodeBook, Deferred, GgmlCodeBook, Probe, SensitivityMode, sensitivities, swap, units_for, with_choices
 from .calibration.sets import QuestionSet, resolve_set
 from .calibration.teacher import prepare
-from .checkpoint import FIT_HEADROOM, LoadedModel, load_model, resolve_model_dir
+from .checkpoint import LoadedModel, load_model, resolve_model_dir
 from .ckpt_writer import atomic_dir, check_new_dir
 from .errors import InputError, RuntimeUnavailable
 from .llamacpp_lib import require_patched_llama_cpp
@@ -156,12 +156,9 @@ def fp32_fits(loaded: LoadedModel) -> bool:
     """Whether `loaded` keeps narrower matrices (`load_model(keep_stored=True)`) and the whole
     model in fp32 would fit in the free memory (less headroom), so a decode-heavy step (the trace a
     bundle embeds) is better run on an fp32 load than on matrices widened at every token."""
-    from .diagnostics import available_memory
+    from .diagnostics import fits_in_memory
 
-    if not keeps_narrow(loaded):
-        return False
-    free = available_memory()
-    return free is not None and free > FIT_HEADROOM * sum(p.numel() for p in loaded.model.parameters()) * loaded.model.dtype.itemsize
+    return keeps_narrow(loaded) and fits_in_memory(sum(p.numel() for p in loaded.model.parameters()) * loaded.model.dtype.itemsize) is True
 
 
 def keeps_narrow(loaded: LoadedModel) -> bool:

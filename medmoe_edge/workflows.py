@@ -17,9 +17,9 @@ from typing import Any
 from .api import Pipeline, load
 from .bundle import Manifest, read_manifest
 from .calibration.sets import resolve_set
-from .checkpoint import FIT_HEADROOM, fp32_bytes, load_model, resolve_model_dir
+from .checkpoint import fp32_bytes, load_model, resolve_model_dir
 from .ckpt_writer import atomic_dir, check_new_dir
-from .diagnostics import available_memory
+from .diagnostics import fits_in_memory
 from .errors import CheckpointError, InputError, RuntimeUnavailable
 from .exporter import get_exporter, registered
 from .imaging import PreprocessMode
@@ -129,8 +129,7 @@ def export_bundle(
     trace = None
     if trace_questions:
         # a full-size checkpoint whose fp32 weights do not fit (Phi: 23 GiB) is traced as stored
-        free = available_memory()
-        keep = free is not None and FIT_HEADROOM * fp32_bytes(resolve_model_dir(model)) > free
+        keep = fits_in_memory(fp32_bytes(resolve_model_dir(model))) is False
         trace = record_trace(model, limit=trace_questions, options=RuntimeOptions(vision_tower=vision_tower), status=status, keep_stored=keep)
 
     def embed(tmp: Path) -> dict[str, str]:

@@ -84,13 +84,14 @@ def test_quantize_records_the_trace_on_an_fp32_load_when_it_fits_and_on_the_kept
 def test_export_traces_a_checkpoint_whose_fp32_weights_do_not_fit_as_stored(bf16_demo, tmp_path, monkeypatch):
     """`export` embeds a reference trace: recorded on the matrices as stored where the whole model
     in fp32 would not fit (a full-size Phi: 23 GiB), the same trace bit for bit at the same thread count."""
+    import medmoe_edge.diagnostics as diagnostics
     from medmoe_edge import workflows
     from medmoe_edge.trace import Trace
 
     asked = []
     real = workflows.record_trace
     monkeypatch.setattr(workflows, "record_trace", lambda *a, **k: asked.append(k["keep_stored"]) or real(*a, **k))
-    monkeypatch.setattr(workflows, "available_memory", lambda: 2**20)
+    monkeypatch.setattr(diagnostics, "available_memory", lambda: 2**20)
     workflows.export_bundle("onnx", bf16_demo, tmp_path / "b", trace_questions=2)
     monkeypatch.undo()
     assert asked == [True]
