@@ -14,6 +14,12 @@
 * `--target rtx` builds with TensorRT-RTX ahead of time on any machine, CPU included, for the
   compute capabilities of `--compute-capability`; `--target jetson` builds with standard
   TensorRT on the GPU it runs on (JetPack on the Jetson itself) and writes a timing cache.
+* Memory: TensorRT's builder copies every weight of a graph while it builds (15.5 GiB of
+  anonymous memory for a full-size Phi-2 Med-MoE's fp16 decoder), so the torch model's weights are
+  released once the graphs are written, and the engine is streamed into its file where the
+  library can (`build_serialized_network_to_stream`: TensorRT-RTX has it, TensorRT 10.0 has not) rather
+  than held whole in memory first. Both together are what let a full-size checkpoint build on a
+  24 GB machine (docs/TENSORRT.md).
 * The manifest records library, version, target, compute capabilities, the profiles and each
   engine's file (hashed like every file); `runtimes/tensorrt_runtime.py` checks them before it
   deserializes anything.
@@ -107,9 +113,14 @@ class TensorRTExporter(Exporter):
             raise InputError(f"--max-context {request.options['max_context']} cannot hold one image ({loaded.spec.image_tokens} positions) and a question with its answer: use at least {least}")
 
     def write(self, loaded: LoadedModel, out: Path, request: ExportRequest) -> ExportParts:
+        """Write the graphs, then build the engines from their files. The model's weights are
+        released (moved to the meta device) between the two: nothing reads them afterwards."""
         opts = request.options
         onnx_request = ExportRequest(request.plan, {"max_batch": opts["max_batch"], "moe_dispatch": "if"}, request.vision_tower)
         parts = self.graph_exporter().write(loaded, out, onnx_request)
+        # the builder makes its own copy of a graph's weights: with the model's copy beside it a
+        # full-size Phi-2 Med-MoE (11.4 GiB in fp16) does not fit in 24 GB
+        loaded.model.to("meta")
         spec = loaded.spec
         context = opts["max_context"] or spec.text.max_position_embeddings
         profiles = tensorrt_profiles(spec.image_tokens, context, opts["max_batch"])
@@ -146,6 +157,8 @@ class EngineBuilder:
         self.trt, self.facts = trt, facts
         self.logger = trt.Logger(trt.Logger.ERROR)
         self.builder = trt.Builder(self.logger)
+        # write each engine into its file as it is serialized (TensorRT 10.0 cannot)
+        self.stream = hasattr(self.builder, "build_serialized_network_to_stream")
         self._cache: Any = None
 
     def _network(self) -> Any:
@@ -187,10 +200,18 @@ class EngineBuilder:
         for name in mins:
             profile.set_shape(name, mins[name], opts[name], maxs[name])
         config.add_optimization_profile(profile)
-        blob = self.builder.build_serialized_network(network, config)
-        if blob is None:
+        if self.stream:
+            # the engine (as large as the graph's weights) is never held whole in memory beside
+            # the builder's copy of the weights
+            with engine_file.open("wb") as fh:
+                built = self.builder.build_serialized_network_to_stream(network, config, _file_writer(self.trt, fh))
+        else:
+            blob = self.builder.build_serialized_network(network, config)
+            built = blob is not None
+            if built:
+                engine_file.write_bytes(memoryview(blob))
+        if not built:
             raise RuntimeUnavailable(f"{self.facts.library.label} {self.facts.version} could not build an engine from {onnx_file.name} (profile {bounds}): see its log above")
-        engine_file.write_bytes(memoryview(blob))
 
     def write_timing_cache(self, path: Path) -> bool:
         """Write the timing cache (standard TensorRT; TensorRT-RTX has none: it tunes at run time)."""
@@ -198,6 +219,20 @@ class EngineBuilder:
             return False
         path.write_bytes(memoryview(self._cache.serialize()))
         return True
+
+
+def _file_writer(trt: Any, fh: Any) -> Any:
+    """A `trt.IStreamWriter` writing into the open binary file `fh` (the class needs the
+    imported library, which is chosen at run time)."""
+
+    class FileWriter(trt.IStreamWriter):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IStreamWriter.__init__(self)  # pybind11 needs the base's __init__ called explicitly
+
+        def write(self, data: bytes) -> int:
+            return fh.write(data)
+
+    return FileWriter()
 
 
 __all__ = ["ENGINE_FILES", "EngineBuilder", "TensorRTExporter"]
