@@ -109,14 +109,21 @@ def check_weights(bundle: Path, ckpt: Path) -> tuple[int, int]:
     return checked, differ
 
 
-def full_size(work: Path, preset: str) -> list[str]:
-    """A full-size random checkpoint of `preset` in bf16 (the whole vocabulary), exported to fp32 ONNX
-    as shipped (the exporter before does not fit this machine), and every weight checked."""
-    ckpt, out = work / f"{preset}-bf16", work / f"{preset}-onnx-fp32"
+def full_size_checkpoint(work: Path, preset: str) -> Path:
+    """`work/PRESET-bf16`: a full-size random checkpoint of `preset` in bf16 with the whole
+    vocabulary (12 GiB for phi), made in a child process unless it is there already."""
+    ckpt = work / f"{preset}-bf16"
     if not (ckpt / "config.json").is_file():
         make = f"from pathlib import Path; from medmoe_edge.presets import PRESETS, Preset; from medmoe_edge.random_init import write_random_checkpoint; write_random_checkpoint(PRESETS[Preset({preset!r})], Path({str(ckpt)!r}), dtype='bfloat16', full_vocab=True)"
         print("making", ckpt, flush=True)
         run_timed([sys.executable, "-c", make], work / f"{preset}-bf16.log")
+    return ckpt
+
+
+def full_size(work: Path, preset: str) -> list[str]:
+    """A full-size random checkpoint of `preset` in bf16 (the whole vocabulary), exported to fp32 ONNX
+    as shipped (the exporter before does not fit this machine), and every weight checked."""
+    ckpt, out = full_size_checkpoint(work, preset), work / f"{preset}-onnx-fp32"
     shutil.rmtree(out, ignore_errors=True)
     print("exporting", ckpt, flush=True)
     wall, rss = run_timed([sys.executable, "-c", EXPORT, str(ckpt), str(out)], out.with_suffix(".log"))

@@ -14,8 +14,8 @@
 * `--target rtx` builds with TensorRT-RTX ahead of time on any machine, CPU included, for the
   compute capabilities of `--compute-capability`; `--target jetson` builds with standard
   TensorRT on the GPU it runs on (JetPack on the Jetson itself) and writes a timing cache.
-* Memory: TensorRT's builder copies every weight of a graph while it builds (15.5 GiB of
-  anonymous memory for a full-size Phi-2 Med-MoE's fp16 decoder), so the torch model's weights are
+* Memory: TensorRT's builder copies every weight of a graph while it builds (the export holds
+  about 15 GiB of anonymous memory building a full-size Phi-2 Med-MoE's fp16 decoder), so the torch model's weights are
   released once the graphs are written, and the engine is streamed into its file where the
   library can (`build_serialized_network_to_stream`: TensorRT-RTX has it, TensorRT 10.0 has not) rather
   than held whole in memory first. Both together are what let a full-size checkpoint build on a

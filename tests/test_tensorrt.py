@@ -122,8 +122,8 @@ def test_engines_are_streamed_into_their_files(demo_bundle, tmp_path):
 
 
 def test_the_model_weights_are_released_before_the_engines_are_built(tmp_path):
-    """The builder makes its own copy of a graph's weights (15.5 GiB for a full-size Phi-2 Med-MoE
-    in fp16), so the exporter moves the torch model to the meta device once the graphs are written."""
+    """The builder makes its own copy of a graph's weights (12 GB for a full-size Phi-2 Med-MoE's
+    fp16 decoder), so the exporter moves the torch model to the meta device once the graphs are written."""
     from medmoe_edge.export.tensorrt_export import TensorRTExporter
 
     exporter = TensorRTExporter()
