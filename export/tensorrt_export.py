@@ -15,11 +15,11 @@
   compute capabilities of `--compute-capability`; `--target jetson` builds with standard
   TensorRT on the GPU it runs on (JetPack on the Jetson itself) and writes a timing cache.
 * Memory: TensorRT's builder copies every weight of a graph while it builds (the export holds
-  about 15 GiB of anonymous memory building a full-size Phi-2 Med-MoE's fp16 decoder), so the torch model's weights are
-  released once the graphs are written, and the engine is streamed into its file where the
-  library can (`build_serialized_network_to_stream`: TensorRT-RTX has it, TensorRT 10.0 has not) rather
-  than held whole in memory first. Both together are what let a full-size checkpoint build on a
-  24 GB machine (docs/TENSORRT.md).
+  about 15 GiB of anonymous memory building a full-size Phi-2 Med-MoE's fp16 decoder). So the
+  torch model's weights are released once the graphs are written, and each engine is streamed
+  into its file where the library can (`build_serialized_network_to_stream`: TensorRT-RTX has
+  it, TensorRT 10.0 has not) rather than held whole in memory first. Together these let a
+  full-size checkpoint build on a 24 GB machine (docs/TENSORRT.md).
 * The manifest records library, version, target, compute capabilities, the profiles and each
   engine's file (hashed like every file); `runtimes/tensorrt_runtime.py` checks them before it
   deserializes anything.
