@@ -18,10 +18,12 @@ Writes docs/ONNX.md (the block between its markers) and prints the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +55,18 @@ assert e.__file__.startswith(tree), e.__file__
 SAME = "import sys; from pathlib import Path; from onnx_export_memory import same_weights; print(same_weights(Path(sys.argv[1]), Path(sys.argv[2])))"
 # The ONNX exporter alone (`export_onnx`: no reference trace, no fidelity check), in one process.
 EXPORT = "import sys; from pathlib import Path; from medmoe_edge.export.onnx_export import export_onnx; export_onnx(Path(sys.argv[1]), Path(sys.argv[2]))"
+
+
+@contextlib.contextmanager
+def before_checkout(work: Path, rev: str) -> Iterator[tuple[Path, str]]:
+    """A git worktree of `rev` at `work/before-tree` (reused if there) and its short hash, for
+    OTHER_CHECKOUT; removed when the block ends normally (left for the next run after a failure)."""
+    tree = work / "before-tree"
+    if not tree.is_dir():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True, capture_output=True)
+    short = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    yield tree, short
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False, capture_output=True)
 
 
 def same_weights(a: Path, b: Path) -> str:
@@ -155,36 +169,31 @@ def main() -> None:
     bf16 = work / "proxy-stablelm-4e-bf16"
     if not (bf16 / "config.json").is_file():
         to_bf16(src, bf16)
-    tree = work / "before-tree"
-    if not tree.is_dir():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.before], check=True, capture_output=True)
-    rev = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
-
     rows = []
-    for label, ckpt in (("fp32", src), ("bf16", bf16)):
-        runs: dict[str, list[tuple[float, int]]] = {}
-        outs = {}
-        for rep in range(args.repeats):  # alternately, so drift falls on both
-            for how, tag, code in ((f"traced on the weights (before, {rev})", "before", OTHER_CHECKOUT + EXPORT), ("traced on stand-ins (as shipped)", "now", EXPORT)):
-                out = outs[how] = work / f"export-{label}-{tag}"
+    with before_checkout(work, args.before) as (tree, rev):
+        for label, ckpt in (("fp32", src), ("bf16", bf16)):
+            runs: dict[str, list[tuple[float, int]]] = {}
+            outs = {}
+            for rep in range(args.repeats):  # alternately, so drift falls on both
+                for how, tag, code in ((f"traced on the weights (before, {rev})", "before", OTHER_CHECKOUT + EXPORT), ("traced on stand-ins (as shipped)", "now", EXPORT)):
+                    out = outs[how] = work / f"export-{label}-{tag}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    cmd = [sys.executable, "-c", code, *([str(tree)] if tag == "before" else []), str(ckpt), str(out)]
+                    print("running", tag, label, rep + 1, flush=True)
+                    runs.setdefault(how, []).append(run_timed(cmd, out.with_suffix(".log")))
+            # in a child process: this one's memory would count in the next export's peak (a forked
+            # child's maximum RSS starts from its parent's)
+            same = subprocess.run([sys.executable, "-c", SAME, *map(str, outs.values())], check=True, capture_output=True, text=True, cwd=ROOT / "benchmarks").stdout.strip()
+            mean = {how: (sum(w for w, _ in r) / len(r), sum(m for _, m in r) / len(r)) for how, r in runs.items()}
+            for how, r in runs.items():
+                rows.append(f"| {label} | {how} | {' / '.join(f'{w / 60:.1f}' for w, _ in r)} min | {' / '.join(f'{m / 2**30:.2f}' for _, m in r)} GiB |")
+            (w0, r0), (w1, r1) = mean.values()
+            rows.append(f"| {label} | as shipped over before (means) | {w1 / w0:.2f}× | **{r1 / r0:.2f}×** |")
+            rows.append(f"| {label} | the two bundles' weights | {same} | |")
+            for out in outs.values():
                 shutil.rmtree(out, ignore_errors=True)
-                cmd = [sys.executable, "-c", code, *([str(tree)] if tag == "before" else []), str(ckpt), str(out)]
-                print("running", tag, label, rep + 1, flush=True)
-                runs.setdefault(how, []).append(run_timed(cmd, out.with_suffix(".log")))
-        # in a child process: this one's memory would count in the next export's peak (a forked
-        # child's maximum RSS starts from its parent's)
-        same = subprocess.run([sys.executable, "-c", SAME, *map(str, outs.values())], check=True, capture_output=True, text=True, cwd=ROOT / "benchmarks").stdout.strip()
-        mean = {how: (sum(w for w, _ in r) / len(r), sum(m for _, m in r) / len(r)) for how, r in runs.items()}
-        for how, r in runs.items():
-            rows.append(f"| {label} | {how} | {' / '.join(f'{w / 60:.1f}' for w, _ in r)} min | {' / '.join(f'{m / 2**30:.2f}' for _, m in r)} GiB |")
-        (w0, r0), (w1, r1) = mean.values()
-        rows.append(f"| {label} | as shipped over before (means) | {w1 / w0:.2f}× | **{r1 / r0:.2f}×** |")
-        rows.append(f"| {label} | the two bundles' weights | {same} | |")
-        for out in outs.values():
-            shutil.rmtree(out, ignore_errors=True)
-    if args.full_size != "none":
-        rows += full_size(work, args.full_size)
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False, capture_output=True)
+        if args.full_size != "none":
+            rows += full_size(work, args.full_size)
 
     lines = [
         f"`python benchmarks/onnx_export_memory.py --before {args.before} --repeats {args.repeats} --full-size {args.full_size}` (the real-dimension StableLM proxy stored in fp32 and in bf16; "

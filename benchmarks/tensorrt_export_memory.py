@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from docblock import publish_block  # noqa: E402
-from onnx_export_memory import OTHER_CHECKOUT, full_size_checkpoint  # noqa: E402
+from onnx_export_memory import OTHER_CHECKOUT, before_checkout, full_size_checkpoint  # noqa: E402
 
 DOC = ROOT / "docs" / "TENSORRT.md"
 BEGIN, END = "<!-- tensorrt_export_memory:begin -->", "<!-- tensorrt_export_memory:end -->"
@@ -117,31 +117,26 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="tensorrt-export-memory-"))
     ckpt = full_size_checkpoint(work, args.preset)
     stored = sum(f.stat().st_size for f in ckpt.rglob("*.safetensors"))
-    tree = work / "before-tree"
-    if not tree.is_dir():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.before], check=True, capture_output=True)
-    rev = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
-
     rows = []
-    for how, tag, code in ((f"before ({rev}): model kept, engines serialized in memory", "before", OTHER_CHECKOUT + EXPORT), ("as shipped: model released, engines streamed", "now", EXPORT)):
-        out = work / f"trt-{tag}"
-        shutil.rmtree(out, ignore_errors=True)
-        print("exporting", tag, flush=True)
-        cmd = [sys.executable, "-c", code, *([str(tree)] if tag == "before" else []), str(ckpt), str(out)]
-        run = run_sampled(cmd, work / f"trt-{tag}.log", args.cap_gib)
-        rss, graphs, engines = _peaks(run)
-        if run["outcome"] == "finished":
-            facts = json.loads((out / "manifest.json").read_text())["extra"]["tensorrt"]
-            size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-            builds = ", ".join(f"{g} {s / 60:.1f}" for g, s in facts["build_seconds"].items())
-            result = f"bundle {size / 2**30:.1f} GiB (engine builds, min: {builds})"
-        else:
-            result = f"**{run['outcome']}** at {max(s[2] for s in run['samples']) / 2**30:.1f} GiB anonymous, {_where(run)}"
-        rows.append(f"| {how} | {run['wall'] / 60:.1f} min | {rss:.2f} GiB | {graphs:.2f} GiB | **{engines:.2f} GiB** | {result} |")
-        shutil.rmtree(out, ignore_errors=True)
-        for partial in work.glob(f".trt-{tag}.partial-*"):  # what a stopped export leaves
-            shutil.rmtree(partial, ignore_errors=True)
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False, capture_output=True)
+    with before_checkout(work, args.before) as (tree, rev):
+        for how, tag, code in ((f"before ({rev}): model kept, engines serialized in memory", "before", OTHER_CHECKOUT + EXPORT), ("as shipped: model released, engines streamed", "now", EXPORT)):
+            out = work / f"trt-{tag}"
+            shutil.rmtree(out, ignore_errors=True)
+            print("exporting", tag, flush=True)
+            cmd = [sys.executable, "-c", code, *([str(tree)] if tag == "before" else []), str(ckpt), str(out)]
+            run = run_sampled(cmd, work / f"trt-{tag}.log", args.cap_gib)
+            rss, graphs, engines = _peaks(run)
+            if run["outcome"] == "finished":
+                facts = json.loads((out / "manifest.json").read_text())["extra"]["tensorrt"]
+                size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+                builds = ", ".join(f"{g} {s / 60:.1f}" for g, s in facts["build_seconds"].items())
+                result = f"bundle {size / 2**30:.1f} GiB (engine builds, min: {builds})"
+            else:
+                result = f"**{run['outcome']}** at {max(s[2] for s in run['samples']) / 2**30:.1f} GiB anonymous, {_where(run)}"
+            rows.append(f"| {how} | {run['wall'] / 60:.1f} min | {rss:.2f} GiB | {graphs:.2f} GiB | **{engines:.2f} GiB** | {result} |")
+            shutil.rmtree(out, ignore_errors=True)
+            for partial in work.glob(f".trt-{tag}.partial-*"):  # what a stopped export leaves
+                shutil.rmtree(partial, ignore_errors=True)
 
     lines = [
         f"`python benchmarks/tensorrt_export_memory.py --before {args.before} --preset {args.preset} --cap-gib {args.cap_gib:g}` "
