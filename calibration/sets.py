@@ -79,4 +79,33 @@ def resolve_set(set_name: str, data: Path | None = None, *, status: Callable[[st
     return QuestionSet(set_name, read_manifest(manifest), cache, manifest)
 
 
-__all__ = ["CALIBRATION_PER_DOMAIN", "EVAL_PER_DOMAIN", "QuestionSet", "resolve_set"]
+def first(samples: list[Sample], limit: int | None, *, flag: str = "--limit", set_name: str = "the set") -> list[Sample]:
+    """The first `limit` samples of a set (all of them for None).
+
+    Raises:
+        InputError: `limit` below 1, or above the set's size (a trace of fewer questions than
+            asked would pass for the one asked).
+    """
+    if limit is None:
+        return list(samples)
+    if limit < 1:
+        raise InputError(f"{flag} must be at least 1, got {limit}")
+    if limit > len(samples):
+        raise InputError(f"{flag} {limit} is more than the {len(samples)} questions of {set_name}: use {flag} {len(samples)} or fewer")
+    return list(samples[:limit])
+
+
+def check_trace_questions(n: int) -> None:
+    """`--trace-questions`: 0 (no trace embedded) or at most the eval split's questions; checked
+    before any work, where the trace itself is recorded after minutes of it.
+
+    Raises:
+        InputError: `n` below 0 or above the eval split's questions.
+    """
+    if n < 0:
+        raise InputError(f"--trace-questions must be 0 (embed no reference trace) or more, got {n}")
+    if n:
+        first(resolve_set("eval").samples, n, flag="--trace-questions", set_name="the eval split")
+
+
+__all__ = ["CALIBRATION_PER_DOMAIN", "EVAL_PER_DOMAIN", "QuestionSet", "check_trace_questions", "first", "resolve_set"]

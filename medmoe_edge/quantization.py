@@ -33,7 +33,7 @@ from .calibration.delta import DeltaChoice
 from .calibration.delta import choose as choose_deltas
 from .calibration.routing import RoutedPlan, hold_routes
 from .calibration.sensitivity import CodeBook, Deferred, GgmlCodeBook, Probe, SensitivityMode, sensitivities, swap, units_for, with_choices
-from .calibration.sets import QuestionSet, resolve_set
+from .calibration.sets import QuestionSet, check_trace_questions, first, resolve_set
 from .calibration.teacher import prepare
 from .checkpoint import LoadedModel, load_model, resolve_model_dir
 from .ckpt_writer import atomic_dir, check_new_dir
@@ -525,7 +525,7 @@ def _embedded_trace(model_dir: Path, questions: int, loaded: LoadedModel | None 
     samples, root = resolve_set("eval")
     with Pipeline(TorchRuntime(loaded)) if loaded is not None else load(model_dir, runtime="torch") as ref:
         qs = []
-        for s in samples[:questions]:
+        for s in first(samples, questions, flag="--trace-questions", set_name="the eval split"):
             req, _ = ref.prepare(root / s.image, s.question)
             qs.append(TraceQuestion(s.id, s.question, req, {"domain": s.domain.value, "answer_type": s.answer_type, "ground_truth": s.answer}))
         return record(ref.runtime, qs, source_sha256=checkpoint_source_sha256(model_dir), max_new_tokens=32, preprocess=PreprocessMode.PAD.value, set_name="eval")
@@ -558,10 +558,12 @@ def quantize_bundle(
         InputError: an unknown or unimplemented format, a bad budget (neither or both, not positive,
             below the smallest types), a type the format does not store in `types`, a `codes_memory`
             (bytes the candidate codes may hold at once, `make_plan`) that is not positive, a non-empty
-            or unwritable `out`, statistics of another model or set. Every one of them before
-            anything is written.
+            or unwritable `out`, statistics of another model or set, `trace_questions` (the
+            embedded trace's eval questions; 0: none) below 0 or above the split's. Every one of
+            them before anything is written.
     """
     check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
+    check_trace_questions(trace_questions)
     if codes_memory is not None and codes_memory <= 0:
         raise InputError(f"--codes-memory must be a positive number of GiB, got {codes_memory / 2**30:g}")
     method = parse_method(None if method is None else method.value, fmt)

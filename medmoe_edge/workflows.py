@@ -16,7 +16,7 @@ from typing import Any
 
 from .api import Pipeline, load
 from .bundle import Manifest, read_manifest
-from .calibration.sets import resolve_set
+from .calibration.sets import check_trace_questions, first, resolve_set
 from .checkpoint import fp32_bytes, load_model, resolve_model_dir
 from .ckpt_writer import atomic_dir, check_new_dir
 from .diagnostics import fits_in_memory
@@ -65,6 +65,7 @@ def record_trace(
     status: Status = _quiet,
     progress: Progress | None = None,
     keep_stored: bool = False,
+    limit_flag: str = "--limit",
 ) -> Trace:
     """Run the PyTorch reference on `model` over a question set and record its trace.
 
@@ -73,13 +74,13 @@ def record_trace(
     (every matrix is widened at every decoded token: 2.4x on the real-dimension proxy).
 
     Raises:
-        InputError: a bad set, or `limit` < 1.
+        InputError: a bad set, or `limit` < 1 or more than the set's questions (named as `limit_flag`).
         CheckpointError: the checkpoint cannot be loaded.
     """
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit must be at least 1, got {limit}")
+    if limit is not None and limit < 1:  # before the set is generated
+        first([], limit, flag=limit_flag)
     samples, root = resolve_set(set_name, data, status=status)
-    samples = samples[:limit] if limit is not None else samples
+    samples = first(samples, limit, flag=limit_flag, set_name=set_name)
     opts = options or RuntimeOptions()
     model_dir = resolve_model_dir(model)
     reference = Pipeline(TorchRuntime(load_model(model_dir, vision_tower=opts.vision_tower, keep_stored=True))) if keep_stored else load(model_dir, runtime="torch", options=opts)
@@ -115,11 +116,13 @@ def export_bundle(
         given: the format's options as the user gave them, CLI flag → value (e.g. {"--quant": "q8_0"}).
         plan: a quantization plan instead of a uniform `--precision`/`--quant`.
         trace_questions: eval questions of the reference trace to embed (0: none), so that
-            `verify BUNDLE` works where the checkpoint is not.
+            `verify BUNDLE` works where the checkpoint is not (`--trace-questions`).
     Raises:
-        InputError: unknown format, an option of another format, a bad value, a non-empty `out`.
+        InputError: unknown format, an option of another format, a bad value, a non-empty `out`,
+            `trace_questions` below 0 or above the eval split's questions.
         CheckpointError / RuntimeUnavailable: as the exporter raises them.
     """
+    check_trace_questions(trace_questions)
     exporter = get_exporter(fmt)
     request = exporter.request(dict(given or {}), plan=plan, vision_tower=vision_tower)
     ok, why = exporter.availability()
@@ -130,7 +133,7 @@ def export_bundle(
     if trace_questions:
         # a full-size checkpoint whose fp32 weights do not fit (Phi: 23 GiB) is traced as stored
         keep = fits_in_memory(fp32_bytes(resolve_model_dir(model))) is False
-        trace = record_trace(model, limit=trace_questions, options=RuntimeOptions(vision_tower=vision_tower), status=status, keep_stored=keep)
+        trace = record_trace(model, limit=trace_questions, options=RuntimeOptions(vision_tower=vision_tower), status=status, keep_stored=keep, limit_flag="--trace-questions")
 
     def embed(tmp: Path) -> dict[str, str]:
         return {p.name: "reference-trace" for p in trace.save(tmp)} if trace is not None else {}

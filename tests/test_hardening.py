@@ -283,3 +283,22 @@ def test_messages_name_the_right_runtime_and_describe_bundles(demo_bundles, samp
     assert sum(info["parameters_by_precision"].values()) > 1_000_000
     table = runner.invoke(app, ["info", str(onnx_bundle)], terminal_width=200)
     assert table.exit_code == 0 and "run it with --runtime onnxruntime" in table.stdout and "no weights" not in table.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "--format", "onnx", "--trace-questions", "-1"], "--trace-questions must be 0 (embed no reference trace) or more, got -1"),
+        (["export", "--format", "onnx", "--trace-questions", "5000"], "--trace-questions 5000 is more than the 1600 questions of the eval split: use --trace-questions 1600 or fewer"),
+        (["quantize", "--format", "onnx", "--stats", "STATS", "--avg-bits", "4", "--trace-questions", "5000"], "--trace-questions 5000 is more than the 1600 questions of the eval split"),
+        (["trace", "--limit", "5000"], "--limit 5000 is more than the 1600 questions of eval: use --limit 1600 or fewer"),
+    ],
+)
+def test_a_trace_longer_than_its_set_is_refused_before_any_work(args, message, tmp_path, monkeypatch):
+    # never a trace of fewer questions than asked passing for the one asked
+    for where in ("medmoe_edge.workflows.load", "medmoe_edge.quantization.load_model"):
+        monkeypatch.setattr(where, lambda *a, **k: pytest.fail("the model was loaded before --trace-questions was checked"))
+    out = tmp_path / "out"
+    r = runner.invoke(app, [a.replace("STATS", str(tmp_path / "stats")) for a in args] + ["--out", str(out)])
+    assert message in _one_line_error(r)
+    assert not out.exists()

@@ -136,3 +136,15 @@ def test_trace_cli_then_verify_with_it(moved_demo, tiny_ckpts, tmp_path):
     assert other.exit_code == 0, other.output
     r = runner.invoke(app, ["verify", str(bundle), "--trace", str(tmp_path / "other")])
     assert r.exit_code == 2 and "recorded from another checkpoint" in r.output
+
+
+def test_export_embeds_as_many_trace_questions_as_asked_and_checks_on_them(tmp_path):
+    bundle = tmp_path / "b3"
+    r = runner.invoke(app, ["export", "--format", "onnx", "--trace-questions", "3", "--out", str(bundle)])
+    assert r.exit_code == 0, r.output
+    assert "fidelity vs the PyTorch reference (3 eval questions" in r.stdout  # the check replayed them
+    assert len(json.loads((bundle / "trace.json").read_text())["items"]) == 3
+    none = tmp_path / "b0"
+    r = runner.invoke(app, ["export", "--format", "onnx", "--trace-questions", "0", "--no-verify", "--out", str(none)])
+    assert r.exit_code == 0, r.output
+    assert not (none / "trace.json").exists() and "reference-trace" not in (none / "manifest.json").read_text()

@@ -15,7 +15,8 @@ from .common import err, out, user_errors
 from ..workflows import EMBEDDED_TRACE_QUESTIONS, export_bundle
 from .verify_cmd import check_written_bundle, print_report
 
-# the embedded trace's own size and length, so export's check replays it instead of re-running the reference
+# the embedded trace's default size, so export's check replays it instead of re-running the reference;
+# with --trace-questions N the check replays those N, with 0 it runs the checkpoint on this many
 EXPORT_VERIFY_LIMIT = EMBEDDED_TRACE_QUESTIONS
 
 
@@ -55,14 +56,18 @@ def export(
     max_context: Annotated[int | None, typer.Option("--max-context", help="TensorRT: most positions (prompt + answer) the engines take [default: the model's context length].")] = None,
     compute_capability: Annotated[list[str] | None, typer.Option("--compute-capability", help="TensorRT rtx: GPU compute capabilities to build for, e.g. 8.6,8.9 (the default), 7.5, 8.0, 12.0.")] = None,
     moe_dispatch: Annotated[str | None, typer.Option("--moe-dispatch", help="ONNX: 'scatter' (NonZero per expert; fastest prefill on ONNX Runtime) or 'if' (an If per expert; no data-dependent shapes, what TensorRT builds) [default: scatter].")] = None,
-    check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {EXPORT_VERIFY_LIMIT} eval questions.")] = True,
+    trace_questions: Annotated[
+        int,
+        typer.Option("--trace-questions", help="Eval questions of the reference trace the bundle embeds, so `verify BUNDLE` works without the checkpoint; 0 embeds none. A full-size checkpoint takes minutes per question on a small CPU."),
+    ] = EMBEDDED_TRACE_QUESTIONS,
+    check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on the embedded trace's questions (with --trace-questions 0: the checkpoint on {EXPORT_VERIFY_LIMIT}).")] = True,
 ) -> None:
     """Export a checkpoint to a deployment bundle with a manifest (SHA-256 of every file)."""
     # The format's own flags, as given: the exporter checks them (an option of another format is an error naming it).
     flags = {"--precision": precision, "--quant": quant, "--mmproj-dtype": mmproj_dtype, "--tensor-type": tensor_types or None, "--max-batch": max_batch, "--moe-dispatch": moe_dispatch, "--target": target, "--max-context": max_context, "--compute-capability": compute_capability or None}
     given = {flag: value for flag, value in flags.items() if value is not None}
     with err.status(f"exporting {model} to {fmt}"):
-        manifest = export_bundle(fmt, model, out_dir, given, vision_tower=vision_tower)
+        manifest = export_bundle(fmt, model, out_dir, given, vision_tower=vision_tower, trace_questions=trace_questions)
     for name, ttype in manifest.extra.get("fallbacks", {}).items():
         err.print(f"[yellow]{name}: stored as {ttype}, not {manifest.precision.value} (its rows do not fit the {manifest.precision.value} block size)[/]")
     t = Table(title=f"{out_dir} ({manifest.format.value}, {manifest.precision.value})")
@@ -83,7 +88,7 @@ def export(
             err.print(f"[bold yellow]UNVERIFIED: no GPU to run the bf16 engines here, and ONNX Runtime's CPU kernels have no bf16: run `medmoe-edge verify {out_dir} --device cuda` on the target GPU (Ampere or later)[/]")
             return
         err.print(f"[yellow]{why}[/]")
-    report = check_written_bundle(out_dir, EXPORT_VERIFY_LIMIT, runtime=runtime, device=device)
+    report = check_written_bundle(out_dir, trace_questions or EXPORT_VERIFY_LIMIT, runtime=runtime, device=device)
     print_report(report, f"fidelity vs the PyTorch reference ({len(report.samples)} eval questions; `medmoe-edge verify {out_dir}` for more)")
     if not report.passed:
         err.print(f"[bold red]the bundle was written to {out_dir} but is outside its fidelity tolerances[/]")

@@ -49,7 +49,11 @@ def quantize_cmd(
         float | None,
         typer.Option("--codes-memory", help="GiB the candidate codes (every group at every type, made once) may hold at once; past it they wait in a temporary folder beside --out and are read back, with the same plan [default: half of the free memory less the model's weights]."),
     ] = None,
-    check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on {QUANTIZE_VERIFY_LIMIT} eval questions.")] = True,
+    trace_questions: Annotated[
+        int,
+        typer.Option("--trace-questions", help="Eval questions of the reference trace the bundle embeds, so `verify BUNDLE` works without the checkpoint; 0 embeds none. The check's answer bound (≥ 95 % kept) allows one differing answer per 20 questions."),
+    ] = QUANTIZE_VERIFY_LIMIT,
+    check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on the embedded trace's questions (with --trace-questions 0: the checkpoint on {QUANTIZE_VERIFY_LIMIT}).")] = True,
 ) -> None:
     """Quantize each expert (and every other weight group) to its own precision from measured sensitivities, under a byte budget."""
     check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
@@ -65,7 +69,7 @@ def quantize_cmd(
         task = bar.add_task("measuring sensitivities", total=None)
         manifest, result = quantize_bundle(
             model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch, ops=ops, sensitivity=mode, delta_from_meta=delta_from_meta, types=types,
-            codes_memory=codes_bytes, trace_questions=QUANTIZE_VERIFY_LIMIT, status=timed(err.status, took), progress=lambda i, n: bar.update(task, completed=i, total=n),
+            codes_memory=codes_bytes, trace_questions=trace_questions, status=timed(err.status, took), progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
     err.print("took: " + "; ".join(f"{what} {secs:.0f} s" for what, secs in took.items()), highlight=False, soft_wrap=True)
     if fmt == "gguf":
@@ -135,7 +139,7 @@ def quantize_cmd(
         runtime, device, why = tensorrt_check_runtime()
         err.print(f"[yellow]{why}[/]")
         kernels = "TensorRT engines" if runtime == "tensorrt" else "ONNX Runtime on the graphs the engines were built from"
-    report = check_written_bundle(out_dir, QUANTIZE_VERIFY_LIMIT, runtime=runtime, device=device)
+    report = check_written_bundle(out_dir, trace_questions or QUANTIZE_VERIFY_LIMIT, runtime=runtime, device=device)
     # the bounds of quantized bundles (verify.QUANTIZED_TOLERANCES), not the fp32 bundle's
     print_report(report, f"fidelity vs the fp32 PyTorch reference on {len(report.samples)} eval questions ({kernels}; `medmoe-edge verify {out_dir}` for more)")
     if not report.passed:
