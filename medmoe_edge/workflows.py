@@ -65,7 +65,7 @@ def record_trace(
     status: Status = _quiet,
     progress: Progress | None = None,
     keep_stored: bool = False,
-    limit_flag: str = "--limit",
+    limit_flag: str | None = None,
 ) -> Trace:
     """Run the PyTorch reference on `model` over a question set and record its trace.
 
@@ -73,14 +73,17 @@ def record_trace(
     (`load_model(keep_stored=True)`): the same trace bit for bit in half the memory, and slower
     (every matrix is widened at every decoded token: 2.4x on the real-dimension proxy).
 
+    `limit` is at most that many questions (a default, e.g. verify's 64, on a smaller set); with
+    `limit_flag`, the user's flag that asked for exactly that many.
+
     Raises:
-        InputError: a bad set, or `limit` < 1 or more than the set's questions (named as `limit_flag`).
+        InputError: a bad set, `limit` < 1, or, with `limit_flag`, more than the set's questions.
         CheckpointError: the checkpoint cannot be loaded.
     """
     if limit is not None and limit < 1:  # before the set is generated
-        first([], limit, flag=limit_flag)
+        raise InputError(f"{limit_flag or '--limit'} must be at least 1, got {limit}")
     samples, root = resolve_set(set_name, data, status=status)
-    samples = first(samples, limit, flag=limit_flag, set_name=set_name)
+    samples = first(samples, limit, flag=limit_flag, set_name=set_name) if limit_flag else samples[:limit]
     opts = options or RuntimeOptions()
     model_dir = resolve_model_dir(model)
     reference = Pipeline(TorchRuntime(load_model(model_dir, vision_tower=opts.vision_tower, keep_stored=True))) if keep_stored else load(model_dir, runtime="torch", options=opts)

@@ -40,6 +40,7 @@ def trace(
             options=runtime_options(threads=threads, vision_tower=vision_tower),
             status=err.status,
             progress=lambda i, n: bar.update(task, completed=i, total=n),
+            limit_flag="--limit" if limit is not None else None,
         )
     paths = save_trace(t, out_dir)
     logits = "full logits" if t.header.full_logits else f"top-{t.header.topk} logits"
