@@ -67,6 +67,44 @@ def paired(pd: dict, ct: dict, ids: list[str], rng) -> dict:
     }
 
 
+class Oracle:
+    """The demo's PyTorch reference with the GPTQ-able matrices of `--matrices` (all the planned
+    matrices, or the routed and meta experts only), replaying the fp32 trace under fake-quant codes."""
+
+    def __init__(self, matrices: str) -> None:
+        from medmoe_edge import api
+        from medmoe_edge.allocation import BACKENDS
+        from medmoe_edge.calibration.sensitivity import units_for
+        from medmoe_edge.checkpoint import resolve_model_dir
+        from medmoe_edge.runtime_contract import RuntimeOptions
+
+        self.pipe = api.load(resolve_model_dir("demo"), runtime="torch", options=RuntimeOptions(num_threads=2))
+        self.loaded = self.pipe.runtime.loaded
+        self.state = {k: v.detach().clone() for k, v in self.loaded.model.lm.state_dict().items()}
+        units = units_for(self.loaded, BACKENDS["torch"])
+        self.keys = [k for u in units for k in u.keys if matrices == "all" or ".deepspeed_experts." in k or ".meta_moe." in k]
+
+    def codes(self, book, bits: int) -> dict:
+        """`book`'s codes (a `CodeBook`) of every matrix at `bits`."""
+        return {k: book.get(k, self.state[k], bits) for k in self.keys}
+
+    def replay(self, trace, codes: dict) -> dict:
+        """{question id: (KL sum, steps)} of the model under `codes` against `trace`."""
+        from medmoe_edge.quantization import fake_quantize, restore
+        from medmoe_edge.verify import QUANTIZED_TOLERANCES, replay
+        from medmoe_edge.vocab import ArtifactKind
+
+        old = fake_quantize(self.loaded, codes)
+        try:
+            rep = replay(self.pipe.runtime, trace, QUANTIZED_TOLERANCES[ArtifactKind.ONNX])
+        finally:
+            restore(self.loaded, old)
+        return {r.id: (r.kl_sum, r.steps) for r in rep.samples}
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-domain", type=int, default=400, help="eval questions per domain (400: the whole split)")
@@ -80,15 +118,10 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from medmoe_edge import api
-    from medmoe_edge.allocation import BACKENDS
-    from medmoe_edge.calibration.sensitivity import CodeBook, output_energy, units_for
+    from medmoe_edge.calibration.sensitivity import CodeBook, output_energy
     from medmoe_edge.checkpoint import resolve_model_dir
     from medmoe_edge.quant_plan import QuantMethod
-    from medmoe_edge.quantization import calibrate, fake_quantize, restore
-    from medmoe_edge.runtime_contract import RuntimeOptions
-    from medmoe_edge.verify import QUANTIZED_TOLERANCES, replay
-    from medmoe_edge.vocab import ArtifactKind
+    from medmoe_edge.quantization import calibrate
 
     torch.set_num_threads(2)
     n, big = args.calib_per_domain, 4 * args.calib_per_domain
@@ -104,25 +137,14 @@ def main() -> None:
         }
         ct_stats = calibrate("demo", work / "ct", per_domain=big, domains=["ct"], sensitivity_per_domain=1)[0]
         held_out = {d: calibrate("demo", work / f"eval-{d}", set_name="eval", domains=[d], per_domain=args.per_domain, sensitivity_per_domain=1)[0] for d in DOMAINS}
-        oracle = api.load(model_dir, runtime="torch", options=RuntimeOptions(num_threads=2))
-        loaded = oracle.runtime.loaded
-        units = units_for(loaded, BACKENDS["torch"])
-        state = {k: v.detach().clone() for k, v in loaded.model.lm.state_dict().items()}
-        keys = [k for u in units for k in u.keys if args.matrices == "all" or ".deepspeed_experts." in k or ".meta_moe." in k]
+        oracle = Oracle(args.matrices)
+        state, keys = oracle.state, oracle.keys
         books = {name: CodeBook(s, QuantMethod.GPTQ, 32, symmetric=False) for name, s in (*variants.items(), ("CT-only", ct_stats))}
-
-        def kl_per_question(codes: dict) -> dict:
-            old = fake_quantize(loaded, codes)
-            try:
-                rep = replay(oracle.runtime, trace, QUANTIZED_TOLERANCES[ArtifactKind.ONNX])
-            finally:
-                restore(loaded, old)
-            return {r.id: (r.kl_sum, r.steps) for r in rep.samples}
 
         rows = []
         for bits in args.bits:
-            codes = {name: {k: b.get(k, state[k], bits) for k in keys} for name, b in books.items()}
-            kl = {name: kl_per_question(c) for name, c in codes.items()}
+            codes = {name: oracle.codes(b, bits) for name, b in books.items()}
+            kl = {name: oracle.replay(trace, c) for name, c in codes.items()}
             print(f"int{bits}: {time.time() - t0:.0f} s", flush=True)
             # per matrix: the held-out output error of every code set on the matrices whose inputs the
             # domain's eval questions reach (a routed expert may get none), each computed once

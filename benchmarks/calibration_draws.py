@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from docblock import publish_block  # noqa: E402
+from calibration_domains import Oracle  # noqa: E402
 from quantization_report import DOMAINS, _trace  # noqa: E402
 
 DOC = ROOT / "docs" / "QUANTIZATION.md"
@@ -85,15 +86,10 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from medmoe_edge import api
-    from medmoe_edge.allocation import BACKENDS
-    from medmoe_edge.calibration.sensitivity import CodeBook, units_for
+    from medmoe_edge.calibration.sensitivity import CodeBook
     from medmoe_edge.checkpoint import resolve_model_dir
     from medmoe_edge.quant_plan import QuantMethod
-    from medmoe_edge.quantization import calibrate, fake_quantize, restore
-    from medmoe_edge.runtime_contract import RuntimeOptions
-    from medmoe_edge.verify import QUANTIZED_TOLERANCES, replay
-    from medmoe_edge.vocab import ArtifactKind
+    from medmoe_edge.quantization import calibrate
 
     torch.set_num_threads(2)
     n = PER_DOMAIN_CALIB
@@ -105,11 +101,7 @@ def main() -> None:
     kl = {bits: {"per-domain": [], "CT-only": []} for bits in args.bits}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        oracle = api.load(model_dir, runtime="torch", options=RuntimeOptions(num_threads=2))
-        loaded = oracle.runtime.loaded
-        units = units_for(loaded, BACKENDS["torch"])
-        state = {k: v.detach().clone() for k, v in loaded.model.lm.state_dict().items()}
-        keys = [k for u in units for k in u.keys if args.matrices == "all" or ".deepspeed_experts." in k or ".meta_moe." in k]
+        oracle = Oracle(args.matrices)
         for r, set_name in enumerate(draw_sets(work, args.draws)):
             stats = {
                 "per-domain": calibrate("demo", work / f"pd{r}", set_name=set_name, per_domain=n, sensitivity_per_domain=1)[0],
@@ -118,13 +110,9 @@ def main() -> None:
             books = {name: CodeBook(s, QuantMethod.GPTQ, 32, symmetric=False) for name, s in stats.items()}
             for bits in args.bits:
                 for name, book in books.items():
-                    old = fake_quantize(loaded, {k: book.get(k, state[k], bits) for k in keys})
-                    try:
-                        rep = replay(oracle.runtime, trace, QUANTIZED_TOLERANCES[ArtifactKind.ONNX])
-                    finally:
-                        restore(loaded, old)
-                    kl[bits][name].append({s.id: s.kl_sum for s in rep.samples})
-                    steps = {s.id: s.steps for s in rep.samples}
+                    got = oracle.replay(trace, oracle.codes(book, bits))
+                    kl[bits][name].append({i: kl_sum for i, (kl_sum, _) in got.items()})
+                    steps = {i: n for i, (_, n) in got.items()}
             print(f"draw {r + 1} of {args.draws}: {time.time() - t0:.0f} s", flush=True)
         oracle.close()
 
@@ -136,7 +124,7 @@ def main() -> None:
             total = len(kl[bits]["per-domain"]) * sum(steps[i] for i in ids[d])
             rows.append({"bits": bits, "domain": d, "pd": a.sum() / total, "ct": b.sum() / total} | pooled(a, b, rng))
 
-    scope = "every planned matrix" if args.matrices == "all" else f"the routed and meta experts only ({len(keys)} matrices; the rest fp32)"
+    scope = "every planned matrix" if args.matrices == "all" else f"the routed and meta experts only ({len(oracle.keys)} matrices; the rest fp32)"
     lines = [
         f"Command: `python benchmarks/calibration_draws.py --draws {args.draws} --per-domain {args.per_domain} --bits {' '.join(map(str, args.bits))}"
         f"{' --matrices experts' if args.matrices == 'experts' else ''}` "
