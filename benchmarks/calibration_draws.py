@@ -112,7 +112,7 @@ def main() -> None:
                 for name, book in books.items():
                     got = oracle.replay(trace, oracle.codes(book, bits))
                     kl[bits][name].append({i: kl_sum for i, (kl_sum, _) in got.items()})
-                    steps = {i: n for i, (_, n) in got.items()}
+                    steps = {i: st for i, (_, st) in got.items()}
             print(f"draw {r + 1} of {args.draws}: {time.time() - t0:.0f} s", flush=True)
         oracle.close()
 
