@@ -60,7 +60,7 @@ def export(
         int,
         typer.Option("--trace-questions", help="Eval questions of the reference trace the bundle embeds, so `verify BUNDLE` works without the checkpoint; 0 embeds none. A full-size checkpoint takes minutes per question on a small CPU."),
     ] = EMBEDDED_TRACE_QUESTIONS,
-    check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on the embedded trace's questions (with --trace-questions 0: the checkpoint on {EXPORT_VERIFY_LIMIT}).")] = True,
+    check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on the embedded trace's questions (with --trace-questions 0: against the checkpoint, on {EXPORT_VERIFY_LIMIT} questions).")] = True,
 ) -> None:
     """Export a checkpoint to a deployment bundle with a manifest (SHA-256 of every file)."""
     # The format's own flags, as given: the exporter checks them (an option of another format is an error naming it).

@@ -53,7 +53,7 @@ def quantize_cmd(
         int,
         typer.Option("--trace-questions", help="Eval questions of the reference trace the bundle embeds, so `verify BUNDLE` works without the checkpoint; 0 embeds none. The check's answer bound (≥ 95 % kept) allows one differing answer per 20 questions."),
     ] = QUANTIZE_VERIFY_LIMIT,
-    check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on the embedded trace's questions (with --trace-questions 0: the checkpoint on {QUANTIZE_VERIFY_LIMIT}).")] = True,
+    check: Annotated[bool, typer.Option("--verify/--no-verify", help=f"Compare the bundle with the PyTorch reference on the embedded trace's questions (with --trace-questions 0: against the checkpoint, on {QUANTIZE_VERIFY_LIMIT} questions).")] = True,
 ) -> None:
     """Quantize each expert (and every other weight group) to its own precision from measured sensitivities, under a byte budget."""
     check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
