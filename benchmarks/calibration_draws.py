@@ -52,8 +52,10 @@ def draw_sets(work: Path, draws: int) -> list[str]:
 def pooled(a, b, rng) -> dict:
     """CT-only (`b`) against per-domain (`a`): arrays [draw, question] of KL sums over the same steps.
 
-    The interval resamples draws and questions independently (a two-stage bootstrap), so it holds
-    the spread of the codes between calibration sets as well as that of the questions."""
+    The interval resamples draws and questions independently (a crossed bootstrap: the same
+    resampled questions in every resampled draw, as every code set is measured on the same
+    questions), so it holds the spread of the codes between calibration sets as well as that of
+    the questions. With 8 draws its percentiles are coarse."""
     import numpy as np
 
     r, q = a.shape
@@ -81,6 +83,8 @@ def main() -> None:
     ap.add_argument("--matrices", choices=("all", "experts"), default="all", help="quantize every planned matrix, or the routed and meta experts only")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
+    if args.draws < 2:
+        ap.error("--draws must be at least 2: the interval resamples the draws")
     t0 = time.time()
 
     import numpy as np
@@ -132,7 +136,7 @@ def main() -> None:
         f"uniform GPTQ, block 32, {scope}; {args.draws} calibration sets: the shipped split and {args.draws - 1} regenerated with seeds 1 … {args.draws - 1}; "
         f"per each: per-domain statistics from {n} questions per domain, CT-only from {4 * n} CT questions; {(time.time() - t0) / 60:.1f} min). "
         f"Change: CT-only's KL over per-domain's − 1, summed over the draws (positive: per-domain calibration wins; bound ≥ +15 % on MRI, X-ray and pathology), "
-        f"with a 95 % two-stage bootstrap interval (draws and questions resampled, {RESAMPLES} times).",
+        f"with a 95 % bootstrap interval (draws and questions each resampled, independently: a crossed bootstrap, {RESAMPLES} times).",
         "",
         "| bits | domain | KL per-domain | KL CT-only | change, pooled | 95 % interval | change per draw (lowest … highest) | draws at ≥ +15 % | (draw, question) pairs per-domain wins |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -95,17 +95,19 @@ def first(samples: list[Sample], limit: int | None, *, flag: str = "--limit", se
     return list(samples[:limit])
 
 
-def check_trace_questions(n: int) -> None:
+def check_trace_questions(n: int, status: Callable[[str], AbstractContextManager] | None = None) -> None:
     """`--trace-questions`: 0 (no trace embedded) or at most the eval split's questions; checked
-    before any work, where the trace itself is recorded after minutes of it.
+    before the model loads, where the trace itself is recorded after minutes of work.
 
+    Args:
+        status: called with a message around the (one-time) generation of the eval split.
     Raises:
         InputError: `n` below 0 or above the eval split's questions.
     """
     if n < 0:
         raise InputError(f"--trace-questions must be 0 (embed no reference trace) or more, got {n}")
     if n:
-        first(resolve_set("eval").samples, n, flag="--trace-questions", set_name="the eval split")
+        first(resolve_set("eval", status=status).samples, n, flag="--trace-questions", set_name="the eval split")
 
 
 __all__ = ["CALIBRATION_PER_DOMAIN", "EVAL_PER_DOMAIN", "QuestionSet", "check_trace_questions", "first", "resolve_set"]

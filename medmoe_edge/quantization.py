@@ -563,7 +563,6 @@ def quantize_bundle(
             them before anything is written.
     """
     check_request(fmt, budget_mb=budget_mb, avg_bits=avg_bits)
-    check_trace_questions(trace_questions)
     if codes_memory is not None and codes_memory <= 0:
         raise InputError(f"--codes-memory must be a positive number of GiB, got {codes_memory / 2**30:g}")
     method = parse_method(None if method is None else method.value, fmt)
@@ -585,6 +584,7 @@ def quantize_bundle(
         require_patched_llama_cpp()
     model_dir = resolve_model_dir(model)
     check_new_dir(out)
+    check_trace_questions(trace_questions, status)  # before minutes of planning, after which the trace is recorded
     stats = load_stats(stats_dir, model_dir, model, set_name)
 
     with status(f"loading {model}"):

@@ -125,13 +125,13 @@ def export_bundle(
             `trace_questions` below 0 or above the eval split's questions.
         CheckpointError / RuntimeUnavailable: as the exporter raises them.
     """
-    check_trace_questions(trace_questions)
     exporter = get_exporter(fmt)
     request = exporter.request(dict(given or {}), plan=plan, vision_tower=vision_tower)
     ok, why = exporter.availability()
     if not ok:  # before minutes of tracing
         raise RuntimeUnavailable(f"--format {fmt} cannot export here: {why}")
     check_new_dir(out)  # before minutes of tracing and exporting
+    check_trace_questions(trace_questions, status)
     trace = None
     if trace_questions:
         # a full-size checkpoint whose fp32 weights do not fit (Phi: 23 GiB) is traced as stored
