@@ -41,9 +41,14 @@ from docblock import publish_block  # noqa: E402
 from quantization_report import DOMAINS, _trace  # noqa: E402
 
 DOC = ROOT / "docs" / "QUANTIZATION.md"
-BEGIN, END = "<!-- calibration_domains:begin -->", "<!-- calibration_domains:end -->"
 RESAMPLES = 2000
 WORST = 3
+
+
+def markers(name: str, matrices: str) -> tuple[str, str]:
+    """The doc markers of benchmark `name`'s table for `--matrices` (each scope has its own block)."""
+    block = name if matrices == "all" else f"{name}-experts"
+    return f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
 
 
 def paired(pd: dict, ct: dict, ids: list[str], rng) -> dict:
@@ -176,11 +181,7 @@ def main() -> None:
             f"| int{r['bits']} | {r['variant']} | {r['domain']} | {r['pd']:.2e} | {r['ct']:.2e} | **{r['change']:+.0%}** | {r['lo']:+.0%} … {r['hi']:+.0%} | "
             f"{r['wins']:.0%} | {r['median']:+.0%} | {r['worst']:.0%} | {r['layer']:+.0%} ({r['better']} of {r['mats']}) |"
         )
-    if not args.no_doc:
-        begin, end = (BEGIN, END) if args.matrices == "all" else (BEGIN.replace(":begin", "-experts:begin"), END.replace(":end", "-experts:end"))
-        publish_block(DOC, begin, end, lines, "Per-expert quantization")
-    else:
-        print("\n".join(lines))
+    publish_block(DOC, *markers("calibration_domains", args.matrices), lines, "Per-expert quantization", publish=not args.no_doc)
 
 
 if __name__ == "__main__":

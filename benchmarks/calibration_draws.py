@@ -31,11 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from docblock import publish_block  # noqa: E402
-from calibration_domains import Oracle  # noqa: E402
+from calibration_domains import Oracle, markers  # noqa: E402
 from quantization_report import DOMAINS, _trace  # noqa: E402
 
 DOC = ROOT / "docs" / "QUANTIZATION.md"
-MARKER = "calibration_draws"
 RESAMPLES = 2000
 PER_DOMAIN_CALIB = 64  # per-domain statistics' questions per domain; CT-only takes 4x that CT questions
 BOUND = 0.15
@@ -148,11 +147,7 @@ def main() -> None:
         )
     met = {bits: all(r["change"] >= BOUND for r in rows if r["bits"] == bits and r["domain"] != "ct") for bits in args.bits}
     lines += ["", "Bound (pooled change ≥ +15 % on MRI, X-ray and pathology): " + ", ".join(f"int{b} {'met' if m else 'not met'}" for b, m in met.items()) + "."]
-    if not args.no_doc:
-        suffix = "" if args.matrices == "all" else "-experts"
-        publish_block(DOC, f"<!-- {MARKER}{suffix}:begin -->", f"<!-- {MARKER}{suffix}:end -->", lines, "Per-expert quantization")
-    else:
-        print("\n".join(lines))
+    publish_block(DOC, *markers("calibration_draws", args.matrices), lines, "Per-expert quantization", publish=not args.no_doc)
 
 
 if __name__ == "__main__":

@@ -140,10 +140,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
         *full_size_rows(seqs),
     ]
-    if args.no_doc:
-        print("\n".join(lines))
-    else:
-        publish_block(DOC, BEGIN, END, lines, "Quantization")
+    publish_block(DOC, BEGIN, END, lines, "Quantization", publish=not args.no_doc)
 
 
 if __name__ == "__main__":

@@ -145,10 +145,7 @@ def main() -> None:
         lines.append(f"| {name} | {size[name] / 1e6:.1f} MB | {nodes[name]} | {tok[name]:.2f} | {tok[name] / tok['direct']:.3f}x |")
     cost = tok["direct"] / tok["delta"] - 1
     lines += ["", f"Decode cost of the delta coding: **{cost:+.1%}** per token (bound: ≤ 5 %)."]
-    if not a.no_doc:
-        publish_block(DOC, f"<!-- delta_decode_{a.model}:begin -->", f"<!-- delta_decode_{a.model}:end -->", lines, "Per-expert quantization")
-    else:
-        print("\n".join(lines))
+    publish_block(DOC, f"<!-- delta_decode_{a.model}:begin -->", f"<!-- delta_decode_{a.model}:end -->", lines, "Per-expert quantization", publish=not a.no_doc)
 
 
 if __name__ == "__main__":

@@ -214,10 +214,7 @@ def main() -> None:
         f"ONNX Runtime decode cost at StableLM-2-1.6B dimensions (one token, meta fc1 + one expert fc1, int4 DQ → MatMulNBits, 2 threads, median of {args.reps} interleaved "
         f"repetitions of 20 steps): direct {direct_s * 1e3:.3f} ms, delta {delta_s * 1e3:.3f} ms, ratio {delta_s / direct_s:.3f}.",
     ]
-    if args.no_doc:
-        print("\n".join(lines))
-    else:
-        publish_block(DOC, "<!-- delta_from_meta:begin -->", "<!-- delta_from_meta:end -->", lines, "Per-expert quantization")
+    publish_block(DOC, "<!-- delta_from_meta:begin -->", "<!-- delta_from_meta:end -->", lines, "Per-expert quantization", publish=not args.no_doc)
 
 
 if __name__ == "__main__":

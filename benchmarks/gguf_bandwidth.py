@@ -244,10 +244,7 @@ def main() -> None:
         + "; ".join(f"{q} {kind} {tok_s((kind, q, False)) / tok_s((kind, q, True)):.2f}x" for q in QUANTS for kind in ("dense", "moe"))
         + ".",
     ]
-    if a.no_doc:
-        print("\n".join(lines))
-    else:
-        publish_block(DOC, BEGIN, END, lines, "GGUF bundles and the llama.cpp runtime")
+    publish_block(DOC, BEGIN, END, lines, "GGUF bundles and the llama.cpp runtime", publish=not a.no_doc)
 
 
 if __name__ == "__main__":

@@ -84,10 +84,7 @@ def main() -> None:
             f"| {quant.value} | {kv.value}{' (default)' if kv is DEFAULT_KV_TYPE else ''} | {full_ctx[kv]:,.0f} | {m['logits_max_abs']:.3g} | {m['logits_cosine_min']:.6f} | "
             f"{m['token_agreement']:.2%} | {agree:.2%} ({round(agree * total):,} / {total:,}) | {same:,} / {total:,} | {'pass' if passed else 'FAIL'} |"
         )
-    if a.no_doc:
-        print("\n".join(lines))
-    else:
-        publish_block(DOC, BEGIN, END, lines, "GGUF bundles and the llama.cpp runtime")
+    publish_block(DOC, BEGIN, END, lines, "GGUF bundles and the llama.cpp runtime", publish=not a.no_doc)
 
 
 if __name__ == "__main__":

@@ -191,10 +191,7 @@ def main() -> None:
         f"**{'within' if peak <= rss_bound else 'OVER'}**; load **{cli['timings']['load_s']:.1f} s** (bundle check {cli['timings']['load_parts_s']['bundle_check_s']:.1f} s) against 5 s + 1 s/GB = {load_bound:.1f} s: "
         f"**{'within' if cli['timings']['load_s'] <= load_bound else 'OVER'}**; whole `run` {cli['wall_s']:.1f} s wall.",
     ]
-    if a.no_doc:
-        print("\n".join(lines))
-    else:
-        publish_block(DOC, BEGIN, END, lines, "GGUF bundles and the llama.cpp runtime")
+    publish_block(DOC, BEGIN, END, lines, "GGUF bundles and the llama.cpp runtime", publish=not a.no_doc)
 
 
 if __name__ == "__main__":

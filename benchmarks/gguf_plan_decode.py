@@ -167,9 +167,7 @@ def main() -> None:
         else:
             cmp = "| | "
         lines.append(f"| {name} | {read[name] / 1e6:.1f} | {tok[name]:.2f} | {bw / 1e9:.2f} | {cmp} |")
-    print("\n".join(lines))
-    if not a.no_doc:
-        publish_block(DOC, BEGIN, END, lines, "llama.cpp decode of plans against uniform types")
+    publish_block(DOC, BEGIN, END, lines, "llama.cpp decode of plans against uniform types", publish=not a.no_doc)
 
 
 if __name__ == "__main__":

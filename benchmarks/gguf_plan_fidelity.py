@@ -78,10 +78,7 @@ def main() -> None:
         "",
         f"llama.cpp's KL is **{ratio:.2f}×** the fake-quant plan's (bound ≤ 1.5×) and it keeps **{gguf['answer_agreement']:.1%}** of answers (bound ≥ 95 %).",
     ]
-    if a.no_doc:
-        print("\n".join(lines))
-    else:
-        publish_block(DOC, "<!-- gguf_plan_fidelity:begin -->", "<!-- gguf_plan_fidelity:end -->", lines, "Per-expert quantization")
+    publish_block(DOC, "<!-- gguf_plan_fidelity:begin -->", "<!-- gguf_plan_fidelity:end -->", lines, "Per-expert quantization", publish=not a.no_doc)
 
 
 if __name__ == "__main__":

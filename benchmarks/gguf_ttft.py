@@ -187,10 +187,7 @@ def main() -> None:
     for i, (name, _kind, _m, th, _s) in enumerate(rows):
         ttft, encode = med(i, "ttft_s"), med(i, "encode_s")
         lines.append(f"| {name} | {th} | {ttft * 1000:,.0f} | {encode * 1000:,.0f} | {(ttft - encode) * 1000:,.0f} | {med(i, 'warm_ttft_s') * 1000:,.0f} | {ttft / ref:.2f}× |")
-    if a.no_doc:
-        print("\n".join(lines))
-    else:
-        publish_block(DOC, BEGIN, END, lines, "GGUF bundles and the llama.cpp runtime")
+    publish_block(DOC, BEGIN, END, lines, "GGUF bundles and the llama.cpp runtime", publish=not a.no_doc)
 
 
 if __name__ == "__main__":

@@ -111,10 +111,7 @@ def main() -> None:
         for name, k in (("every position", every), ("used positions", used)):
             change = f"**{used[0] / every[0] - 1:+.0%}**" if k is used else ""
             lines.append(f"| int{bits} | {scope} | {name} | " + " | ".join(f"{v:.2e}" for v in k) + f" | {change} |")
-    if args.no_doc:
-        print("\n".join(lines))
-    else:
-        publish_block(DOC, BEGIN, END, lines, "Per-expert quantization")
+    publish_block(DOC, BEGIN, END, lines, "Per-expert quantization", publish=not args.no_doc)
 
 
 if __name__ == "__main__":

@@ -203,10 +203,7 @@ def main() -> None:
         "|---|---|---|---|",
         *rows,
     ]
-    if args.no_doc:
-        print("\n".join(lines))
-    else:
-        publish_block(DOC, BEGIN, END, lines, "ONNX export")
+    publish_block(DOC, BEGIN, END, lines, "ONNX export", publish=not args.no_doc)
 
 
 if __name__ == "__main__":

@@ -255,10 +255,7 @@ def main() -> None:
             lines.append(f"The per-domain plan's own types with GPTQ codes from CT-only Hessians change each domain's KL by: {change} (the calibration alone, at the plan's allocation; bound ≥ +15 % on MRI, X-ray and pathology).")
     block = "quantization_report_proxy" if args.proxy_plans else "quantization_report_plans" if args.plans_only else "quantization_report"
     block += "_guard" if args.router_guard is not None else ""
-    if not args.no_doc:
-        publish_block(DOC, f"<!-- {block}:begin -->", f"<!-- {block}:end -->", lines, "Per-expert quantization")
-    else:
-        print("\n".join(lines))
+    publish_block(DOC, f"<!-- {block}:begin -->", f"<!-- {block}:end -->", lines, "Per-expert quantization", publish=not args.no_doc)
 
 
 def _accuracy_table(rows: list[dict], ref: dict, n: int, per_domain: int) -> list[str]:

@@ -171,10 +171,7 @@ def main() -> None:
         "|---|---|---|---|---|",
         *full_size_rows(),
     ]
-    if args.no_doc:
-        print("\n".join(lines))
-    else:
-        publish_block(DOC, BEGIN, END, lines, "Per-expert quantization")
+    publish_block(DOC, BEGIN, END, lines, "Per-expert quantization", publish=not args.no_doc)
 
 
 if __name__ == "__main__":

@@ -148,10 +148,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
         *rows,
     ]
-    if args.no_doc:
-        print("\n".join(lines))
-    else:
-        publish_block(DOC, BEGIN, END, lines, "Memory at full size")
+    publish_block(DOC, BEGIN, END, lines, "Memory at full size", publish=not args.no_doc)
 
 
 if __name__ == "__main__":
