@@ -33,7 +33,7 @@ from .calibration.delta import DeltaChoice
 from .calibration.delta import choose as choose_deltas
 from .calibration.routing import RoutedPlan, hold_routes
 from .calibration.sensitivity import CodeBook, Deferred, GgmlCodeBook, Probe, SensitivityMode, sensitivities, swap, units_for, with_choices
-from .calibration.sets import QuestionSet, check_trace_questions, first, resolve_set
+from .calibration.sets import QuestionSet, check_trace_questions, resolve_set
 from .calibration.teacher import prepare
 from .checkpoint import LoadedModel, load_model, resolve_model_dir
 from .ckpt_writer import atomic_dir, check_new_dir
@@ -525,7 +525,7 @@ def _embedded_trace(model_dir: Path, questions: int, loaded: LoadedModel | None 
     samples, root = resolve_set("eval")
     with Pipeline(TorchRuntime(loaded)) if loaded is not None else load(model_dir, runtime="torch") as ref:
         qs = []
-        for s in first(samples, questions, flag="--trace-questions", set_name="the eval split"):
+        for s in samples[:questions]:  # `questions` checked against the split by quantize_bundle
             req, _ = ref.prepare(root / s.image, s.question)
             qs.append(TraceQuestion(s.id, s.question, req, {"domain": s.domain.value, "answer_type": s.answer_type, "ground_truth": s.answer}))
         return record(ref.runtime, qs, source_sha256=checkpoint_source_sha256(model_dir), max_new_tokens=32, preprocess=PreprocessMode.PAD.value, set_name="eval")

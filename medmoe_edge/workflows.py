@@ -136,7 +136,7 @@ def export_bundle(
     if trace_questions:
         # a full-size checkpoint whose fp32 weights do not fit (Phi: 23 GiB) is traced as stored
         keep = fits_in_memory(fp32_bytes(resolve_model_dir(model))) is False
-        trace = record_trace(model, limit=trace_questions, options=RuntimeOptions(vision_tower=vision_tower), status=status, keep_stored=keep, limit_flag="--trace-questions")
+        trace = record_trace(model, limit=trace_questions, options=RuntimeOptions(vision_tower=vision_tower), status=status, keep_stored=keep)  # its length checked above
 
     def embed(tmp: Path) -> dict[str, str]:
         return {p.name: "reference-trace" for p in trace.save(tmp)} if trace is not None else {}
