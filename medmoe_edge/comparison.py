@@ -368,6 +368,7 @@ def compare(
     set_name: str = "eval",
     data: Path | None = None,
     limit: int | None = DEFAULT_LIMIT,
+    limit_flag: str | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     threads: int | None = None,
     device: str = "cpu",
@@ -385,9 +386,12 @@ def compare(
         runtimes: runtime names to include (default: torch and the bundles' runtimes); a name
             that cannot run here becomes a row with the reason.
         out: a new report directory (compare.json, table.md, PNG charts, index.html, the trace).
+        limit: at most that many questions of the set; with `limit_flag` (the user's flag that
+            asked for it), exactly that many.
         extra: rows of other models timed in the same alternation (benchmarks).
     Raises:
-        InputError: bad --limit / --max-new-tokens, an --out that is not new, an unknown set.
+        InputError: bad --limit / --max-new-tokens (or, with `limit_flag`, more questions than the
+            set has), an --out that is not new, an unknown set.
         CheckpointError: the reference checkpoint cannot be loaded.
     """
     from .ckpt_writer import atomic_dir, check_new_dir
@@ -416,7 +420,7 @@ def compare(
         for e in extra:
             cands.append(Candidate(e.label, e.runtime, "", argv=e.argv, size_bytes=e.size_bytes, decode=e.decode, external=True, note=e.note))
         t0 = time.perf_counter()
-        trace = record_trace(model_dir, set_name=set_name, data=data, limit=limit, max_new_tokens=max_new_tokens, preprocess=preprocess, options=RuntimeOptions(device=device, num_threads=threads), status=status)
+        trace = record_trace(model_dir, set_name=set_name, data=data, limit=limit, limit_flag=limit_flag, max_new_tokens=max_new_tokens, preprocess=preprocess, options=RuntimeOptions(device=device, num_threads=threads), status=status)
         trace.save(trace_dir)
         record_s = time.perf_counter() - t0
         with status("measuring this machine's memory bandwidth"):

@@ -83,7 +83,7 @@ def record_trace(
     if limit is not None and limit < 1:  # before the set is generated
         raise InputError(f"{limit_flag or '--limit'} must be at least 1, got {limit}")
     samples, root = resolve_set(set_name, data, status=status)
-    samples = first(samples, limit, flag=limit_flag, set_name=set_name) if limit_flag else samples[:limit]
+    samples = first(samples, limit, flag=limit_flag, set_name=f"the {set_name} set") if limit_flag else samples[:limit]
     opts = options or RuntimeOptions()
     model_dir = resolve_model_dir(model)
     reference = Pipeline(TorchRuntime(load_model(model_dir, vision_tower=opts.vision_tower, keep_stored=True))) if keep_stored else load(model_dir, runtime="torch", options=opts)
@@ -185,6 +185,7 @@ def verify_bundle(
     set_name: str = "eval",
     data: Path | None = None,
     limit: int | None = 64,
+    limit_flag: str | None = None,
     explicit_set: bool = False,
     trace_dir: Path | None = None,
     max_new_tokens: int = TRACE_MAX_NEW_TOKENS,
@@ -201,10 +202,12 @@ def verify_bundle(
     from the reference checkpoint (--reference, or the manifest's source when it is here); else,
     when the user did not ask for a particular set or size (`explicit_set`), the embedded one.
     `trace_dir` replays a trace saved by `medmoe-edge trace` instead (its first `limit` questions).
-    `runtime` overrides the bundle's own runtime (onnxruntime for a TensorRT bundle's graphs).
+    `limit` is at most that many questions; with `limit_flag` (the user's flag that asked for it),
+    exactly that many, else an error. `runtime` overrides the bundle's own runtime (onnxruntime for a TensorRT bundle's graphs).
 
     Raises:
-        InputError: no tolerances for the bundle, or a set that needs the absent checkpoint.
+        InputError: no tolerances for the bundle, a set that needs the absent checkpoint, or
+            (with `limit_flag`) more questions than the set or trace has.
         CheckpointError: not a bundle, corrupt, or a --reference that is not its source.
     """
     if limit is not None and limit < 1:
@@ -228,9 +231,13 @@ def verify_bundle(
         if reference is not None:
             raise InputError("--trace and --reference contradict each other: give one")
         trace, n = Trace.load(trace_dir), limit
+        if limit_flag and n is not None and n > len(trace.items):
+            raise InputError(f"{limit_flag} {n} is more than the {len(trace.items)} questions of the trace in {trace_dir}: use {limit_flag} {len(trace.items)} or fewer")
         against = f"the reference trace in {trace_dir} ({len(trace.items[:n])} {trace.header.set_name} questions)"
     elif ref is not None:
         against, n = f"the PyTorch reference {ref.name}", None  # recorded below, once the bundle has loaded
+        if limit_flag:  # the set's size checked now, not after the bundle has loaded
+            first(resolve_set(set_name, data, status=status).samples, limit, flag=limit_flag, set_name=f"the {set_name} set")
     elif embedded is not None and (covers or not explicit_set):
         trace, n = embedded, (limit if covers else None)
         against = f"the embedded reference trace ({len(trace.items[:n])} {embedded.header.set_name} questions)"
@@ -248,7 +255,7 @@ def verify_bundle(
     # The bundle loads first: a corrupt or inconsistent bundle is refused before minutes of reference work.
     with status(f"loading {bundle} ({runtime})"), load(bundle, runtime=runtime, options=opts) as pipe:
         if trace is None:
-            trace = record_trace(ref, set_name=set_name, data=data, limit=limit, max_new_tokens=max_new_tokens, preprocess=preprocess, options=RuntimeOptions(num_threads=pipe.runtime.options.num_threads), status=status)
+            trace = record_trace(ref, set_name=set_name, data=data, limit=limit, limit_flag=limit_flag, max_new_tokens=max_new_tokens, preprocess=preprocess, options=RuntimeOptions(num_threads=pipe.runtime.options.num_threads), status=status)
         report = replay(pipe.runtime, trace, tolerances, limit=n, progress=progress)
     return VerifyOutcome(report, against, runtime, trace.header.source_sha256, trace.header.set_name)
 

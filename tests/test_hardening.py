@@ -291,7 +291,7 @@ def test_messages_name_the_right_runtime_and_describe_bundles(demo_bundles, samp
         (["export", "--format", "onnx", "--trace-questions", "-1"], "--trace-questions must be 0 (embed no reference trace) or more, got -1"),
         (["export", "--format", "onnx", "--trace-questions", "5000"], "--trace-questions 5000 is more than the 1600 questions of the eval split: use --trace-questions 1600 or fewer"),
         (["quantize", "--format", "onnx", "--stats", "STATS", "--avg-bits", "4", "--trace-questions", "5000"], "--trace-questions 5000 is more than the 1600 questions of the eval split"),
-        (["trace", "--limit", "5000"], "--limit 5000 is more than the 1600 questions of eval: use --limit 1600 or fewer"),
+        (["trace", "--limit", "5000"], "--limit 5000 is more than the 1600 questions of the eval set: use --limit 1600 or fewer"),
     ],
 )
 def test_a_trace_longer_than_its_set_is_refused_before_any_work(args, message, tmp_path, monkeypatch):
@@ -302,3 +302,25 @@ def test_a_trace_longer_than_its_set_is_refused_before_any_work(args, message, t
     r = runner.invoke(app, [a.replace("STATS", str(tmp_path / "stats")) for a in args] + ["--out", str(out)])
     assert message in _one_line_error(r)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "compare", "verify", "verify --trace"])
+def test_a_limit_above_the_set_is_refused_not_cut(command, demo_bundles, tmp_path, monkeypatch):
+    """A user's --limit is the number of questions run: more than the set (or trace) holds is an
+    error naming the largest, never a shorter run reported as the one asked for."""
+    from medmoe_edge.trace import Trace
+
+    bundle = demo_bundles["onnx"][0]
+    for where in ("medmoe_edge.workflows.load", "medmoe_edge.cli.eval_cmd.load"):
+        monkeypatch.setattr(where, lambda *a, **k: pytest.fail("a model was loaded before --limit was checked"))
+    held = len(Trace.load(bundle).items)
+    args, message = {
+        "eval": (["eval", "--limit", "5000"], "--limit 5000 is more than the 1600 questions of the eval set: use --limit 1600 or fewer"),
+        "compare": (["compare", "--limit", "5000", "--out", str(tmp_path / "cmp")], "--limit 5000 is more than the 1600 questions of the eval set: use --limit 1600 or fewer"),
+        "verify": (["verify", str(bundle), "--limit", "5000"], "--limit 5000 is more than the 1600 questions of the eval set: use --limit 1600 or fewer"),
+        "verify --trace": (["verify", str(bundle), "--trace", str(bundle), "--limit", str(held + 1)], f"--limit {held + 1} is more than the {held} questions of the trace in {bundle}: use --limit {held} or fewer"),
+    }[command]
+    r = runner.invoke(app, args)
+    assert message in _one_line_error(r)
+    assert not (tmp_path / "cmp").exists()
+

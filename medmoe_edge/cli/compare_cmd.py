@@ -53,7 +53,7 @@ def compare_cmd(
     runtimes: Annotated[str | None, typer.Option("--runtimes", help="Comma-separated runtimes to include, e.g. torch,onnxruntime,llamacpp,tensorrt [default: torch and the bundles' runtimes]. One that cannot run here is a row with the reason.")] = None,
     set_name: Annotated[str, typer.Option("--set", help="eval (default), calibration, or a .jsonl manifest.")] = "eval",
     data: Annotated[Path | None, typer.Option("--data", help="Dataset directory from make-data [default: regenerate the demo's set].")] = None,
-    limit: Annotated[int, typer.Option("--limit", help="Questions of the set to run.")] = DEFAULT_LIMIT,
+    limit: Annotated[int | None, typer.Option("--limit", help=f"Questions of the set to run [default: {DEFAULT_LIMIT}, or the whole set if smaller].")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per question (every row decodes this many: EOS is ignored for timing).")] = DEFAULT_MAX_NEW_TOKENS,
     threads: ThreadsOption = None,
     device: DeviceOption = "cpu",
@@ -67,7 +67,7 @@ def compare_cmd(
 
     The PyTorch reference trace is recorded once; every row runs in its own process.
     """
-    if limit < 1:
+    if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
     if is_demo(model):
         err.print(f"[yellow]{DEMO_LABEL}[/]")
@@ -79,7 +79,8 @@ def compare_cmd(
             runtimes=_split(runtimes) or None,
             set_name=set_name,
             data=data,
-            limit=limit,
+            limit=DEFAULT_LIMIT if limit is None else limit,
+            limit_flag=None if limit is None else "--limit",
             max_new_tokens=max_new_tokens,
             threads=threads,
             device=device,

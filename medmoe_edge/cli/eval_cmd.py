@@ -10,7 +10,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ..api import load
-from ..calibration.sets import resolve_set
+from ..calibration.sets import first, resolve_set
 from ..demo import DEMO_LABEL, is_demo
 from ..errors import InputError
 from ..evaluate import evaluate, write_report
@@ -44,9 +44,7 @@ def eval_model(
         check_new_dir(out_dir)  # before the evaluation, not after it
     options = runtime_options(device=device, dtype=dtype, threads=threads, vision_tower=vision_tower, provider=provider)
     qset = resolve_set(set_name, data, status=err.status)
-    samples, root = qset.samples, qset.root
-    if limit is not None:
-        samples = samples[:limit]
+    samples, root = first(qset.samples, limit, set_name=f"the {set_name} set"), qset.root  # never fewer than asked, silently
     with err.status(f"loading {model} with the {runtime} runtime"):
         pipe = load(model, runtime=runtime, options=options)
     if is_demo(model):

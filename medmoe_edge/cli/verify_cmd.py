@@ -108,7 +108,7 @@ def verify_cmd(
     explicit = all_samples or limit is not None or set_name is not None or data is not None
     n = None if all_samples or (trace is not None and limit is None) else (limit if limit is not None else DEFAULT_LIMIT)
     name = set_name or "eval"
-    outcome = _run(bundle, reference=reference, set_name=name, data=data, limit=n, provider=provider, threads=threads, device=device, dtype=dtype, max_new_tokens=max_new_tokens, preprocess=preprocess, explicit_set=explicit, trace_dir=trace, runtime=runtime)
+    outcome = _run(bundle, reference=reference, set_name=name, data=data, limit=n, limit_flag=None if limit is None else "--limit", provider=provider, threads=threads, device=device, dtype=dtype, max_new_tokens=max_new_tokens, preprocess=preprocess, explicit_set=explicit, trace_dir=trace, runtime=runtime)
     report = outcome.report
     if as_json:
         prov = provenance(bundle, runtime=outcome.runtime, data_set={"name": outcome.set_name, "questions": len(report.samples)}, reference=outcome.against, trace_source_sha256=outcome.trace_source)
