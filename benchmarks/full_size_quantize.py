@@ -1,0 +1,207 @@
+"""`calibrate` and `quantize` on a full-size checkpoint, on this machine (24 GB, 2 cores): a random
+Med-MoE of a released variant's shapes (`--preset`, default stablelm: 24 layers, hidden 2048, 12
+MoE layers of 4 experts + meta, the whole 100,352-row vocabulary, the CLIP ViT-L/14-336 tower),
+stored in bf16 as the released checkpoints are. Each command runs in its own process (wall time,
+peak RSS), as a user would run it:
+
+1. `medmoe-edge calibrate --per-domain N` (statistics over N calibration questions per domain);
+2. what `quantize --format onnx --sensitivity proxy` would take, projected from its parts timed
+   on this checkpoint in one process (`--quantize` runs it instead; hours on 2 cores):
+   - the probe setup (one reference pass over the kept sequences);
+   - one probe's time as a + b × (layers it runs), from probes started at the last layer and at
+     the middle one, summed over the probe classes the plan has (one per layer × component,
+     each started at its own layer: quadratic in depth);
+   - GPTQ codes at int4 and int8 plus the energies tr(ΔW H ΔWᵀ) of one MoE layer and one dense
+     layer, times the layers of each kind, plus the lm_head's and the projector's;
+3. with `--quantize`: `medmoe-edge quantize --format onnx --sensitivity proxy --avg-bits B
+   --trace-questions 0 --no-verify` (on random weights the check measures nothing, and the trace
+   is hours at this size), then `medmoe-edge run` of the bundle in ONNX Runtime (one question, a
+   few tokens); what `quantize` prints (the plan's bits, the groups read back from the written
+   files against the plan's prediction, the candidate codes held to a cap) goes into the table.
+
+The weights are random, so sensitivities and answers say nothing about a trained model: this
+measures time and memory at full size.
+
+    python benchmarks/full_size_quantize.py [--preset stablelm] [--per-domain 4] [--quantize] [--avg-bits 5] [--work DIR] [--no-doc]
+
+Writes docs/QUANTIZATION.md (the block between its markers) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from docblock import publish_block  # noqa: E402
+from onnx_export_memory import full_size_checkpoint  # noqa: E402
+from quantization_proxy import CLI, quantize_phases, run_timed  # noqa: E402
+
+DOC = ROOT / "docs" / "QUANTIZATION.md"
+BEGIN, END = "<!-- full_size_quantize:begin -->", "<!-- full_size_quantize:end -->"
+# what `quantize` prints that the table quotes, by the start of the line
+QUOTED = ("planned matrices:", "quantized groups read back", "the candidate codes", "whole-plan routing", "delta-from-meta coding")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _quoted(log: Path, starts: tuple[str, ...]) -> list[str]:
+    return [ln.strip() for ln in log.read_text().splitlines() if ln.strip().startswith(starts)]
+
+
+def project(ckpt: Path, stats_dir: Path, out: Path) -> None:
+    """Time the parts of `quantize --format onnx --sensitivity proxy` (module docstring, 2) and
+    write them to `out` as JSON; run in a child process (its peak RSS is the loaded model's)."""
+    from medmoe_edge.allocation import BACKENDS
+    from medmoe_edge.calib_stats import CalibStats
+    from medmoe_edge.calibration.sensitivity import CodeBook, Probe, first_layer, offered_types, output_energy, probe_class, units_for
+    from medmoe_edge.checkpoint import load_model
+    from medmoe_edge.quant_plan import QuantMethod
+    from medmoe_edge.vocab import Precision
+
+    t = time.perf_counter()
+    loaded = load_model(ckpt, keep_stored=True)
+    stats = CalibStats.load(stats_dir)
+    load_s = time.perf_counter() - t
+    backend, layers = BACKENDS["onnx"], loaded.spec.text.num_layers
+    units = units_for(loaded, backend)
+    offered = offered_types(units, stats, backend)
+    starts = {}  # probe class -> the layer its probe starts at
+    for u in units:
+        if offered[u.name]:
+            starts.setdefault(probe_class(u), first_layer(u, layers))
+    t = time.perf_counter()
+    probe = Probe.from_stats(loaded, stats)
+    setup_s = time.perf_counter() - t
+    timed = {}
+    for start in (layers, layers // 2):
+        t = time.perf_counter()
+        probe.measure(start)
+        timed[start] = time.perf_counter() - t
+    per_layer = (timed[layers // 2] - timed[layers]) / (layers - layers // 2)
+    probes_s = sum(timed[layers] + per_layer * (layers - s) for s in starts.values())
+    # codes + energies, by the layers' kinds: one MoE layer and one dense layer timed
+    state = loaded.model.lm.state_dict()
+    moe = set(loaded.spec.moe.layers)
+    groups = {"moe": [0 if 0 in moe else min(moe)], "dense": [min(set(range(layers)) - moe)], "other": [None]}
+    codes_s = {}
+    for kind, (layer,) in groups.items():
+        book = CodeBook(stats, QuantMethod.GPTQ, 32, symmetric=not backend.zero_point)  # a layer's GPTQ factorisations shared as in quantize
+        keys = [k for u in units for k in u.keys if offered[u.name] and (f".layers.{layer}." in k if layer is not None else ".layers." not in k)]
+        t = time.perf_counter()
+        for k in keys:
+            for p in (Precision.INT4, Precision.INT8):
+                output_energy(stats, k, state[k], book.codes_for(k, state[k], p).dequantize())
+        codes_s[kind] = time.perf_counter() - t
+    n_moe, n_dense = len(moe), layers - len(moe)
+    codes_total = codes_s["moe"] * n_moe + codes_s["dense"] * n_dense + codes_s["other"]
+    out.write_text(json.dumps({
+        "load_s": load_s, "setup_s": setup_s, "probe_classes": len(starts), "sequences": len(probe.sequences),
+        "probe_last_s": timed[layers], "probe_middle_s": timed[layers // 2], "per_layer_s": per_layer, "probes_s": probes_s,
+        "codes_moe_layer_s": codes_s["moe"], "codes_dense_layer_s": codes_s["dense"], "codes_other_s": codes_s["other"], "codes_s": codes_total,
+        "moe_layers": n_moe, "dense_layers": n_dense, "full_pass_s": timed[layers] + per_layer * layers,
+    }, indent=1))
+
+
+# the projection's child process: `project(ckpt, stats, out)`
+PROJECT = f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); from pathlib import Path; from full_size_quantize import project; project(*map(Path, sys.argv[1:4]))"
+
+
+def quantize_rows(work: Path, ckpt: Path, stats: Path, avg_bits: float) -> list[str]:
+    """`quantize` run for real, then `run` of its bundle in ONNX Runtime: table rows and quoted lines."""
+    from medmoe_edge.calibration.sets import resolve_set
+
+    bundle = work / "bundle-onnx"
+    shutil.rmtree(bundle, ignore_errors=True)
+    quantize = [CLI, "quantize", "--model", str(ckpt), "--format", "onnx", "--stats", str(stats), "--sensitivity", "proxy", "--avg-bits", f"{avg_bits:g}", "--trace-questions", "0", "--no-verify", "--out", str(bundle)]
+    print("running", " ".join(quantize[1:]), flush=True)
+    wall, rss = run_timed(quantize, work / "quantize.log")
+    phases = quantize_phases((work / "quantize.log").read_text())
+    samples, root = resolve_set("eval")
+    run = [CLI, "run", "--model", str(bundle), "--runtime", "onnxruntime", "--image", str(root / samples[0].image), "--question", samples[0].question, "--max-new-tokens", "8"]
+    print("running", " ".join(run[1:4]), flush=True)
+    run_wall, run_rss = run_timed(run, work / "run.log")
+    written = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
+    return [
+        f"| `quantize --format onnx --sensitivity proxy --avg-bits {avg_bits:g} --trace-questions 0 --no-verify` | {wall / 60:.1f} min | **{_gib(rss)}** |",
+        *(f"| `quantize`: {what} | {secs / 60:.1f} min | |" for what, secs in phases.items()),
+        f"| `run --runtime onnxruntime --max-new-tokens 8` on the bundle ({written / 1e9:.2f} GB) | {run_wall / 60:.1f} min | {_gib(run_rss)} |",
+        "",
+        *(f"- quantize: {ln}" for ln in _quoted(work / "quantize.log", QUOTED)),
+    ]
+
+
+def projection_rows(work: Path, ckpt: Path, stats: Path) -> list[str]:
+    """The parts of `quantize` timed in a child process, and the total they project (not run)."""
+    out = work / "projection.json"
+    print("timing the parts of quantize", flush=True)
+    wall, rss = run_timed([sys.executable, "-c", PROJECT, str(ckpt), str(stats), str(out)], work / "projection.log")
+    j = json.loads(out.read_text())
+    total = j["load_s"] + j["setup_s"] + j["probes_s"] + j["codes_s"] + j["full_pass_s"]
+    m = lambda s: f"{s / 60:.1f} min"  # noqa: E731
+    return [
+        f"| `quantize`'s parts, timed in one process (below) | {m(wall)} | {_gib(rss)} |",
+        "",
+        f"What `quantize --format onnx --sensitivity proxy` would take, **projected from those parts, not run**:",
+        "",
+        "| part | measured | projected |",
+        "|---|---|---|",
+        f"| load the checkpoint (matrices kept) and the statistics | {m(j['load_s'])} | {m(j['load_s'])} |",
+        f"| probe setup: the reference over the {j['sequences']} kept sequences | {m(j['setup_s'])} | {m(j['setup_s'])} |",
+        f"| one probe from the last layer / from the middle layer | {j['probe_last_s']:.0f} s / {j['probe_middle_s']:.0f} s ({j['per_layer_s']:.1f} s per layer) | |",
+        f"| {j['probe_classes']} probes (one per layer × component, each from its own layer on) | | {m(j['probes_s'])} |",
+        f"| GPTQ codes at int4 and int8 + energies: one MoE layer / one dense layer / lm_head and projector | {j['codes_moe_layer_s']:.0f} s / {j['codes_dense_layer_s']:.0f} s / {j['codes_other_s']:.0f} s | {m(j['codes_s'])} ({j['moe_layers']} MoE + {j['dense_layers']} dense layers) |",
+        f"| the whole-plan router check (one full pass; more if the routes are not held) | | {m(j['full_pass_s'])} |",
+        f"| **in all** (not counted: delta-from-meta's second codes for the quantized experts' input projections, and writing the ONNX files) | | **{m(total)}** |",
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="stablelm", help="full-size preset (stablelm, phi)")
+    ap.add_argument("--per-domain", type=int, default=4, help="calibration questions per domain")
+    ap.add_argument("--quantize", action="store_true", help="run quantize (hours on 2 cores) instead of projecting it")
+    ap.add_argument("--avg-bits", type=float, default=5.0, help="quantize's --avg-bits (with --quantize)")
+    ap.add_argument("--work", type=Path, default=None, help="reuses the full-size checkpoint there (PRESET-bf16)")
+    ap.add_argument("--no-doc", action="store_true")
+    args = ap.parse_args()
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="full-size-quantize-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = full_size_checkpoint(work, args.preset)
+    stored = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    stats = work / "stats"
+    shutil.rmtree(stats, ignore_errors=True)
+    calibrate = [CLI, "calibrate", "--model", str(ckpt), "--per-domain", str(args.per_domain), "--sensitivity-per-domain", "2", "--out", str(stats)]
+    print("running", " ".join(calibrate[1:]), flush=True)
+    wall, rss = run_timed(calibrate, work / "calibrate.log")
+    print(f"calibrate: {wall / 60:.1f} min, {_gib(rss)}", flush=True)
+    rows = quantize_rows(work, ckpt, stats, args.avg_bits) if args.quantize else projection_rows(work, ckpt, stats)
+    flags = f" --quantize --avg-bits {args.avg_bits:g}" if args.quantize else ""
+    lines = [
+        f"`python benchmarks/full_size_quantize.py --preset {args.preset} --per-domain {args.per_domain}{flags}` "
+        f"(a full-size {args.preset} Med-MoE with random weights, stored in bf16: {_gib(stored)}; {4 * args.per_domain} calibration questions; each step alone, in its own process, on the 2-core 24 GB machine):",
+        "",
+        "| step | wall | peak RSS |",
+        "|---|---|---|",
+        f"| `calibrate --per-domain {args.per_domain}` | {wall / 60:.1f} min | **{_gib(rss)}** |",
+        *rows,
+        "",
+        *(f"- calibrate printed: {ln}" for ln in _quoted(work / "calibrate.log", ("computed statistics", "the Hessians", "every linear", "router margin"))),
+    ]
+    few = sum(ln.startswith("few tokens:") for ln in (work / "calibrate.log").read_text().splitlines())
+    if few:
+        lines.append(f"- calibrate printed {few} 'few tokens' lines (matrices whose routed tokens are below 4 × d_in: the fallback it names)")
+    publish_block(DOC, BEGIN, END, lines, "Per-expert quantization", publish=not args.no_doc)
+
+
+if __name__ == "__main__":
+    main()
