@@ -520,14 +520,11 @@ def _embedded_trace(model_dir: Path, questions: int, loaded: LoadedModel | None 
     `loaded` when given (the reference as `make_plan` left it), else of the checkpoint loaded again."""
     from .api import Pipeline, load
     from .runtimes.torch_runtime import TorchRuntime
-    from .trace import TraceQuestion, record
+    from .trace import record, trace_questions
 
     samples, root = resolve_set("eval")
     with Pipeline(TorchRuntime(loaded)) if loaded is not None else load(model_dir, runtime="torch") as ref:
-        qs = []
-        for s in samples[:questions]:  # `questions` checked against the split by quantize_bundle
-            req, _ = ref.prepare(root / s.image, s.question)
-            qs.append(TraceQuestion(s.id, s.question, req, {"domain": s.domain.value, "answer_type": s.answer_type, "ground_truth": s.answer}))
+        qs = trace_questions(ref, samples[:questions], root, PreprocessMode.PAD)  # `questions` checked against the split by quantize_bundle
         return record(ref.runtime, qs, source_sha256=checkpoint_source_sha256(model_dir), max_new_tokens=32, preprocess=PreprocessMode.PAD.value, set_name="eval")
 
 

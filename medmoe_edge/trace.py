@@ -32,6 +32,7 @@ import torch
 from . import __version__
 from .errors import CheckpointError
 from .generation import GenerationConfig, StepOutput
+from .imaging import PreprocessMode
 from .runtime_contract import PreparedRequest, Runtime
 
 TRACE_VERSION = 1
@@ -174,6 +175,17 @@ class TraceQuestion:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def trace_questions(pipe: Any, samples: Sequence, root: Path, preprocess: PreprocessMode) -> list[TraceQuestion]:
+    """Set samples (images relative to `root`) prepared into traceable questions by `pipe` (an
+    `api.Pipeline`, or anything with its `prepare`), each with its domain, answer type and answer."""
+    out = []
+    for s in samples:
+        req, _ = pipe.prepare(root / s.image, s.question, preprocess_mode=preprocess)
+        domain = s.domain.value if hasattr(s.domain, "value") else str(s.domain)
+        out.append(TraceQuestion(s.id, s.question, req, {"domain": domain, "answer_type": s.answer_type, "ground_truth": s.answer}))
+    return out
+
+
 def record(
     reference: Runtime,
     questions: Sequence[TraceQuestion],
@@ -224,4 +236,4 @@ def record(
     return Trace(header, items)
 
 
-__all__ = ["TOPK", "TRACE_STEM", "Trace", "TraceHeader", "TraceItem", "TraceQuestion", "record"]
+__all__ = ["TOPK", "TRACE_STEM", "Trace", "TraceHeader", "TraceItem", "TraceQuestion", "record", "trace_questions"]

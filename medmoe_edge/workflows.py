@@ -8,7 +8,7 @@ load-and-answer API. Both sit above the core, `medmoe_edge.export`, `medmoe_edge
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,7 +28,7 @@ from .runtime_contract import RuntimeOptions
 from .runtimes.registry import runtime_for
 from .runtimes.torch_runtime import TorchRuntime
 from .support_files import checkpoint_source_sha256
-from .trace import TRACE_STEM, Trace, TraceQuestion, record
+from .trace import TRACE_STEM, Trace, record, trace_questions
 from .verify import VerifyReport, replay, tolerances_for
 from .vocab import ArtifactKind
 
@@ -41,16 +41,6 @@ TRACE_MAX_NEW_TOKENS = 32
 
 def _quiet(_message: str) -> AbstractContextManager:
     return contextlib.nullcontext()
-
-
-def trace_questions(pipe: Pipeline, samples: Sequence, root: Path, preprocess: PreprocessMode) -> list[TraceQuestion]:
-    """Prepare set samples (images relative to `root`) into traceable questions."""
-    out = []
-    for s in samples:
-        req, _ = pipe.prepare(root / s.image, s.question, preprocess_mode=preprocess)
-        domain = s.domain.value if hasattr(s.domain, "value") else str(s.domain)
-        out.append(TraceQuestion(s.id, s.question, req, {"domain": domain, "answer_type": s.answer_type, "ground_truth": s.answer}))
-    return out
 
 
 def record_trace(
@@ -203,7 +193,8 @@ def verify_bundle(
     when the user did not ask for a particular set or size (`explicit_set`), the embedded one.
     `trace_dir` replays a trace saved by `medmoe-edge trace` instead (its first `limit` questions).
     `limit` is at most that many questions; with `limit_flag` (the user's flag that asked for it),
-    exactly that many, else an error. `runtime` overrides the bundle's own runtime (onnxruntime for a TensorRT bundle's graphs).
+    exactly that many, else an error. `runtime` overrides the bundle's own runtime (onnxruntime
+    for a TensorRT bundle's graphs).
 
     Raises:
         InputError: no tolerances for the bundle, a set that needs the absent checkpoint, or

@@ -323,4 +323,3 @@ def test_a_limit_above_the_set_is_refused_not_cut(command, demo_bundles, tmp_pat
     r = runner.invoke(app, args)
     assert message in _one_line_error(r)
     assert not (tmp_path / "cmp").exists()
-

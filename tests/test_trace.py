@@ -62,7 +62,7 @@ def test_replaying_the_reference_against_itself_is_exact(demo_trace):
 def test_top_k_traces_compare_the_reference_top_entries(tmp_path):
     from medmoe_edge.runtime_contract import RuntimeOptions
     from medmoe_edge.trace import record
-    from medmoe_edge.workflows import trace_questions
+    from medmoe_edge.trace import trace_questions
     from medmoe_edge.calibration.sets import resolve_set
     from medmoe_edge.support_files import checkpoint_source_sha256
 
