@@ -6,7 +6,8 @@ peak RSS), as a user would run it:
 
 1. `medmoe-edge calibrate --per-domain N` (statistics over N calibration questions per domain);
 2. what `quantize --format onnx --sensitivity proxy` would take, projected from its parts timed
-   on this checkpoint in one process (`--quantize` runs it instead; hours on 2 cores):
+   on this checkpoint in one process (`--quantize` runs it instead, hours on 2 cores at full
+   depth; `--quantize --project` both, to check the projection against the run):
    - the probe setup (one reference pass over the kept sequences);
    - one probe's time as a + b × (layers it runs), from probes started at the last layer and at
      the middle one, summed over the probe classes the plan has (one per layer × component,
@@ -20,9 +21,11 @@ peak RSS), as a user would run it:
    files against the plan's prediction, the candidate codes held to a cap) goes into the table.
 
 The weights are random, so sensitivities and answers say nothing about a trained model: this
-measures time and memory at full size.
+measures time and memory at full size. `--layers N` keeps the preset's every dimension but the
+depth (MoE on the even layers, as released): where a real `quantize` fits in a session, the
+projection is checked against it there.
 
-    python benchmarks/full_size_quantize.py [--preset stablelm] [--per-domain 4] [--quantize] [--avg-bits 5] [--work DIR] [--no-doc]
+    python benchmarks/full_size_quantize.py [--preset stablelm] [--layers N] [--per-domain 4] [--project] [--quantize] [--avg-bits 5.5] [--work DIR] [--no-doc]
 
 Writes docs/QUANTIZATION.md (the block between its markers) and prints the table.
 """
@@ -44,7 +47,7 @@ from onnx_export_memory import full_size_checkpoint  # noqa: E402
 from quantization_proxy import CLI, quantize_phases, run_timed  # noqa: E402
 
 DOC = ROOT / "docs" / "QUANTIZATION.md"
-BEGIN, END = "<!-- full_size_quantize:begin -->", "<!-- full_size_quantize:end -->"
+MARK = "full_size_quantize"
 # what `quantize` prints that the table quotes, by the start of the line
 QUOTED = ("planned matrices:", "quantized groups read back", "the candidate codes", "whole-plan routing", "delta-from-meta coding")
 
@@ -115,8 +118,26 @@ def project(ckpt: Path, stats_dir: Path, out: Path) -> None:
 PROJECT = f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); from pathlib import Path; from full_size_quantize import project; project(*map(Path, sys.argv[1:4]))"
 
 
-def quantize_rows(work: Path, ckpt: Path, stats: Path, avg_bits: float) -> list[str]:
-    """`quantize` run for real, then `run` of its bundle in ONNX Runtime: table rows and quoted lines."""
+def checkpoint(work: Path, preset: str, layers: int | None) -> Path:
+    """The random bf16 checkpoint: the preset's own (`onnx_export_memory.full_size_checkpoint`), or
+    with `layers` decoder layers and every other dimension the preset's."""
+    if layers is None:
+        return full_size_checkpoint(work, preset)
+    ckpt = work / f"{preset}-{layers}l-bf16"
+    if not (ckpt / "config.json").is_file():
+        make = (
+            "import dataclasses; from pathlib import Path; from medmoe_edge.presets import PRESETS, Preset; from medmoe_edge.random_init import write_random_checkpoint; "
+            f"s = PRESETS[Preset({preset!r})]; s = dataclasses.replace(s, text=dataclasses.replace(s.text, num_layers={layers}), moe=dataclasses.replace(s.moe, layers=tuple(range({layers}))[::2])); "
+            f"write_random_checkpoint(s, Path({str(ckpt)!r}), dtype='bfloat16', full_vocab=True)"
+        )
+        print("making", ckpt, flush=True)
+        run_timed([sys.executable, "-c", make], work / f"{ckpt.name}.log")
+    return ckpt
+
+
+def quantize_rows(work: Path, ckpt: Path, stats: Path, avg_bits: float) -> tuple[list[str], float]:
+    """`quantize` run for real, then `run` of its bundle in ONNX Runtime: table rows and quoted
+    lines, and the seconds of its planning step (codes, sensitivities, allocation)."""
     from medmoe_edge.calibration.sets import resolve_set
 
     bundle = work / "bundle-onnx"
@@ -130,22 +151,25 @@ def quantize_rows(work: Path, ckpt: Path, stats: Path, avg_bits: float) -> list[
     print("running", " ".join(run[1:4]), flush=True)
     run_wall, run_rss = run_timed(run, work / "run.log")
     written = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
+    planning = sum(secs for what, secs in phases.items() if what.startswith(("gptq codes", "rtn codes")))
     return [
         f"| `quantize --format onnx --sensitivity proxy --avg-bits {avg_bits:g} --trace-questions 0 --no-verify` | {wall / 60:.1f} min | **{_gib(rss)}** |",
         *(f"| `quantize`: {what} | {secs / 60:.1f} min | |" for what, secs in phases.items()),
         f"| `run --runtime onnxruntime --max-new-tokens 8` on the bundle ({written / 1e9:.2f} GB) | {run_wall / 60:.1f} min | {_gib(run_rss)} |",
         "",
-        *(f"- quantize: {ln}" for ln in _quoted(work / "quantize.log", QUOTED)),
-    ]
+        *(f"- quantize printed: {ln}" for ln in _quoted(work / "quantize.log", QUOTED)),
+    ], planning
 
 
-def projection_rows(work: Path, ckpt: Path, stats: Path) -> list[str]:
-    """The parts of `quantize` timed in a child process, and the total they project (not run)."""
+def projection_rows(work: Path, ckpt: Path, stats: Path) -> tuple[list[str], float]:
+    """The parts of `quantize` timed in a child process, and the total they project (not run);
+    and the seconds projected for its planning step (all but the load)."""
     out = work / "projection.json"
     print("timing the parts of quantize", flush=True)
     wall, rss = run_timed([sys.executable, "-c", PROJECT, str(ckpt), str(stats), str(out)], work / "projection.log")
     j = json.loads(out.read_text())
-    total = j["load_s"] + j["setup_s"] + j["probes_s"] + j["codes_s"] + j["full_pass_s"]
+    planning = j["setup_s"] + j["probes_s"] + j["codes_s"] + j["full_pass_s"]
+    total = j["load_s"] + planning
     m = lambda s: f"{s / 60:.1f} min"  # noqa: E731
     return [
         f"| `quantize`'s parts, timed in one process (below) | {m(wall)} | {_gib(rss)} |",
@@ -161,22 +185,25 @@ def projection_rows(work: Path, ckpt: Path, stats: Path) -> list[str]:
         f"| GPTQ codes at int4 and int8 + energies: one MoE layer / one dense layer / lm_head and projector | {j['codes_moe_layer_s']:.0f} s / {j['codes_dense_layer_s']:.0f} s / {j['codes_other_s']:.0f} s | {m(j['codes_s'])} ({j['moe_layers']} MoE + {j['dense_layers']} dense layers) |",
         f"| the whole-plan router check (one full pass; more if the routes are not held) | | {m(j['full_pass_s'])} |",
         f"| **in all** (not counted: delta-from-meta's second codes for the quantized experts' input projections, and writing the ONNX files) | | **{m(total)}** |",
-    ]
+    ], planning
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="stablelm", help="full-size preset (stablelm, phi)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers [default: the preset's]")
     ap.add_argument("--per-domain", type=int, default=4, help="calibration questions per domain")
-    ap.add_argument("--quantize", action="store_true", help="run quantize (hours on 2 cores) instead of projecting it")
-    ap.add_argument("--avg-bits", type=float, default=5.0, help="quantize's --avg-bits (with --quantize)")
+    ap.add_argument("--project", action="store_true", help="project quantize from its timed parts (the default without --quantize)")
+    ap.add_argument("--quantize", action="store_true", help="run quantize (hours on 2 cores at full depth)")
+    ap.add_argument("--avg-bits", type=float, default=5.5, help="quantize's --avg-bits (with --quantize)")
     ap.add_argument("--work", type=Path, default=None, help="reuses the full-size checkpoint there (PRESET-bf16)")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="full-size-quantize-"))
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = full_size_checkpoint(work, args.preset)
+    project = args.project or not args.quantize
+    ckpt = checkpoint(work, args.preset, args.layers)
     stored = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     stats = work / "stats"
     shutil.rmtree(stats, ignore_errors=True)
@@ -184,11 +211,21 @@ def main() -> None:
     print("running", " ".join(calibrate[1:]), flush=True)
     wall, rss = run_timed(calibrate, work / "calibrate.log")
     print(f"calibrate: {wall / 60:.1f} min, {_gib(rss)}", flush=True)
-    rows = quantize_rows(work, ckpt, stats, args.avg_bits) if args.quantize else projection_rows(work, ckpt, stats)
-    flags = f" --quantize --avg-bits {args.avg_bits:g}" if args.quantize else ""
+    rows, planned, ran = [], None, None
+    if project:
+        part, planned = projection_rows(work, ckpt, stats)
+        rows += part
+    if args.quantize:
+        part, ran = quantize_rows(work, ckpt, stats, args.avg_bits)
+        rows += ["", "| step | wall | peak RSS |", "|---|---|---|", *part] if project else part
+    if planned is not None and ran:
+        rows += ["", f"**The projection against the run:** `quantize`'s planning step (codes, sensitivities, allocation) projected {planned / 60:.1f} min, ran {ran / 60:.1f} min ({planned / ran:.2f}x)."]
+    depth = f" --layers {args.layers}" if args.layers else ""
+    flags = (" --project" if project and args.quantize else "") + (f" --quantize --avg-bits {args.avg_bits:g}" if args.quantize else "")
+    shape = f"{args.preset}'s dimensions at {args.layers} decoder layers" if args.layers else f"a full-size {args.preset}"
     lines = [
-        f"`python benchmarks/full_size_quantize.py --preset {args.preset} --per-domain {args.per_domain}{flags}` "
-        f"(a full-size {args.preset} Med-MoE with random weights, stored in bf16: {_gib(stored)}; {4 * args.per_domain} calibration questions; each step alone, in its own process, on the 2-core 24 GB machine):",
+        f"`python benchmarks/full_size_quantize.py --preset {args.preset}{depth} --per-domain {args.per_domain}{flags}` "
+        f"({shape} Med-MoE with random weights, stored in bf16: {_gib(stored)}; {4 * args.per_domain} calibration questions; each step alone, in its own process, on the 2-core 24 GB machine):",
         "",
         "| step | wall | peak RSS |",
         "|---|---|---|",
@@ -200,7 +237,8 @@ def main() -> None:
     few = sum(ln.startswith("few tokens:") for ln in (work / "calibrate.log").read_text().splitlines())
     if few:
         lines.append(f"- calibrate printed {few} 'few tokens' lines (matrices whose routed tokens are below 4 × d_in: the fallback it names)")
-    publish_block(DOC, BEGIN, END, lines, "Per-expert quantization", publish=not args.no_doc)
+    mark = f"{MARK}-{args.layers}l" if args.layers else MARK
+    publish_block(DOC, f"<!-- {mark}:begin -->", f"<!-- {mark}:end -->", lines, "Per-expert quantization", publish=not args.no_doc)
 
 
 if __name__ == "__main__":
