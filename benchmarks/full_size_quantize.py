@@ -12,6 +12,9 @@ peak RSS), as a user would run it:
    - one probe's time as a + b × (layers it runs), from probes started at the last layer and at
      the middle one, summed over the probe classes the plan has (one per layer × component,
      each started at its own layer: quadratic in depth);
+   - the whole-plan router check's own probes: with estimated sensitivities it measures each
+     picked unit that can move a router (at or below the last MoE layer) end to end, projected
+     at one probe per such unit (a re-solve that picks another type for one adds another);
    - GPTQ codes at int4 and int8 plus the energies tr(ΔW H ΔWᵀ) of one MoE layer and one dense
      layer, times the layers of each kind, plus the lm_head's and the projector's;
 3. with `--quantize`: `medmoe-edge quantize --format onnx --sensitivity proxy --avg-bits B
@@ -20,12 +23,15 @@ peak RSS), as a user would run it:
    few tokens); what `quantize` prints (the plan's bits, the groups read back from the written
    files against the plan's prediction, the candidate codes held to a cap) goes into the table.
 
+`--reuse` keeps the statistics, bundle and step timings (`WORK/STEP.json`) of an earlier run in
+`--work` and times again only what is missing (the projection always runs).
+
 The weights are random, so sensitivities and answers say nothing about a trained model: this
 measures time and memory at full size. `--layers N` keeps the preset's every dimension but the
 depth (MoE on the even layers, as released): where a real `quantize` fits in a session, the
 projection is checked against it there.
 
-    python benchmarks/full_size_quantize.py [--preset stablelm] [--layers N] [--per-domain 4] [--project] [--quantize] [--avg-bits 5.5] [--work DIR] [--no-doc]
+    python benchmarks/full_size_quantize.py [--preset stablelm] [--layers N] [--per-domain 4] [--project] [--quantize] [--avg-bits 5.5] [--work DIR] [--reuse] [--no-doc]
 
 Writes docs/QUANTIZATION.md (the block between its markers) and prints the table.
 """
@@ -56,6 +62,25 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def timed_step(work: Path, name: str, cmd: list[str], reuse: bool) -> tuple[float, int]:
+    """`run_timed(cmd)` with its log in WORK/NAME.log and its (wall, peak RSS) kept in
+    WORK/NAME.json; with `reuse`, an earlier run's are read back instead of running it again."""
+    record = work / f"{name}.json"
+    if reuse and record.is_file():
+        wall, rss = json.loads(record.read_text())
+        print(f"{name}: reusing the run in {work} ({wall / 60:.1f} min)", flush=True)
+        return wall, rss
+    print("running", " ".join(cmd[1:]), flush=True)
+    wall, rss = run_timed(cmd, work / f"{name}.log")
+    record.write_text(json.dumps([wall, rss]))
+    return wall, rss
+
+
+def _router_check(bundle: Path) -> dict:
+    """The whole-plan router check `quantize` recorded in the bundle's manifest."""
+    return json.loads((bundle / "manifest.json").read_text())["extra"]["quantization"]["router_check"]
+
+
 def _quoted(log: Path, starts: tuple[str, ...]) -> list[str]:
     return [ln.strip() for ln in log.read_text().splitlines() if ln.strip().startswith(starts)]
 
@@ -65,6 +90,7 @@ def project(ckpt: Path, stats_dir: Path, out: Path) -> None:
     write them to `out` as JSON; run in a child process (its peak RSS is the loaded model's)."""
     from medmoe_edge.allocation import BACKENDS
     from medmoe_edge.calib_stats import CalibStats
+    from medmoe_edge.calibration.routing import moves_routes
     from medmoe_edge.calibration.sensitivity import CodeBook, Probe, first_layer, offered_types, output_energy, probe_class, units_for
     from medmoe_edge.checkpoint import load_model
     from medmoe_edge.quant_plan import QuantMethod
@@ -91,6 +117,8 @@ def project(ckpt: Path, stats_dir: Path, out: Path) -> None:
         timed[start] = time.perf_counter() - t
     per_layer = (timed[layers // 2] - timed[layers]) / (layers - layers // 2)
     probes_s = sum(timed[layers] + per_layer * (layers - s) for s in starts.values())
+    moving = [first_layer(u, layers) for u in units if offered[u.name] and moves_routes(u, tuple(loaded.spec.moe.layers))]
+    route_s = sum(timed[layers] + per_layer * (layers - s) for s in moving)
     # codes + energies, by the layers' kinds: one MoE layer and one dense layer timed
     state = loaded.model.lm.state_dict()
     moe = set(loaded.spec.moe.layers)
@@ -109,6 +137,7 @@ def project(ckpt: Path, stats_dir: Path, out: Path) -> None:
     out.write_text(json.dumps({
         "load_s": load_s, "setup_s": setup_s, "probe_classes": len(starts), "sequences": len(probe.sequences),
         "probe_last_s": timed[layers], "probe_middle_s": timed[layers // 2], "per_layer_s": per_layer, "probes_s": probes_s,
+        "route_moving_units": len(moving), "route_probes_s": route_s,
         "codes_moe_layer_s": codes_s["moe"], "codes_dense_layer_s": codes_s["dense"], "codes_other_s": codes_s["other"], "codes_s": codes_total,
         "moe_layers": n_moe, "dense_layers": n_dense, "full_pass_s": timed[layers] + per_layer * layers,
     }, indent=1))
@@ -135,21 +164,20 @@ def checkpoint(work: Path, preset: str, layers: int | None) -> Path:
     return ckpt
 
 
-def quantize_rows(work: Path, ckpt: Path, stats: Path, avg_bits: float) -> tuple[list[str], float]:
+def quantize_rows(work: Path, ckpt: Path, stats: Path, avg_bits: float, reuse: bool) -> tuple[list[str], float]:
     """`quantize` run for real, then `run` of its bundle in ONNX Runtime: table rows and quoted
     lines, and the seconds of its planning step (codes, sensitivities, allocation)."""
     from medmoe_edge.calibration.sets import resolve_set
 
     bundle = work / "bundle-onnx"
-    shutil.rmtree(bundle, ignore_errors=True)
+    if not (reuse and (work / "quantize.json").is_file()):
+        shutil.rmtree(bundle, ignore_errors=True)
     quantize = [CLI, "quantize", "--model", str(ckpt), "--format", "onnx", "--stats", str(stats), "--sensitivity", "proxy", "--avg-bits", f"{avg_bits:g}", "--trace-questions", "0", "--no-verify", "--out", str(bundle)]
-    print("running", " ".join(quantize[1:]), flush=True)
-    wall, rss = run_timed(quantize, work / "quantize.log")
+    wall, rss = timed_step(work, "quantize", quantize, reuse)
     phases = quantize_phases((work / "quantize.log").read_text())
     samples, root = resolve_set("eval")
     run = [CLI, "run", "--model", str(bundle), "--runtime", "onnxruntime", "--image", str(root / samples[0].image), "--question", samples[0].question, "--max-new-tokens", "8"]
-    print("running", " ".join(run[1:4]), flush=True)
-    run_wall, run_rss = run_timed(run, work / "run.log")
+    run_wall, run_rss = timed_step(work, "run", run, reuse)
     written = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
     planning = sum(secs for what, secs in phases.items() if what.startswith(("gptq codes", "rtn codes")))
     return [
@@ -158,6 +186,7 @@ def quantize_rows(work: Path, ckpt: Path, stats: Path, avg_bits: float) -> tuple
         f"| `run --runtime onnxruntime --max-new-tokens 8` on the bundle ({written / 1e9:.2f} GB) | {run_wall / 60:.1f} min | {_gib(run_rss)} |",
         "",
         *(f"- quantize printed: {ln}" for ln in _quoted(work / "quantize.log", QUOTED)),
+        f"- the bundle's manifest: the router check measured {_router_check(bundle)['picks_measured']} estimated picks end to end",
     ], planning
 
 
@@ -168,7 +197,7 @@ def projection_rows(work: Path, ckpt: Path, stats: Path) -> tuple[list[str], flo
     print("timing the parts of quantize", flush=True)
     wall, rss = run_timed([sys.executable, "-c", PROJECT, str(ckpt), str(stats), str(out)], work / "projection.log")
     j = json.loads(out.read_text())
-    planning = j["setup_s"] + j["probes_s"] + j["codes_s"] + j["full_pass_s"]
+    planning = j["setup_s"] + j["probes_s"] + j["codes_s"] + j["full_pass_s"] + j["route_probes_s"]
     total = j["load_s"] + planning
     m = lambda s: f"{s / 60:.1f} min"  # noqa: E731
     return [
@@ -183,7 +212,8 @@ def projection_rows(work: Path, ckpt: Path, stats: Path) -> tuple[list[str], flo
         f"| one probe from the last layer / from the middle layer | {j['probe_last_s']:.0f} s / {j['probe_middle_s']:.0f} s ({j['per_layer_s']:.1f} s per layer) | |",
         f"| {j['probe_classes']} probes (one per layer × component, each from its own layer on) | | {m(j['probes_s'])} |",
         f"| GPTQ codes at int4 and int8 + energies: one MoE layer / one dense layer / lm_head and projector | {j['codes_moe_layer_s']:.0f} s / {j['codes_dense_layer_s']:.0f} s / {j['codes_other_s']:.0f} s | {m(j['codes_s'])} ({j['moe_layers']} MoE + {j['dense_layers']} dense layers) |",
-        f"| the whole-plan router check (one full pass; more if the routes are not held) | | {m(j['full_pass_s'])} |",
+        f"| the whole-plan router check: one full pass (more if the routes are not held) | | {m(j['full_pass_s'])} |",
+        f"| the router check's probes of the picks that can move a router: one per such unit ({j['route_moving_units']}) | | {m(j['route_probes_s'])} |",
         f"| **in all** (not counted: delta-from-meta's second codes for the quantized experts' input projections, and writing the ONNX files) | | **{m(total)}** |",
     ], planning
 
@@ -197,6 +227,7 @@ def main() -> None:
     ap.add_argument("--quantize", action="store_true", help="run quantize (hours on 2 cores at full depth)")
     ap.add_argument("--avg-bits", type=float, default=5.5, help="quantize's --avg-bits (with --quantize)")
     ap.add_argument("--work", type=Path, default=None, help="reuses the full-size checkpoint there (PRESET-bf16)")
+    ap.add_argument("--reuse", action="store_true", help="keep the statistics, bundle and step timings of an earlier run in --work")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
 
@@ -206,17 +237,17 @@ def main() -> None:
     ckpt = checkpoint(work, args.preset, args.layers)
     stored = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     stats = work / "stats"
-    shutil.rmtree(stats, ignore_errors=True)
+    if not (args.reuse and (work / "calibrate.json").is_file()):
+        shutil.rmtree(stats, ignore_errors=True)
     calibrate = [CLI, "calibrate", "--model", str(ckpt), "--per-domain", str(args.per_domain), "--sensitivity-per-domain", "2", "--out", str(stats)]
-    print("running", " ".join(calibrate[1:]), flush=True)
-    wall, rss = run_timed(calibrate, work / "calibrate.log")
+    wall, rss = timed_step(work, "calibrate", calibrate, args.reuse)
     print(f"calibrate: {wall / 60:.1f} min, {_gib(rss)}", flush=True)
     rows, planned, ran = [], None, None
     if project:
         part, planned = projection_rows(work, ckpt, stats)
         rows += part
     if args.quantize:
-        part, ran = quantize_rows(work, ckpt, stats, args.avg_bits)
+        part, ran = quantize_rows(work, ckpt, stats, args.avg_bits, args.reuse)
         rows += ["", "| step | wall | peak RSS |", "|---|---|---|", *part] if project else part
     if planned is not None and ran:
         rows += ["", f"**The projection against the run:** `quantize`'s planning step (codes, sensitivities, allocation) projected {planned / 60:.1f} min, ran {ran / 60:.1f} min ({planned / ran:.2f}x)."]
