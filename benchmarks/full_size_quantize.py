@@ -122,9 +122,9 @@ def project(ckpt: Path, stats_dir: Path, out: Path) -> None:
     # codes + energies, by the layers' kinds: one MoE layer and one dense layer timed
     state = loaded.model.lm.state_dict()
     moe = set(loaded.spec.moe.layers)
-    groups = {"moe": [0 if 0 in moe else min(moe)], "dense": [min(set(range(layers)) - moe)], "other": [None]}
+    groups = {"moe": min(moe), "dense": min(set(range(layers)) - moe), "other": None}
     codes_s = {}
-    for kind, (layer,) in groups.items():
+    for kind, layer in groups.items():
         book = CodeBook(stats, QuantMethod.GPTQ, 32, symmetric=not backend.zero_point)  # a layer's GPTQ factorisations shared as in quantize
         keys = [k for u in units for k in u.keys if offered[u.name] and (f".layers.{layer}." in k if layer is not None else ".layers." not in k)]
         t = time.perf_counter()

@@ -227,7 +227,7 @@ def verify_bundle(
         against = f"the reference trace in {trace_dir} ({len(trace.items[:n])} {trace.header.set_name} questions)"
     elif ref is not None:
         against, n = f"the PyTorch reference {ref.name}", None  # recorded below, once the bundle has loaded
-        if limit_flag:  # the set's size checked now, not after the bundle has loaded
+        if limit_flag:  # the set's size checked here, once, not after the bundle has loaded
             first(resolve_set(set_name, data, status=status).samples, limit, flag=limit_flag, set_name=f"the {set_name} set")
     elif embedded is not None and (covers or not explicit_set):
         trace, n = embedded, (limit if covers else None)
@@ -246,7 +246,7 @@ def verify_bundle(
     # The bundle loads first: a corrupt or inconsistent bundle is refused before minutes of reference work.
     with status(f"loading {bundle} ({runtime})"), load(bundle, runtime=runtime, options=opts) as pipe:
         if trace is None:
-            trace = record_trace(ref, set_name=set_name, data=data, limit=limit, limit_flag=limit_flag, max_new_tokens=max_new_tokens, preprocess=preprocess, options=RuntimeOptions(num_threads=pipe.runtime.options.num_threads), status=status)
+            trace = record_trace(ref, set_name=set_name, data=data, limit=limit, max_new_tokens=max_new_tokens, preprocess=preprocess, options=RuntimeOptions(num_threads=pipe.runtime.options.num_threads), status=status)
         report = replay(pipe.runtime, trace, tolerances, limit=n, progress=progress)
     return VerifyOutcome(report, against, runtime, trace.header.source_sha256, trace.header.set_name)
 
