@@ -12,9 +12,11 @@ peak RSS), as a user would run it:
    - one probe's time as a + b × (layers it runs), from probes started at the last layer and at
      the middle one, summed over the probe classes the plan has (one per layer × component,
      each started at its own layer: quadratic in depth);
-   - the whole-plan router check's own probes: with estimated sensitivities it measures each
-     picked unit that can move a router (at or below the last MoE layer) end to end, projected
-     at one probe per such unit (a re-solve that picks another type for one adds another);
+   - the whole-plan router check: one pass of the plan the estimates gave; only when that plan
+     fails the guard whole does it measure each picked unit that can move a router (at or below
+     the last MoE layer) end to end, projected at one probe per such unit (a re-solve that picks
+     another type for one adds another), and the plan again: both totals are given, and a run's
+     manifest (`picks_measured`) says which one it was;
    - GPTQ codes at int4 and int8 plus the energies tr(ΔW H ΔWᵀ) of one MoE layer and one dense
      layer, times the layers of each kind, plus the lm_head's and the projector's;
 3. with `--quantize`: `medmoe-edge quantize --format onnx --sensitivity proxy --avg-bits B
@@ -186,19 +188,20 @@ def quantize_rows(work: Path, ckpt: Path, stats: Path, avg_bits: float, reuse: b
         f"| `run --runtime onnxruntime --max-new-tokens 8` on the bundle ({written / 1e9:.2f} GB) | {run_wall / 60:.1f} min | {_gib(run_rss)} |",
         "",
         *(f"- quantize printed: {ln}" for ln in _quoted(work / "quantize.log", QUOTED)),
-        f"- the bundle's manifest: the router check measured {_router_check(bundle)['picks_measured']} estimated picks end to end",
+        f"- the bundle's manifest: the router check measured {_router_check(bundle)['plans_measured']} plan(s) whole and {_router_check(bundle)['picks_measured']} estimated picks end to end",
     ], planning
 
 
-def projection_rows(work: Path, ckpt: Path, stats: Path) -> tuple[list[str], float]:
-    """The parts of `quantize` timed in a child process, and the total they project (not run);
-    and the seconds projected for its planning step (all but the load)."""
+def projection_rows(work: Path, ckpt: Path, stats: Path) -> tuple[list[str], dict[bool, float]]:
+    """The parts of `quantize` timed in a child process, and the totals they project (not run);
+    and the seconds projected for its planning step (all but the load), by whether the plan the
+    estimates gave held whole (True: no pick probed) or not."""
     out = work / "projection.json"
     print("timing the parts of quantize", flush=True)
     wall, rss = run_timed([sys.executable, "-c", PROJECT, str(ckpt), str(stats), str(out)], work / "projection.log")
     j = json.loads(out.read_text())
-    planning = j["setup_s"] + j["probes_s"] + j["codes_s"] + j["full_pass_s"] + j["route_probes_s"]
-    total = j["load_s"] + planning
+    held = j["setup_s"] + j["probes_s"] + j["codes_s"] + j["full_pass_s"]
+    planning = {True: held, False: held + j["route_probes_s"] + j["full_pass_s"]}  # failed whole: its picks probed, the plan measured again
     m = lambda s: f"{s / 60:.1f} min"  # noqa: E731
     return [
         f"| `quantize`'s parts, timed in one process (below) | {m(wall)} | {_gib(rss)} |",
@@ -212,9 +215,10 @@ def projection_rows(work: Path, ckpt: Path, stats: Path) -> tuple[list[str], flo
         f"| one probe from the last layer / from the middle layer | {j['probe_last_s']:.0f} s / {j['probe_middle_s']:.0f} s ({j['per_layer_s']:.1f} s per layer) | |",
         f"| {j['probe_classes']} probes (one per layer × component, each from its own layer on) | | {m(j['probes_s'])} |",
         f"| GPTQ codes at int4 and int8 + energies: one MoE layer / one dense layer / lm_head and projector | {j['codes_moe_layer_s']:.0f} s / {j['codes_dense_layer_s']:.0f} s / {j['codes_other_s']:.0f} s | {m(j['codes_s'])} ({j['moe_layers']} MoE + {j['dense_layers']} dense layers) |",
-        f"| the whole-plan router check: one full pass (more if the routes are not held) | | {m(j['full_pass_s'])} |",
-        f"| the router check's probes of the picks that can move a router: one per such unit ({j['route_moving_units']}) | | {m(j['route_probes_s'])} |",
-        f"| **in all** (not counted: delta-from-meta's second codes for the quantized experts' input projections, and writing the ONNX files) | | **{m(total)}** |",
+        f"| the whole-plan router check: one full pass of the plan the estimates gave | | {m(j['full_pass_s'])} |",
+        f"| **in all, when that plan holds the guard whole** (not counted: delta-from-meta's second codes for the quantized experts' input projections, and writing the ONNX files) | | **{m(j['load_s'] + planning[True])}** |",
+        f"| only when it fails: a probe of each pick that can move a router ({j['route_moving_units']}), and the plan measured again | | {m(j['route_probes_s'] + j['full_pass_s'])} |",
+        f"| in all, when it fails (more if the plans after it fail too) | | {m(j['load_s'] + planning[False])} |",
     ], planning
 
 
@@ -250,7 +254,9 @@ def main() -> None:
         part, ran = quantize_rows(work, ckpt, stats, args.avg_bits, args.reuse)
         rows += ["", "| step | wall | peak RSS |", "|---|---|---|", *part] if project else part
     if planned is not None and ran:
-        rows += ["", f"**The projection against the run:** `quantize`'s planning step (codes, sensitivities, allocation) projected {planned / 60:.1f} min, ran {ran / 60:.1f} min ({planned / ran:.2f}x)."]
+        held = _router_check(work / "bundle-onnx")["picks_measured"] == 0  # the run's own router check: did the estimates' plan hold whole?
+        case = "the plan the estimates gave held whole, as the run's manifest records" if held else "the plan the estimates gave failed whole and its picks were probed, as the run's manifest records"
+        rows += ["", f"**The projection against the run:** `quantize`'s planning step (codes, sensitivities, allocation) projected {planned[held] / 60:.1f} min ({case}), ran {ran / 60:.1f} min ({planned[held] / ran:.2f}x)."]
     depth = f" --layers {args.layers}" if args.layers else ""
     flags = (" --project" if project and args.quantize else "") + (f" --quantize --avg-bits {args.avg_bits:g}" if args.quantize else "")
     shape = f"{args.preset}'s dimensions at {args.layers} decoder layers" if args.layers else f"a full-size {args.preset}"

@@ -11,9 +11,15 @@ the probe sequences do track those on eval questions neither saw (0.64-0.71 % ag
 
 So after the knapsack, `hold_routes`:
 
-1. (proxy sensitivities) measures, end to end, the router agreement of every pick that can move
-   a router (a unit below the last MoE layer's router) and has only an estimate, puts it into
-   the unit's choice and solves again, until every such pick is measured;
+1. (proxy sensitivities) measures the plan the estimates gave whole (step 2); only when it fails
+   does it measure, end to end, the router agreement of every pick that can move a router (a
+   unit below the last MoE layer's router) and has only an estimate, put it into the unit's
+   choice and solve again, until every such pick is measured. A plan that holds as a whole meets
+   the guard however its units' flips were estimated, and at full size those per-pick probes are
+   most of `quantize`'s time (90 of them, 2.6 h of a projected 4.9 h for a full-size StableLM on
+   2 cores); on the demo and at 8 full-size layers, plans made this way held as often, were the
+   same plan or differed only where the estimates left the flip bound slack, and kept as good a
+   held-out KL (docs/QUANTIZATION.md, "The router check's probes");
 2. measures the whole plan on the probe sequences (one pass): its flipped share F and the
    standard error of F across sequences (routes of one sequence flip together);
 3. holds F + one standard error ≤ the guard's share, so the bound carries to questions the probe
@@ -162,13 +168,17 @@ def hold_routes(
     estimated: bool,
     rounds: int = ROUNDS,
     max_cost: float = MAX_KL_COST,
+    measure_picks_first: bool = False,
 ) -> RoutedPlan:
     """Solve the knapsack with the whole plan's measured flips, plus one standard error, held at
     ≤ `max_flips` where a plan within the budget can (module docstring). `estimated`: the units'
-    agreements are proxy estimates, so the picks that can move a router are measured first."""
+    agreements are proxy estimates, so the picks that can move a router are measured end to end
+    once a plan made from the estimates fails the whole-plan check (`measure_picks_first`: before
+    the first plan is measured, as `quantize` did until the comparison in benchmarks/router_check.py)."""
     moe_layers = tuple(loaded.spec.moe.layers)
     units = tuple(units)
     measured: set[tuple[str, str]] = set()
+    measuring = estimated and measure_picks_first  # else estimated picks are measured once a plan made from them fails whole
 
     def solve_measured(target: float, pin: tuple[int, Choice] | None = None) -> Allocation:
         """The knapsack at `target` (with unit `pin[0]` held to choice `pin[1]`), its route-moving
@@ -180,7 +190,7 @@ def hold_routes(
             todo = [
                 i
                 for i, (u, c) in enumerate(zip(units, alloc.picks))
-                if estimated and not c.precision.is_float and (u.name, c.precision.value) not in measured and moves_routes(u, moe_layers)
+                if measuring and not c.precision.is_float and (u.name, c.precision.value) not in measured and moves_routes(u, moe_layers)
             ]
             if not todo:
                 return Allocation(units, alloc.picks, budget)
@@ -214,6 +224,9 @@ def hold_routes(
     # 1. the knapsack's plan; while one fails, ask its units' summed flips for (allowed / measured)
     #    as much, then bisect between the last target that failed and the first that held
     first = consider(solve_measured(max_flips), max_flips)
+    if not first.held and estimated and not measuring:  # the estimates misled: measure the picks and start again from the knapsack's plan
+        measuring = True
+        first = consider(solve_measured(max_flips), max_flips)
     failed, held_at = (None, max_flips) if first.held else (max_flips, None)
     last = first
     for _ in range(rounds - 1):

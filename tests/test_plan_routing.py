@@ -68,13 +68,48 @@ def test_the_plan_holds_the_guard_as_a_whole_or_is_the_least_flipping_found(demo
     assert again.flips == pytest.approx(r.check.flips) and again.delta_kl == pytest.approx(r.check.delta_kl, rel=1e-6)
     assert r.held == (r.check.upper <= 1.0 - guard + 1e-12)
     assert res.allocation.nbytes <= res.allocation.budget
-    if mode is SensitivityMode.PROXY:  # every pick that can move a router carries its measured agreement, not the estimate
+    if mode is SensitivityMode.PROXY and r.measured_picks:  # the estimated plan failed: every pick that can move a router carries its measured agreement
         book = CodeBook(stats, QuantMethod.GPTQ, 32)
         moving = [(u, c) for u, c in zip(res.allocation.units, res.allocation.picks) if not c.precision.is_float and moves_routes(u, (0, 2))]
-        assert moving and r.measured_picks >= len(moving)
+        assert moving and r.measured_picks >= len(moving) and r.rounds >= 2
         for u, c in moving:
             _kl, agree = probe_one(loaded, probe, u, {k: book.codes_for(k, state[k], c.precision).dequantize() for k in u.keys})
             assert c.router_agreement == pytest.approx(agree)
+    elif mode is SensitivityMode.PROXY:  # the plan the estimates gave held whole, at the first measurement
+        assert r.held and r.rounds == 1
+
+
+@pytest.fixture(scope="module")
+def estimated(demo, stats_dir):
+    """The demo's units with proxy (estimated) sensitivities at 4 bits per weight, and their dequantizer."""
+    from medmoe_edge.allocation import budget_from
+    from medmoe_edge.calibration.sensitivity import estimate
+
+    loaded, stats, probe = demo
+    book = CodeBook(stats, QuantMethod.GPTQ, 32)
+    units = tuple(estimate(loaded, stats, BACKENDS["torch"], book, cache_dir=stats_dir, probe=probe))
+    state = loaded.model.lm.state_dict()
+    deq = lambda u, c: {k: book.codes_for(k, state[k], c.precision).dequantize() for k in u.keys}  # noqa: E731
+    return units, budget_from(units, avg_bits=4.0), deq
+
+
+def test_estimated_picks_are_measured_only_once_the_plan_they_gave_fails_whole(demo, estimated):
+    """With estimated agreements the plan is measured whole first: where it holds, no pick is probed
+    (at full size those probes were most of `quantize`'s time); where it fails, the route-moving
+    picks are measured end to end and the search starts again from the knapsack's plan, as when
+    they are measured first."""
+    loaded, _stats, probe = demo
+    units, budget, deq = estimated
+    moving = lambda r: [u.name for u, c in zip(r.allocation.units, r.allocation.picks) if not c.precision.is_float and moves_routes(u, (0, 2))]  # noqa: E731
+    loose = hold_routes(loaded, probe, units, budget, 0.2, deq, estimated=True)
+    assert loose.held and loose.rounds == 1 and loose.measured_picks == 0 and moving(loose)
+    eager = hold_routes(loaded, probe, units, budget, 0.2, deq, estimated=True, measure_picks_first=True)
+    assert eager.measured_picks >= len(moving(eager)) > 0
+    tight = hold_routes(loaded, probe, units, budget, 1e-4, deq, estimated=True, max_cost=float("inf"))
+    assert tight.rounds >= 2 and tight.measured_picks >= len(moving(tight)) > 0  # failed whole, then measured
+    for u, c in zip(tight.allocation.units, tight.allocation.picks):  # the measured agreements replaced the estimates
+        if u.name in moving(tight):
+            assert c.router_agreement == pytest.approx(probe_one(loaded, probe, u, deq(u, c))[1])
 
 
 @pytest.fixture(scope="module")
