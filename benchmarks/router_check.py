@@ -86,7 +86,7 @@ def rows_for(work: Path, per_domain: int, held_out_per_domain: int, backends: li
             if any(len(v) == 1 for v in got.values()):
                 rows.append(f"| {per_domain} | {backend} | {label} | refused: {got[True][0]} | | | | | | | |")
                 continue
-            same = got[True][0].allocation.picks == got[False][0].allocation.picks
+            same = [c.precision for c in got[True][0].allocation.picks] == [c.precision for c in got[False][0].allocation.picks]  # the types (agreements differ: measured or estimated)
             for first, way in WAYS:
                 res, kl, agree, took = got[first]
                 r = res.routing

@@ -16,10 +16,11 @@ So after the knapsack, `hold_routes`:
    unit below the last MoE layer's router) and has only an estimate, put it into the unit's
    choice and solve again, until every such pick is measured. A plan that holds as a whole meets
    the guard however its units' flips were estimated, and at full size those per-pick probes are
-   most of `quantize`'s time (90 of them, 2.6 h of a projected 4.9 h for a full-size StableLM on
-   2 cores); on the demo and at 8 full-size layers, plans made this way held as often, were the
-   same plan or differed only where the estimates left the flip bound slack, and kept as good a
-   held-out KL (docs/QUANTIZATION.md, "The router check's probes");
+   the largest part of `quantize` (90 of them: 2.9 h of a projected 5.4 h for a full-size StableLM
+   on 2 cores, 2.5 h without them). On the demo (24 budgets × backends × calibration sizes) the
+   guard held in the same cases either way, 21 plans were the same and the other 3 had a lower
+   held-out KL; at 8 full-size layers the estimates' plan held at once, the same plan as with the
+   picks probed (docs/QUANTIZATION.md, "The router check's probes");
 2. measures the whole plan on the probe sequences (one pass): its flipped share F and the
    standard error of F across sequences (routes of one sequence flip together);
 3. holds F + one standard error ≤ the guard's share, so the bound carries to questions the probe
