@@ -127,7 +127,9 @@ def quantize_cmd(
             verdict = "[bold yellow]not held: no plan within the budget keeps it; give it more bytes[/]"
         out.print(
             f"whole-plan routing on the calibration probe sequences: {r.check.flips:.2%} ± {r.check.stderr:.2%} of routes flipped "
-            f"(guard: ≤ {1 - ROUTER_GUARD:.1%} with one standard error: {verdict}; {r.rounds} plan{'s' if r.rounds != 1 else ''} measured whole)",
+            f"(guard: ≤ {1 - ROUTER_GUARD:.1%} with one standard error: {verdict}; {r.rounds} plan{'s' if r.rounds != 1 else ''} measured whole"
+            # proxy sensitivities: the picks' estimated flips are probed only when the plan they gave failed whole (calibration.routing)
+            + (f"; {r.measured_picks} estimated pick{'s' if r.measured_picks != 1 else ''} probed end to end" if mode is SensitivityMode.PROXY else "") + ")",
             highlight=False,
             soft_wrap=True,
         )
