@@ -71,7 +71,7 @@ def test_the_plan_holds_the_guard_as_a_whole_or_is_the_least_flipping_found(demo
     if mode is SensitivityMode.PROXY and r.measured_picks:  # the estimated plan failed: every pick that can move a router carries its measured agreement
         book = CodeBook(stats, QuantMethod.GPTQ, 32)
         moving = [(u, c) for u, c in zip(res.allocation.units, res.allocation.picks) if not c.precision.is_float and moves_routes(u, (0, 2))]
-        assert moving and r.measured_picks >= len(moving) and r.rounds >= 2
+        assert moving and r.measured_picks >= len(moving)
         for u, c in moving:
             _kl, agree = probe_one(loaded, probe, u, {k: book.codes_for(k, state[k], c.precision).dequantize() for k in u.keys})
             assert c.router_agreement == pytest.approx(agree)
@@ -95,7 +95,7 @@ def estimated(demo, stats_dir):
 
 def test_estimated_picks_are_measured_only_once_the_plan_they_gave_fails_whole(demo, estimated):
     """With estimated agreements the plan is measured whole first: where it holds, no pick is probed
-    (at full size those probes were most of `quantize`'s time); where it fails, the route-moving
+    (at full size those probes were the largest part of `quantize`); where it fails, the route-moving
     picks are measured end to end and the search starts again from the knapsack's plan, as when
     they are measured first."""
     loaded, _stats, probe = demo
@@ -106,7 +106,7 @@ def test_estimated_picks_are_measured_only_once_the_plan_they_gave_fails_whole(d
     eager = hold_routes(loaded, probe, units, budget, 0.2, deq, estimated=True, measure_picks_first=True)
     assert eager.measured_picks >= len(moving(eager)) > 0
     tight = hold_routes(loaded, probe, units, budget, 1e-4, deq, estimated=True, max_cost=float("inf"))
-    assert tight.rounds >= 2 and tight.measured_picks >= len(moving(tight)) > 0  # failed whole, then measured
+    assert tight.measured_picks >= len(moving(tight)) > 0  # failed whole (only then are picks probed), then measured
     for u, c in zip(tight.allocation.units, tight.allocation.picks):  # the measured agreements replaced the estimates
         if u.name in moving(tight):
             assert c.router_agreement == pytest.approx(probe_one(loaded, probe, u, deq(u, c))[1])
