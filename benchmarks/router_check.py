@@ -46,6 +46,7 @@ def rows_for(work: Path, per_domain: int, held_out_per_domain: int, backends: li
     from medmoe_edge.calibration.sets import resolve_set
     from medmoe_edge.calibration.teacher import prepare
     from medmoe_edge.checkpoint import load_model, resolve_model_dir
+    from medmoe_edge.errors import InputError
     from medmoe_edge.quant_plan import QuantMethod
     from medmoe_edge.quantizer import packed_bytes
 
@@ -72,7 +73,7 @@ def rows_for(work: Path, per_domain: int, held_out_per_domain: int, backends: li
                     t = time.perf_counter()
                     res = quantization.make_plan(loaded, stats, backend, method=method, budget_mb=int3 / 1e6 if bytes_of else None, avg_bits=avg, sensitivity=SensitivityMode.PROXY, cache_dir=stats_dir)
                     took = time.perf_counter() - t
-                except Exception as e:  # a budget the backend's smallest types cannot meet
+                except InputError as e:  # a budget the backend's smallest types (or the router guard) cannot meet
                     got[first] = (str(e).split(":")[0],)
                     continue
                 finally:
