@@ -182,13 +182,14 @@ def quantize_rows(work: Path, ckpt: Path, stats: Path, avg_bits: float, reuse: b
     run_wall, run_rss = timed_step(work, "run", run, reuse)
     written = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
     planning = sum(secs for what, secs in phases.items() if what.startswith(("gptq codes", "rtn codes")))
+    check = _router_check(bundle)
     return [
         f"| `quantize --format onnx --sensitivity proxy --avg-bits {avg_bits:g} --trace-questions 0 --no-verify` | {wall / 60:.1f} min | **{_gib(rss)}** |",
         *(f"| `quantize`: {what} | {secs / 60:.1f} min | |" for what, secs in phases.items()),
         f"| `run --runtime onnxruntime --max-new-tokens 8` on the bundle ({written / 1e9:.2f} GB) | {run_wall / 60:.1f} min | {_gib(run_rss)} |",
         "",
         *(f"- quantize printed: {ln}" for ln in _quoted(work / "quantize.log", QUOTED)),
-        f"- the bundle's manifest: the router check measured {_router_check(bundle)['plans_measured']} plan(s) whole and {_router_check(bundle)['picks_measured']} estimated picks end to end",
+        f"- the bundle's manifest: the router check measured {check['plans_measured']} plan(s) whole and {check['picks_measured']} estimated picks end to end",
     ], planning
 
 
