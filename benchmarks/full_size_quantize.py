@@ -25,8 +25,8 @@ peak RSS), as a user would run it:
    few tokens); what `quantize` prints (the plan's bits, the groups read back from the written
    files against the plan's prediction, the candidate codes held to a cap) goes into the table.
 
-`--reuse` keeps the statistics, bundle and step timings (`WORK/STEP.json`) of an earlier run in
-`--work` and times again only what is missing (the projection always runs).
+`--reuse` keeps the statistics, the projection's timed parts, the bundle and the step timings
+(`WORK/STEP.json`) of an earlier run in `--work` and times again only what is missing.
 
 The weights are random, so sensitivities and answers say nothing about a trained model: this
 measures time and memory at full size. `--layers N` keeps the preset's every dimension but the
@@ -193,13 +193,12 @@ def quantize_rows(work: Path, ckpt: Path, stats: Path, avg_bits: float, reuse: b
     ], planning
 
 
-def projection_rows(work: Path, ckpt: Path, stats: Path) -> tuple[list[str], dict[bool, float]]:
+def projection_rows(work: Path, ckpt: Path, stats: Path, reuse: bool) -> tuple[list[str], dict[bool, float]]:
     """The parts of `quantize` timed in a child process, and the totals they project (not run);
     and the seconds projected for its planning step (all but the load), by whether the plan the
     estimates gave held whole (True: no pick probed) or not."""
-    out = work / "projection.json"
-    print("timing the parts of quantize", flush=True)
-    wall, rss = run_timed([sys.executable, "-c", PROJECT, str(ckpt), str(stats), str(out)], work / "projection.log")
+    out = work / "projection-parts.json"
+    wall, rss = timed_step(work, "projection", [sys.executable, "-c", PROJECT, str(ckpt), str(stats), str(out)], reuse and out.is_file())
     j = json.loads(out.read_text())
     held = j["setup_s"] + j["probes_s"] + j["codes_s"] + j["full_pass_s"]
     planning = {True: held, False: held + j["route_probes_s"] + j["full_pass_s"]}  # failed whole: its picks probed, the plan measured again
@@ -240,7 +239,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     project = args.project or not args.quantize
     ckpt = checkpoint(work, args.preset, args.layers)
-    stored = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    stored = sum(f.stat().st_size for f in ckpt.rglob("*.safetensors"))  # the CLIP tower's folder included
     stats = work / "stats"
     if not (args.reuse and (work / "calibrate.json").is_file()):
         shutil.rmtree(stats, ignore_errors=True)
@@ -249,7 +248,7 @@ def main() -> None:
     print(f"calibrate: {wall / 60:.1f} min, {_gib(rss)}", flush=True)
     rows, planned, ran = [], None, None
     if project:
-        part, planned = projection_rows(work, ckpt, stats)
+        part, planned = projection_rows(work, ckpt, stats, args.reuse)
         rows += part
     if args.quantize:
         part, ran = quantize_rows(work, ckpt, stats, args.avg_bits, args.reuse)
@@ -263,7 +262,7 @@ def main() -> None:
     shape = f"{args.preset}'s dimensions at {args.layers} decoder layers" if args.layers else f"a full-size {args.preset}"
     lines = [
         f"`python benchmarks/full_size_quantize.py --preset {args.preset}{depth} --per-domain {args.per_domain}{flags}` "
-        f"({shape} Med-MoE with random weights, stored in bf16: {_gib(stored)}; {4 * args.per_domain} calibration questions; each step alone, in its own process, on the 2-core 24 GB machine):",
+        f"({shape} Med-MoE with random weights, stored in bf16: {_gib(stored)} with its CLIP tower; {4 * args.per_domain} calibration questions; each step alone, in its own process, on the 2-core 24 GB machine):",
         "",
         "| step | wall | peak RSS |",
         "|---|---|---|",

@@ -47,7 +47,7 @@ class TrtLibrary(str, Enum):
     @property
     def install_hint(self) -> str:
         if self is TrtLibrary.RTX:
-            return "pip install 'medmoe-edge[tensorrt]' (TensorRT-RTX from PyPI)"
+            return "pip install 'medmoe-edge[tensorrt]' (TensorRT-RTX from PyPI: Linux x86-64 and Windows wheels only)"
         return "on a Jetson, use JetPack's TensorRT (python3-libnvinfer, see docs/TENSORRT.md); on a PC, NVIDIA's tensorrt wheels"
 
 
