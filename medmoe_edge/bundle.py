@@ -260,11 +260,16 @@ def read_manifest(bundle: str | Path) -> Manifest:
     bundle = Path(bundle)
     path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
-        raise CheckpointError(f"{bundle} is not a directory: pass the bundle directory written by `medmoe-edge export`")
+        raise CheckpointError(f"{bundle} is not a directory: pass the bundle directory written by `medmoe-edge export` or `medmoe-edge quantize`")
     if not path.is_file():
         if (bundle / "config.json").is_file():
             raise CheckpointError(f"{bundle} is a checkpoint directory, not an exported bundle: run it with --runtime torch, or export it with `medmoe-edge export`")
-        raise CheckpointError(f"{bundle} has no {MANIFEST_NAME}: it is not a complete bundle (an interrupted export?); export it again")
+        if (bundle / "stats.json").is_file():  # calib_stats.STATS_STEM (not imported: it pulls in torch)
+            raise CheckpointError(f"{bundle} holds calibration statistics, not a bundle: pass it to `medmoe-edge quantize --stats`, which writes a bundle")
+        raise CheckpointError(
+            f"{bundle} has no {MANIFEST_NAME}: it is not a complete bundle; pass a directory written by `medmoe-edge export` or `medmoe-edge quantize` "
+            "(export it again if files were removed from it)"
+        )
     raw = path.read_bytes()
     digest = bundle / MANIFEST_DIGEST_NAME
     if not digest.is_file():

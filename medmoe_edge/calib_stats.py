@@ -290,6 +290,8 @@ class CalibStats:
         directory = Path(directory)
         st, js = directory / f"{STATS_STEM}.safetensors", directory / f"{STATS_STEM}.json"
         if not (st.is_file() and js.is_file()):
+            if not directory.exists():
+                raise InputError(f"{directory} does not exist: make calibration statistics there with `medmoe-edge calibrate --model M --out {directory}`")
             raise InputError(f"{directory} holds no calibration statistics ({STATS_STEM}.json/.safetensors): make them with `medmoe-edge calibrate --model M --out {directory}`")
         try:
             meta = json.loads(js.read_text())

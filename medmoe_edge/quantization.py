@@ -427,6 +427,8 @@ def make_plan(
     offered = with_choices(units_for(loaded, b), stats, b, book)  # bytes only: the budget is checked before minutes of measuring
     sized = restrict(offered, types)
     also = f", or allow smaller types than --types {','.join(p.value for p in types)}" if types is not None else ""
+    if b.name == "onnx":  # DequantizeLinear has no 2-bit codes that ONNX Runtime fuses; MatMulNBits has
+        also += ", or write ONNX Runtime-only MatMulNBits with --ops matmulnbits (int2 codes, smaller plans)"
     check_budget(sized, budget_from(sized, budget_mb=budget_mb, avg_bits=avg_bits), also)
     # the candidate codes (every unit at every quantized type) are made once and read again by the
     # sensitivities, the router check and the picks; where they would not fit in memory they are

@@ -64,6 +64,29 @@ def test_run_bad_input_is_one_line_error(tiny_ckpts, sample_png, args, message):
     assert "Traceback" not in r.output and len(r.stderr.strip().splitlines()) <= 2  # one logical line (rich may wrap)
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["quantize", "--format", "onnx", "--out", "x"], "error: Missing option '--stats': Statistics directory written by `medmoe-edge calibrate`"),
+        (["run", "--image"], "error: Option '--image' requires an argument (see `medmoe-edge run --help`)"),
+        (["plan", "show", "--bogus"], "error: No such option: --bogus (see `medmoe-edge plan show --help`)"),
+        (["eval", "--limit", "many"], "error: Invalid value for '--limit'"),
+        (["exprot"], "error: No such command 'exprot'"),
+    ],
+)
+def test_usage_errors_are_one_line_naming_the_help(args, line):
+    """click's own parse errors follow the same contract as ours: one line, exit 2, no usage block."""
+    r = _run(*args)
+    assert r.exit_code == 2
+    assert r.stderr.startswith(line), r.stderr
+    assert "Usage:" not in r.output and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_no_arguments_still_print_the_help():
+    r = _run()
+    assert "Usage:" in r.output and "quantize" in r.output
+
+
 def test_info_json(tiny_ckpts):
     r = _run("info", str(tiny_ckpts[Preset.TINY_STABLELM]), "--json")
     assert r.exit_code == 0, r.output

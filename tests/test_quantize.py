@@ -180,7 +180,9 @@ def test_plan_show_prints_the_table_and_the_heatmap(bundle):
         g = groups[rule.pattern]
         assert g["precision"] == rule.spec.precision.value and g["block"] == 32 and g["delta_kl"] == rule.note["delta_kl"]
     assert groups["layers.0.router"]["precision"] == "fp32" and d["summary"]["backend"] == "onnx"
-    assert "fc1 as Δ from layers.0.meta.fc1" in r.output or "fc1 as Δ from layers.0.meta.fc1" in CliRunner().invoke(app, ["plan", "show", str(out)], env=WIDE).output
+    assert "gptq, fc1 as Δ from meta" in CliRunner().invoke(app, ["plan", "show", str(out)], env=WIDE).output
+    narrow = CliRunner().invoke(app, ["plan", "show", str(out)], env={"COLUMNS": "80"}).output
+    assert "│ layers.0.expert.3 │" in narrow  # a TensorId is never cut, however narrow the terminal
     assert d["summary"]["delta_from_meta"]["coded_as_delta"] and d["summary"]["router_check"]["held"]
 
 
@@ -238,13 +240,14 @@ def _changed_set_stats(stats_dir: Path, tmp: Path) -> Path:
         ("negative", "--budget-mb must be positive"),
         ("method", "--method 'awq' is not a quantization method: use one of gptq, rtn, imatrix-rtn"),
         ("sensitivity", "--sensitivity 'fisher' is not a sensitivity mode: use measured or proxy"),
-        ("too-small", "is below what the smallest types allow (2.845 MB, 5.12 bits per weight): raise --budget-mb to at least 2.846 or --avg-bits to at least 5.13"),
+        ("too-small", "is below what the smallest types allow (2.845 MB, 5.12 bits per weight): raise --budget-mb to at least 2.846 or --avg-bits to at least 5.13, or write ONNX Runtime-only MatMulNBits with --ops matmulnbits"),
         ("non-empty", "already exists and is not empty: choose a new --out directory or remove it"),
         ("file", "is a file: choose a new --out directory"),
         ("other-model", "was computed from another model"),
         ("other-set", "was computed on calibration set 'calibration', not 'eval' (manifest SHA-256 differs): run medmoe-edge calibrate --set eval"),
         ("changed-set", "whose manifest has changed since (SHA-256 differs): run `medmoe-edge calibrate --model demo --set calibration --out NEW_STATS`"),
         ("no-stats", "holds no calibration statistics"),
+        ("missing-stats", "nostats does not exist: make calibration statistics there with `medmoe-edge calibrate --model M --out"),
         ("dispatch", "--moe-dispatch 'nonzero' is not one of"),
         ("unknown-type", "--types 'q3_k' is not a type of --format onnx: use some of int4, int8, comma-separated (floating point is always allowed)"),
         ("empty-types", "--types is empty: list some of int4, int8"),
@@ -292,6 +295,8 @@ def test_bad_input_is_one_line_with_exit_code_2_and_leaves_nothing(case, message
         args["--stats"] = str(_changed_set_stats(stats_dir, tmp_path))
     elif case == "no-stats":
         args["--stats"] = str(tmp_path)
+    elif case == "missing-stats":
+        args["--stats"] = str(tmp_path / "nostats")
     elif case == "dispatch":
         extra = ["--moe-dispatch", "nonzero"]
     elif case == "unknown-type":  # a GGUF type asked of an ONNX plan

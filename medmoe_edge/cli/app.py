@@ -12,9 +12,11 @@ from . import data_cmd, eval_cmd, export_cmd, info_cmd, init_random_cmd, run_cmd
 from . import doctor_cmd, plan_cmd
 from . import bench_cmd, compare_cmd
 from . import calibrate_cmd, quantize_cmd
+from .common import OneLineUsage
 
 app = typer.Typer(
     name="medmoe-edge",
+    cls=OneLineUsage,
     help="Med-MoE medical vision-language model: export, quantize, run and compare on edge devices.",
     no_args_is_help=True,
     add_completion=False,

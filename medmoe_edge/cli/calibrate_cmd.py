@@ -6,13 +6,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import Progress
 from rich.table import Table
 
 from ..calib_stats import TOKEN_KINDS
 from ..imaging import PreprocessMode
 from ..quantization import SENSITIVITY_PER_DOMAIN, calibrate, parse_gib
-from .common import err, out, user_errors
+from .common import err, out, progress_bar, user_errors
 
 
 @user_errors
@@ -32,7 +31,7 @@ def calibrate_cmd(
     """Record routed-token counts, per-linear input Hessians over each expert's own tokens, imatrix diagonals and router margins."""
     doms = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
     hessian_bytes = parse_gib(hessian_memory, "--hessian-memory")
-    with Progress(console=err, transient=True) as bar:
+    with progress_bar() as bar:
         task = bar.add_task("calibrating", total=None)
         stats, cached = calibrate(
             model, out_dir, set_name=set_name, domains=doms, per_domain=per_domain, sensitivity_per_domain=sensitivity, preprocess=preprocess,

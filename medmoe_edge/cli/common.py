@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+import typer.core
 from rich.console import Console
+from rich.progress import Progress
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from ..errors import MedmoeError
 from ..runtime_contract import RuntimeOptions
@@ -20,6 +23,12 @@ from ..vocab import FLOAT_PRECISIONS, KvType, Precision
 
 out = Console()  # results
 err = Console(stderr=True)  # progress, status and errors
+
+
+def progress_bar(*columns: Any) -> Progress:
+    """A transient progress bar on stderr, shown on a terminal only: in a log or a pipe a stopped
+    bar would leave a blank line before the next message (an error's one line included)."""
+    return Progress(*columns, console=err, transient=True, disable=not err.is_terminal)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,6 +59,59 @@ def fail(message: str, kind: str, code: int, as_json: bool) -> NoReturn:
     if as_json:
         print_json({"error": message, "kind": kind})
     raise typer.Exit(code)
+
+
+# the exceptions of the click that parses our options: recent typers vendor their own copy
+# (`typer._click`), whose classes are not the `click` package's; earlier ones use that package
+_clicks = (getattr(typer.core, "_click", None) or typer.core.click).exceptions  # type: ignore[attr-defined]
+_NoArgsIsHelp = getattr(_clicks, "NoArgsIsHelpError", ())  # click < 8.2 has none
+
+
+class _OneLineUsageError(_clicks.ClickException):
+    """A click usage error (a missing or unknown option, a bad value) shown as one line."""
+
+    exit_code = 2
+
+    def __init__(self, e: Any, command: str) -> None:  # a UsageError; the command it was parsing
+        where = e.ctx.command_path if e.ctx is not None else command
+        what = e.format_message().rstrip(".")
+        helps = getattr(getattr(e, "param", None), "help", None)
+        if isinstance(e, _clicks.MissingParameter) and helps:  # what the missing option wants
+            what += f": {helps.rstrip('.')}"
+        super().__init__(f"{what} (see `{where} --help`)")
+
+    def show(self, file: Any = None) -> None:
+        err.print(f"[bold red]error:[/] {escape(self.message)}", markup=True, highlight=False, soft_wrap=True)
+
+
+class OneLineUsage(TyperGroup):
+    """The root command group: click's own usage errors become the CLI's one-line error naming
+    the fix (exit 2), not click's three-line usage block. A subcommand's options are parsed in
+    this group's `invoke`, so catching there covers every command, `plan show` included."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except _NoArgsIsHelp:
+            raise  # no arguments: click prints the help, as asked for
+        except _clicks.UsageError as e:
+            raise _OneLineUsageError(e, "medmoe-edge") from None
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta[_COMMAND] = f"{ctx.command_path} {name}"  # some parse errors carry no context
+        return name, command, rest
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _NoArgsIsHelp:
+            raise
+        except _clicks.UsageError as e:
+            raise _OneLineUsageError(e, ctx.meta.get(_COMMAND, ctx.command_path)) from None
+
+
+_COMMAND = "medmoe_edge.command"  # ctx.meta key: the subcommand being parsed
 
 
 def user_errors(fn: F) -> F:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import Progress
 from rich.table import Table
 
 from ..charts import fidelity_cells, speed_cells
@@ -14,7 +13,7 @@ from ..comparison import DEFAULT_LIMIT, DEFAULT_MAX_NEW_TOKENS, compare
 from ..demo import DEMO_LABEL, is_demo
 from ..errors import InputError
 from ..imaging import PreprocessMode
-from .common import DeviceOption, ProviderOption, ThreadsOption, err, out, print_json, user_errors
+from .common import DeviceOption, ProviderOption, ThreadsOption, err, out, print_json, progress_bar, user_errors
 
 
 def _split(text: str | None) -> list[str]:
@@ -71,7 +70,7 @@ def compare_cmd(
         raise InputError(f"--limit must be at least 1, got {limit}")
     if is_demo(model):
         err.print(f"[yellow]{DEMO_LABEL}[/]")
-    with Progress(console=err, transient=True) as bar:
+    with progress_bar() as bar:
         task = bar.add_task("comparing", total=None)
         result = compare(
             model,

@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..calibration.synth import DOMAINS, SPLITS, build_dataset, read_manifest
 from ..calibration.synth.render import check_size
 from ..ckpt_writer import atomic_dir
 from ..errors import ConfigError
-from .common import err, out, user_errors
+from .common import err, out, progress_bar, user_errors
 
 
 @user_errors
@@ -36,7 +36,7 @@ def make_data(
     out_dir = Path(out_dir)
     total = len(DOMAINS) * (train_per_domain + calibration_per_domain + eval_per_domain)
     # atomic: an interrupted run leaves nothing that looks complete
-    with atomic_dir(out_dir) as tmp, Progress(TextColumn("writing images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:
+    with atomic_dir(out_dir) as tmp, progress_bar(TextColumn("writing images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task("images", total=total)
         build_dataset(
             tmp,

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import Progress
 from rich.table import Table
 
 from ..api import load
@@ -18,7 +17,7 @@ from ..generation import GenerationConfig
 from ..imaging import PreprocessMode
 from ..ckpt_writer import check_new_dir
 from ..provenance import provenance
-from .common import DeviceOption, DtypeOption, ProviderOption, ThreadsOption, VisionTowerOption, err, out, print_json, runtime_options, user_errors
+from .common import DeviceOption, DtypeOption, ProviderOption, ThreadsOption, VisionTowerOption, err, out, print_json, progress_bar, runtime_options, user_errors
 
 @user_errors
 def eval_model(
@@ -49,7 +48,7 @@ def eval_model(
         pipe = load(model, runtime=runtime, options=options)
     if is_demo(model):
         err.print(f"[yellow]{DEMO_LABEL}[/]")
-    with pipe, Progress(console=err, transient=True) as bar:
+    with pipe, progress_bar() as bar:
         task = bar.add_task("answering", total=len(samples))
         result = evaluate(pipe, samples, root, generation=GenerationConfig(max_new_tokens=max_new_tokens), preprocess_mode=preprocess, progress=lambda i, n: bar.update(task, completed=i))
     prov = provenance(

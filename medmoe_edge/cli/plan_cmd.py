@@ -203,11 +203,14 @@ def plan_show(
         return
     t = Table(title=f"{bundle}: quantization plan ({manifest.format.value}; statistics {str(plan.calibration)[:12]})")
     for col in ("TensorId", "type", "block", "method", "ΔKL", "router agree", "MB"):
-        t.add_column(col, justify="left" if col in ("TensorId", "type", "method") else "right")
+        t.add_column(col, justify="left" if col in ("TensorId", "type", "method") else "right", no_wrap=col != "method", overflow="fold")
+    # a narrow terminal wraps the method, never a TensorId: `layers.0.ex…` cannot tell four experts apart
+    t.columns[0].min_width = max((len(r["tensor_id"]) for r in rows), default=8)
     for r in rows:
         t.add_row(
             r["tensor_id"], Text(r["precision"], style=_BIT_STYLE.get(r["bits"], "")), str(r["block"] or "-"),
-            r["method"] + "".join(f", {p} as Δ from {base}" for p, base in r.get("delta_from", {}).items()),
+            # the base is always the same layer's meta expert's projection (`--json` names it in full)
+            r["method"] + "".join(f", {p} as Δ from meta" for p in r.get("delta_from", {})),
             f"{r['delta_kl']:.2e}" if r["delta_kl"] is not None else "-",
             f"{r['router_agreement']:.2%}" if r["router_agreement"] is not None else "-",
             f"{r['bytes'] / 1e6:.3f}" if r["bytes"] is not None else "-",

@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import Progress
 from rich.table import Table
 
 from ..calibration.routing import MAX_KL_COST
 from ..calibration.sensitivity import SensitivityMode
 from ..quantization import METHODS, ROUTER_GUARD, check_block, check_delta, check_ops, check_request, check_types, parse_gib, parse_method, parse_sensitivity, quantize_bundle
 from ..quantizer import DEFAULT_BLOCK
-from .common import err, out, user_errors
+from .common import err, out, progress_bar, user_errors
 from .export_cmd import tensorrt_check_runtime
 from .verify_cmd import check_written_bundle, print_report
 
@@ -65,7 +64,7 @@ def quantize_cmd(
     check_delta(fmt, delta_from_meta)
     codes_bytes = parse_gib(codes_memory, "--codes-memory")
     took: dict[str, float] = {}
-    with Progress(console=err, transient=True) as bar:
+    with progress_bar() as bar:
         task = bar.add_task("measuring sensitivities", total=None)
         manifest, result = quantize_bundle(
             model, fmt, stats_dir, out_dir, budget_mb=budget_mb, avg_bits=avg_bits, method=q_method, block=block, set_name=set_name, moe_dispatch=moe_dispatch, ops=ops, sensitivity=mode, delta_from_meta=delta_from_meta, types=types,

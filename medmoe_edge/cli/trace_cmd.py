@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import Progress
 
 from ..ckpt_writer import check_new_dir
 from ..imaging import PreprocessMode
 from ..workflows import record_trace, save_trace
-from .common import err, out, runtime_options, user_errors
+from .common import err, out, progress_bar, runtime_options, user_errors
 
 
 @user_errors
@@ -28,7 +27,7 @@ def trace(
 ) -> None:
     """Record the reference's greedy tokens, logits and routing per question, to verify bundles where the checkpoint is not."""
     check_new_dir(out_dir)  # before recording, not after
-    with Progress(console=err, transient=True) as bar:
+    with progress_bar() as bar:
         task = bar.add_task("recording", total=None)
         t = record_trace(
             model,

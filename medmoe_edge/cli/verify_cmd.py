@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import Progress
 from rich.table import Table
 
 from ..errors import InputError
@@ -14,7 +13,7 @@ from ..imaging import PreprocessMode
 from ..verify import VerifyReport
 from ..workflows import TRACE_MAX_NEW_TOKENS, VerifyOutcome, verify_bundle
 from ..provenance import provenance
-from .common import DeviceOption, DtypeOption, ProviderOption, ThreadsOption, err, fail, out, print_json, runtime_options, user_errors
+from .common import DeviceOption, DtypeOption, ProviderOption, ThreadsOption, err, fail, out, print_json, progress_bar, runtime_options, user_errors
 
 DEFAULT_LIMIT = 64
 
@@ -68,7 +67,7 @@ def check_written_bundle(bundle: Path, limit: int, *, runtime: str | None = None
 
 
 def _run(bundle: Path, *, provider: str | None, threads: int | None, device: str = "cpu", dtype: str | None = None, **kw) -> VerifyOutcome:
-    with Progress(console=err, transient=True) as bar:
+    with progress_bar() as bar:
         task = bar.add_task("comparing", total=None)
         return verify_bundle(
             bundle,
