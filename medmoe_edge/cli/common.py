@@ -13,8 +13,8 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 import typer.core
 from rich.console import Console
-from rich.progress import Progress
 from rich.markup import escape
+from rich.progress import Progress
 from typer.core import TyperGroup
 
 from ..errors import MedmoeError
@@ -29,6 +29,7 @@ def progress_bar(*columns: Any) -> Progress:
     """A transient progress bar on stderr, shown on a terminal only: in a log or a pipe a stopped
     bar would leave a blank line before the next message (an error's one line included)."""
     return Progress(*columns, console=err, transient=True, disable=not err.is_terminal)
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,6 +66,7 @@ def fail(message: str, kind: str, code: int, as_json: bool) -> NoReturn:
 # (`typer._click`), whose classes are not the `click` package's; earlier ones use that package
 _clicks = (getattr(typer.core, "_click", None) or typer.core.click).exceptions  # type: ignore[attr-defined]
 _NoArgsIsHelp = getattr(_clicks, "NoArgsIsHelpError", ())  # click < 8.2 has none
+_COMMAND = "medmoe_edge.command"  # ctx.meta key: the subcommand being parsed
 
 
 class _OneLineUsageError(_clicks.ClickException):
@@ -110,8 +112,6 @@ class OneLineUsage(TyperGroup):
         except _clicks.UsageError as e:
             raise _OneLineUsageError(e, ctx.meta.get(_COMMAND, ctx.command_path)) from None
 
-
-_COMMAND = "medmoe_edge.command"  # ctx.meta key: the subcommand being parsed
 
 
 def user_errors(fn: F) -> F:
