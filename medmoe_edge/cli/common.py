@@ -54,9 +54,14 @@ def os_error_message(e: OSError) -> str:
     return f"{e.strerror or type(e).__name__}{where}: {fix}"
 
 
+def print_error(message: str) -> None:
+    """The one error line on stderr, never wrapped."""
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+
+
 def fail(message: str, kind: str, code: int, as_json: bool) -> NoReturn:
     """Print one error line on stderr (and a JSON error object on stdout for --json) and exit."""
-    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+    print_error(message)
     if as_json:
         print_json({"error": message, "kind": kind})
     raise typer.Exit(code)
@@ -83,7 +88,7 @@ class _OneLineUsageError(_clicks.ClickException):
         super().__init__(f"{what} (see `{where} --help`)")
 
     def show(self, file: Any = None) -> None:
-        err.print(f"[bold red]error:[/] {escape(self.message)}", markup=True, highlight=False, soft_wrap=True)
+        print_error(self.message)
 
 
 class OneLineUsage(TyperGroup):
