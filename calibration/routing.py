@@ -49,7 +49,7 @@ from medmoe_edge.errors import InputError
 from medmoe_edge.tensor_ids import checkpoint_id
 from medmoe_edge.vocab import Component
 
-from .sensitivity import Deferred, Probe, first_layer, probe_one, swap
+from .sensitivity import Deferred, Probe, first_layer, swap
 
 ROUNDS = 8  # knapsack solves along the flip target at most; each new plan is measured once (one pass over the probe sequences)
 NEIGHBOURS = 24  # plans near the knapsack's own measured at most, when it fails
@@ -59,6 +59,10 @@ NEIGHBOURS = 24  # plans near the knapsack's own measured at most, when it fails
 # route of the system prompt kept at the price of everything else), and there the knapsack's
 # plan is kept and the cost reported.
 MAX_KL_COST = 1.5
+# A group of picks measured together is split (each half measured again) only while it flips more
+# than this share of the guard's allowance; below it, its measured flips are shared out among its
+# picks in proportion to their estimates (`measure_picks`).
+SPLIT_SHARE = 0.125
 Dequantize = Callable[[Unit, Choice], dict[str, torch.Tensor | Deferred]]  # a unit's weights at a choice (made now or when their layer runs)
 
 
@@ -98,6 +102,7 @@ class RoutedPlan:
         rounds: whole-plan measurements made.
         measured_picks: picks whose estimated agreement was replaced by a measured one.
         held: whether `check.upper` meets the guard.
+        pick_probes: end-to-end probes made to measure those picks (`measure_picks`).
         hold_cost: when the plan is the knapsack's own, kept although it fails the guard because
             the best plan that holds it costs more than `MAX_KL_COST`: that plan's KL over this one's.
     """
@@ -109,6 +114,7 @@ class RoutedPlan:
     rounds: int
     measured_picks: int
     held: bool
+    pick_probes: int = 0
     hold_cost: float | None = None
 
 
@@ -154,6 +160,59 @@ def measure_plan(loaded: LoadedModel, probe: Probe, weights: dict[str, torch.Ten
     return PlanCheck(probe.kl(logp), share, se)
 
 
+def measure_picks(
+    loaded: LoadedModel,
+    probe: Probe,
+    picks: list[tuple[Unit, Choice]],
+    dequantize: Dequantize,
+    split_above: float | None,
+) -> tuple[list[float], int]:
+    """Router agreements of `picks` (units at their picked choices, with estimated agreements)
+    measured end to end, and the number of probes that took.
+
+    `split_above` None: one probe per pick, each from its own layer on. Otherwise by group testing:
+    the picks, in order of the layer they start at, are measured together (one probe from the
+    lowest of their layers on); a group that flips more than `split_above` of the routes is halved
+    and each half measured again, down to single picks, measured exactly; a group that flips less
+    has its measured flips shared out among its picks in proportion to their estimated flips
+    (evenly where those are all 0). A probe from a low layer costs about a full pass, so at full
+    size, where a plan has ~90 route-moving picks and few of them flip many routes, this takes a
+    fraction of the probes; its agreements are as exact where it matters (every group that flips a
+    noticeable share is resolved to its picks) and a group's total is measured, never estimated.
+    Flips do not add (module docstring), so a group's share is that of its picks together."""
+    num_layers = loaded.spec.text.num_layers
+    starts = [first_layer(u, num_layers) for u, _c in picks]
+    out = [0.0] * len(picks)
+    probes = 0
+
+    def flips_of(group: list[int]) -> float:
+        nonlocal probes
+        weights: dict[str, torch.Tensor | Deferred] = {}
+        for i in group:
+            weights.update(dequantize(*picks[i]))
+        old = swap(loaded, weights)
+        try:
+            probes += 1
+            return 1.0 - probe.measure(min(starts[i] for i in group))[1]
+        finally:
+            swap(loaded, old)
+
+    order = sorted(range(len(picks)), key=lambda i: (starts[i], picks[i][0].name))
+    todo = [[i] for i in order] if split_above is None or len(order) == 1 else [order]
+    while todo:
+        group = todo.pop()
+        flips = flips_of(group)
+        if len(group) > 1 and split_above is not None and flips > split_above:
+            half = len(group) // 2
+            todo += [group[half:], group[:half]]
+            continue
+        est = [1.0 - picks[i][1].router_agreement for i in group]
+        total = sum(est)
+        for i, e in zip(group, est):
+            out[i] = 1.0 - flips * (e / total if total > 0 else 1.0 / len(group))
+    return out, probes
+
+
 def _with_agreement(unit: Unit, precision, agreement: float) -> Unit:
     return replace(unit, choices=tuple(replace(c, router_agreement=agreement) if c.precision is precision else c for c in unit.choices))
 
@@ -170,21 +229,25 @@ def hold_routes(
     rounds: int = ROUNDS,
     max_cost: float = MAX_KL_COST,
     measure_picks_first: bool = False,
+    grouped: bool = True,
 ) -> RoutedPlan:
     """Solve the knapsack with the whole plan's measured flips, plus one standard error, held at
     ≤ `max_flips` where a plan within the budget can (module docstring). `estimated`: the units'
     agreements are proxy estimates, so the picks that can move a router are measured end to end
     once a plan made from the estimates fails the whole-plan check (`measure_picks_first`: before
-    the first plan is measured, as `quantize` did until the comparison in benchmarks/router_check.py)."""
+    the first plan is measured, as `quantize` did until the comparison in benchmarks/router_check.py);
+    `grouped`: in groups (`measure_picks`), else one probe per pick, as before the comparison there."""
     moe_layers = tuple(loaded.spec.moe.layers)
     units = tuple(units)
     measured: set[tuple[str, str]] = set()
+    pick_probes = 0  # end-to-end probes made to measure picks (fewer than the picks, when grouped)
+    split_above = SPLIT_SHARE * max_flips
     measuring = estimated and measure_picks_first  # else estimated picks are measured once a plan made from them fails whole
 
     def solve_measured(target: float, pin: tuple[int, Choice] | None = None) -> Allocation:
         """The knapsack at `target` (with unit `pin[0]` held to choice `pin[1]`), its route-moving
         estimated picks measured first."""
-        nonlocal units
+        nonlocal units, pick_probes
         while True:
             solving = units if pin is None else tuple(replace(u, choices=(pin[1],)) if i == pin[0] else u for i, u in enumerate(units))
             alloc = solve_routed(solving, budget, target)
@@ -196,9 +259,10 @@ def hold_routes(
             if not todo:
                 return Allocation(units, alloc.picks, budget)
             now = list(units)
-            for i in todo:
-                u, c = units[i], alloc.picks[i]
-                _kl, agree = probe_one(loaded, probe, u, dequantize(u, c))  # ΔD stays the estimate the other choices are ranked by
+            agreements, probes = measure_picks(loaded, probe, [(units[i], alloc.picks[i]) for i in todo], dequantize, split_above if grouped else None)
+            pick_probes += probes
+            for i, agree in zip(todo, agreements):
+                u, c = units[i], alloc.picks[i]  # ΔD stays the estimate the other choices are ranked by
                 measured.add((u.name, c.precision.value))
                 now[i] = _with_agreement(u, c.precision, agree)
                 if pin is not None and i == pin[0]:
@@ -217,7 +281,7 @@ def hold_routes(
         if picks not in checks:
             checks[picks] = measure_plan(loaded, probe, plan_weights(alloc, dequantize))
         check = checks[picks]
-        this = RoutedPlan(alloc, units, check, target, len(checks), len(measured), check.upper <= max_flips + 1e-12)
+        this = RoutedPlan(alloc, units, check, target, len(checks), len(measured), check.upper <= max_flips + 1e-12, pick_probes=pick_probes)
         if best is None or (this.held, -alloc.predicted_delta if this.held else -check.upper) > (best.held, -best.allocation.predicted_delta if best.held else -best.check.upper):
             best = this
         return this
@@ -254,8 +318,8 @@ def hold_routes(
     assert best is not None
     if best.held and not first.held and best.check.delta_kl > max_cost * first.check.delta_kl:
         # holding the routes would cost more of the answer distribution than it keeps: the knapsack's plan, and what holding cost
-        return replace(first, rounds=len(checks), measured_picks=len(measured), hold_cost=best.check.delta_kl / max(first.check.delta_kl, 1e-30))
-    return replace(best, rounds=len(checks), measured_picks=len(measured))
+        return replace(first, rounds=len(checks), measured_picks=len(measured), pick_probes=pick_probes, hold_cost=best.check.delta_kl / max(first.check.delta_kl, 1e-30))
+    return replace(best, rounds=len(checks), measured_picks=len(measured), pick_probes=pick_probes)
 
 
-__all__ = ["MAX_KL_COST", "NEIGHBOURS", "ROUNDS", "PlanCheck", "RoutedPlan", "hold_routes", "measure_plan", "moves_routes", "plan_weights"]
+__all__ = ["MAX_KL_COST", "NEIGHBOURS", "ROUNDS", "SPLIT_SHARE", "PlanCheck", "RoutedPlan", "hold_routes", "measure_picks", "measure_plan", "moves_routes", "plan_weights"]

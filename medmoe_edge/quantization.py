@@ -634,6 +634,7 @@ def quantize_bundle(
         summary["router_check"] = {
             "sequences": len(stats.sequences), "flips": r.check.flips, "flips_stderr": r.check.stderr, "delta_kl": r.check.delta_kl,
             "max_flips": 1.0 - ROUTER_GUARD, "held": r.held, "hold_kl_cost": r.hold_cost, "plans_measured": r.rounds, "picks_measured": r.measured_picks,
+            "pick_probes": r.pick_probes,
         }
     exporter = OnnxQuantExporter(result.codes, summary, next(o for o in OnnxOps if o.backend == backend)) if fmt == "onnx" else exporter_cls(result.codes, summary)
     request = exporter_cls.request(given, plan=result.plan)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medmoe_edge.calibration.routing import hold_routes, measure_plan, moves_routes, plan_weights
+from medmoe_edge.calibration.routing import SPLIT_SHARE, hold_routes, measure_picks, measure_plan, moves_routes, plan_weights
 from medmoe_edge.calibration.sensitivity import CodeBook, Probe, SensitivityMode, probe_one, units_for
 from medmoe_edge.allocation import BACKENDS, route_flips
 from medmoe_edge.checkpoint import load_model, resolve_model_dir
@@ -71,10 +71,10 @@ def test_the_plan_holds_the_guard_as_a_whole_or_is_the_least_flipping_found(demo
     if mode is SensitivityMode.PROXY and r.measured_picks:  # the estimated plan failed: every pick that can move a router carries its measured agreement
         book = CodeBook(stats, QuantMethod.GPTQ, 32)
         moving = [(u, c) for u, c in zip(res.allocation.units, res.allocation.picks) if not c.precision.is_float and moves_routes(u, (0, 2))]
-        assert moving and r.measured_picks >= len(moving)
-        for u, c in moving:
+        assert moving and r.measured_picks >= len(moving) and 0 < r.pick_probes < 2 * r.measured_picks
+        for u, c in moving:  # measured alone, or its share of a group that flipped few routes together (measure_picks)
             _kl, agree = probe_one(loaded, probe, u, {k: book.codes_for(k, state[k], c.precision).dequantize() for k in u.keys})
-            assert c.router_agreement == pytest.approx(agree)
+            assert c.router_agreement == pytest.approx(agree) or 1.0 - c.router_agreement <= SPLIT_SHARE * (1.0 - guard) + 1e-12
     elif mode is SensitivityMode.PROXY:  # the plan the estimates gave held whole, at the first measurement
         assert r.held and r.rounds == 1
 
@@ -105,8 +105,9 @@ def test_estimated_picks_are_measured_only_once_the_plan_they_gave_fails_whole(d
     assert loose.held and loose.rounds == 1 and loose.measured_picks == 0 and moving(loose)
     eager = hold_routes(loaded, probe, units, budget, 0.2, deq, estimated=True, measure_picks_first=True)
     assert eager.measured_picks >= len(moving(eager)) > 0
-    tight = hold_routes(loaded, probe, units, budget, 1e-4, deq, estimated=True, max_cost=float("inf"))
+    tight = hold_routes(loaded, probe, units, budget, 1e-4, deq, estimated=True, max_cost=float("inf"), grouped=False)
     assert tight.measured_picks >= len(moving(tight)) > 0  # failed whole (only then are picks probed), then measured
+    assert tight.pick_probes == tight.measured_picks  # one probe each
     for u, c in zip(tight.allocation.units, tight.allocation.picks):  # the measured agreements replaced the estimates
         if u.name in moving(tight):
             assert c.router_agreement == pytest.approx(probe_one(loaded, probe, u, deq(u, c))[1])
@@ -156,3 +157,34 @@ def test_a_guard_that_costs_more_kl_than_allowed_keeps_the_knapsacks_plan_and_sa
     kept = hold_routes(loaded, probe, measured, budget, allowed, deq, estimated=False, max_cost=cost * 0.5)
     assert not kept.held and kept.hold_cost == pytest.approx(cost) and kept.check.upper > allowed
     assert kept.check.delta_kl == pytest.approx(first.delta_kl)  # the knapsack's own plan
+
+
+def test_picks_are_measured_in_groups_split_only_while_they_flip_many_routes(demo, estimated):
+    """Group testing (`measure_picks`): a group's flips are measured together, never summed from
+    estimates; it is split down to single picks only while it flips more than the share given, and
+    a single pick's agreement is its own probe's."""
+    from medmoe_edge.allocation import solve_routed
+
+    loaded, _stats, probe = demo
+    units, budget, deq = estimated
+    plan = solve_routed(units, budget, 1.0)  # no flip bound: its low-bit picks flip routes
+    picks = [(u, c) for u, c in zip(units, plan.picks) if not c.precision.is_float and moves_routes(u, (0, 2))]
+    assert len(picks) >= 4
+    key = picks[0][0].keys[0]
+    before = loaded.model.lm.state_dict()[key].clone()
+    alone, n = measure_picks(loaded, probe, picks, deq, None)
+    assert n == len(picks)
+    assert alone == [pytest.approx(probe_one(loaded, probe, u, deq(u, c))[1]) for u, c in picks]
+    together, n = measure_picks(loaded, probe, picks, deq, 1.0)  # never split: one probe, from layer 0 (the projector's)
+    assert n == 1
+    weights = {k: v for u, c in picks for k, v in deq(u, c).items()}
+    flips = 1.0 - _probe_from_zero(loaded, probe, weights)[1]
+    assert flips > 0 and sum(1.0 - a for a in together) == pytest.approx(flips)  # the group's measured flips, shared out
+    est = [1.0 - c.router_agreement for _u, c in picks]
+    assert [1.0 - a for a in together] == pytest.approx([flips * e / sum(est) for e in est])  # in proportion to the estimates
+    split, n = measure_picks(loaded, probe, picks, deq, 0.0)  # any group that flips a route is split, down to its picks
+    assert 1 < n < 2 * len(picks)
+    assert any(a < 1.0 for a in split)
+    for a, b in zip(split, alone):  # a pick that flips is measured alone; a group that flips nothing gives its picks 1.0
+        assert a == pytest.approx(b) or a == 1.0
+    assert torch.equal(loaded.model.lm.state_dict()[key], before)  # the model is restored
