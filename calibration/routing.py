@@ -15,12 +15,15 @@ So after the knapsack, `hold_routes`:
    does it measure, end to end, the router agreement of every pick that can move a router (a
    unit below the last MoE layer's router) and has only an estimate, put it into the unit's
    choice and solve again, until every such pick is measured. A plan that holds as a whole meets
-   the guard however its units' flips were estimated, and at full size those per-pick probes are
+   the guard however its units' flips were estimated, and at full size one probe per pick was
    the largest part of `quantize` (90 of them: 2.9 h of a projected 5.4 h for a full-size StableLM
    on 2 cores, 2.5 h without them). On the demo (24 budgets × backends × calibration sizes) the
    guard held in the same cases either way, 21 plans were the same and the other 3 had a lower
    held-out KL; at 8 full-size layers the estimates' plan held at once, the same plan as with the
-   picks probed (docs/QUANTIZATION.md, "The router check's probes");
+   picks probed (docs/QUANTIZATION.md, "The router check's probes"). The picks are measured in
+   groups (`measure_picks`), each halved only while it flips more than `SPLIT_SHARE` of the
+   guard's allowance: a few picks that flip many routes among many that flip few take a few
+   probes each, not one probe per pick (docs/QUANTIZATION.md, "... in groups");
 2. measures the whole plan on the probe sequences (one pass): its flipped share F and the
    standard error of F across sequences (routes of one sequence flip together);
 3. holds F + one standard error ≤ the guard's share, so the bound carries to questions the probe
@@ -173,7 +176,8 @@ def measure_picks(
     `split_above` None: one probe per pick, each from its own layer on. Otherwise by group testing:
     the picks, in order of the layer they start at, are measured together (one probe from the
     lowest of their layers on); a group that flips more than `split_above` of the routes is halved
-    and each half measured again, down to single picks, measured exactly; a group that flips less
+    and each half measured again, down to single picks, measured exactly (a group that flips more
+    than `split_above` per pick is measured pick by pick at once); a group that flips less
     has its measured flips shared out among its picks in proportion to their estimated flips
     (evenly where those are all 0). A probe from a low layer costs about a full pass, so at full
     size, where a plan has ~90 route-moving picks and few of them flip many routes, this takes a
@@ -203,8 +207,12 @@ def measure_picks(
         group = todo.pop()
         flips = flips_of(group)
         if len(group) > 1 and split_above is not None and flips > split_above:
+            # halving pays where few of the group's picks flip much; where its flips are more than
+            # its picks' count of shares, most of them do (the demo's near-tied routes), and
+            # halving would spend up to 2n - 1 probes on what n probes of its picks resolve
+            dense = flips > len(group) * split_above
             half = len(group) // 2
-            todo += [group[half:], group[:half]]
+            todo += [[i] for i in group] if dense else [group[half:], group[:half]]
             continue
         est = [1.0 - picks[i][1].router_agreement for i in group]
         total = sum(est)

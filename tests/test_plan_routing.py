@@ -183,8 +183,10 @@ def test_picks_are_measured_in_groups_split_only_while_they_flip_many_routes(dem
     est = [1.0 - c.router_agreement for _u, c in picks]
     assert [1.0 - a for a in together] == pytest.approx([flips * e / sum(est) for e in est])  # in proportion to the estimates
     split, n = measure_picks(loaded, probe, picks, deq, 0.0)  # any group that flips a route is split, down to its picks
+    assert n == 1 + len(picks)  # the group flips more than 0 per pick: measured pick by pick at once, not halved
+    assert split == pytest.approx(alone)
+    halved, n = measure_picks(loaded, probe, picks, deq, flips / len(picks))  # more than its share per pick only together: halved
     assert 1 < n < 2 * len(picks)
-    assert any(a < 1.0 for a in split)
-    for a, b in zip(split, alone):  # a pick that flips is measured alone; a group that flips nothing gives its picks 1.0
-        assert a == pytest.approx(b) or a == 1.0
+    for a, b in zip(halved, alone):  # a pick is measured alone, or shares the few flips of a group of its
+        assert a == pytest.approx(b) or 1.0 - a <= flips / len(picks) + 1e-12
     assert torch.equal(loaded.model.lm.state_dict()[key], before)  # the model is restored
