@@ -169,6 +169,7 @@ def measure_picks(
     picks: list[tuple[Unit, Choice]],
     dequantize: Dequantize,
     split_above: float | None,
+    together: float | None = None,
 ) -> tuple[list[float], int]:
     """Router agreements of `picks` (units at their picked choices, with estimated agreements)
     measured end to end, and the number of probes that took.
@@ -183,7 +184,9 @@ def measure_picks(
     size, where a plan has ~90 route-moving picks and few of them flip many routes, this takes a
     fraction of the probes; its agreements are as exact where it matters (every group that flips a
     noticeable share is resolved to its picks) and a group's total is measured, never estimated.
-    Flips do not add (module docstring), so a group's share is that of its picks together."""
+    Flips do not add (module docstring), so a group's share is that of its picks together.
+    `together`: the flipped share of all `picks` together where it was measured already (the whole
+    plan they are the route-moving picks of); that first probe is then not made again."""
     num_layers = loaded.spec.text.num_layers
     starts = [first_layer(u, num_layers) for u, _c in picks]
     out = [0.0] * len(picks)
@@ -205,7 +208,7 @@ def measure_picks(
     todo = [[i] for i in order] if split_above is None or len(order) == 1 else [order]
     while todo:
         group = todo.pop()
-        flips = flips_of(group)
+        flips = together if together is not None and len(group) == len(picks) else flips_of(group)
         if len(group) > 1 and split_above is not None and flips > split_above:
             # halving pays where few of the group's picks flip much; where its flips are more than
             # its picks' count of shares, most of them do (the demo's near-tied routes), and
@@ -250,6 +253,7 @@ def hold_routes(
     measured: set[tuple[str, str]] = set()
     pick_probes = 0  # end-to-end probes made to measure picks (fewer than the picks, when grouped)
     split_above = SPLIT_SHARE * max_flips
+    checks: dict[tuple, PlanCheck] = {}  # plans measured whole, by picks: different targets often give one plan
     measuring = estimated and measure_picks_first  # else estimated picks are measured once a plan made from them fails whole
 
     def solve_measured(target: float, pin: tuple[int, Choice] | None = None) -> Allocation:
@@ -266,8 +270,13 @@ def hold_routes(
             ]
             if not todo:
                 return Allocation(units, alloc.picks, budget)
+            # a plan already measured whole, all of whose route-moving picks are to be measured: their
+            # flips together are the plan's (no other unit moves a route), so that probe is not made again
+            whole = checks.get(tuple(c.precision for c in alloc.picks))
+            moving = [i for i, (u, c) in enumerate(zip(units, alloc.picks)) if not c.precision.is_float and moves_routes(u, moe_layers)]
+            together = whole.flips if whole is not None and todo == moving else None
             now = list(units)
-            agreements, probes = measure_picks(loaded, probe, [(units[i], alloc.picks[i]) for i in todo], dequantize, split_above if grouped else None)
+            agreements, probes = measure_picks(loaded, probe, [(units[i], alloc.picks[i]) for i in todo], dequantize, *((split_above, together) if grouped else (None,)))
             pick_probes += probes
             for i, agree in zip(todo, agreements):
                 u, c = units[i], alloc.picks[i]  # ΔD stays the estimate the other choices are ranked by
@@ -277,7 +286,6 @@ def hold_routes(
                     pin = (i, replace(pin[1], router_agreement=agree))
             units = tuple(now)
 
-    checks: dict[tuple, PlanCheck] = {}  # by picks: different targets often give one plan
     best: RoutedPlan | None = None
 
     def consider(alloc: Allocation, target: float) -> RoutedPlan:

@@ -182,6 +182,7 @@ def test_picks_are_measured_in_groups_split_only_while_they_flip_many_routes(dem
     assert flips > 0 and sum(1.0 - a for a in together) == pytest.approx(flips)  # the group's measured flips, shared out
     est = [1.0 - c.router_agreement for _u, c in picks]
     assert [1.0 - a for a in together] == pytest.approx([flips * e / sum(est) for e in est])  # in proportion to the estimates
+    assert measure_picks(loaded, probe, picks, deq, 1.0, together=flips) == (together, 0)  # measured already (the whole plan): not again
     split, n = measure_picks(loaded, probe, picks, deq, 0.0)  # any group that flips a route is split, down to its picks
     assert n == 1 + len(picks)  # the group flips more than 0 per pick: measured pick by pick at once, not halved
     assert split == pytest.approx(alone)
