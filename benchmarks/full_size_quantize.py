@@ -15,8 +15,9 @@ peak RSS), as a user would run it:
    - the whole-plan router check: one pass of the plan the estimates gave; only when that plan
      fails the guard whole does it measure each picked unit that can move a router (at or below
      the last MoE layer) end to end, projected at one probe per such unit (a re-solve that picks
-     another type for one adds another), and the plan again: both totals are given, and a run's
-     manifest (`picks_measured`) says which one it was;
+     another type for one adds another; the router check now measures them in groups, fewer
+     probes where few of them flip many routes), and the plan again: both totals are given, and a
+     run's manifest (`picks_measured`, `pick_probes`) says which one it was;
    - GPTQ codes at int4 and int8 plus the energies tr(ΔW H ΔWᵀ) of one MoE layer and one dense
      layer, times the layers of each kind, plus the lm_head's and the projector's;
 3. with `--quantize`: `medmoe-edge quantize --format onnx --sensitivity proxy --avg-bits B
@@ -26,7 +27,10 @@ peak RSS), as a user would run it:
    files against the plan's prediction, the candidate codes held to a cap) goes into the table.
 
 `--reuse` keeps the statistics, the projection's timed parts, the bundle and the step timings
-(`WORK/STEP.json`) of an earlier run in `--work` and times again only what is missing.
+(`WORK/STEP.json`) of an earlier run in `--work` and times again only what is missing. A
+`quantize` that finds its proxy sensitivities cached in the statistics (an earlier run that
+stopped after them) is said to have, with that run's time where `WORK/sensitivities.json`
+records it, and is not compared with the projection.
 
 The weights are random, so sensitivities and answers say nothing about a trained model: this
 measures time and memory at full size. `--layers N` keeps the preset's every dimension but the
@@ -166,14 +170,18 @@ def checkpoint(work: Path, preset: str, layers: int | None) -> Path:
     return ckpt
 
 
-def quantize_rows(work: Path, ckpt: Path, stats: Path, avg_bits: float, reuse: bool) -> tuple[list[str], float]:
+def quantize_rows(work: Path, ckpt: Path, stats: Path, avg_bits: float, reuse: bool) -> tuple[list[str], float | None]:
     """`quantize` run for real, then `run` of its bundle in ONNX Runtime: table rows and quoted
-    lines, and the seconds of its planning step (codes, sensitivities, allocation)."""
+    lines, and the seconds of its planning step (codes, sensitivities, allocation; None where the
+    sensitivities came from the cache of an earlier run, `WORK/sensitivities.json` its time)."""
     from medmoe_edge.calibration.sets import resolve_set
 
     bundle = work / "bundle-onnx"
+    inputs = work / "quantize-inputs.json"  # what the run found in place: its sensitivities cached by an earlier run, or not
     if not (reuse and (work / "quantize.json").is_file()):
         shutil.rmtree(bundle, ignore_errors=True)
+        inputs.write_text(json.dumps({"sensitivities_cached": any(stats.glob("sensitivity-*.json"))}))
+    cached = inputs.is_file() and json.loads(inputs.read_text())["sensitivities_cached"]
     quantize = [CLI, "quantize", "--model", str(ckpt), "--format", "onnx", "--stats", str(stats), "--sensitivity", "proxy", "--avg-bits", f"{avg_bits:g}", "--trace-questions", "0", "--no-verify", "--out", str(bundle)]
     wall, rss = timed_step(work, "quantize", quantize, reuse)
     phases = quantize_phases((work / "quantize.log").read_text())
@@ -183,13 +191,19 @@ def quantize_rows(work: Path, ckpt: Path, stats: Path, avg_bits: float, reuse: b
     written = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
     planning = sum(secs for what, secs in phases.items() if what.startswith(("gptq codes", "rtn codes")))
     check = _router_check(bundle)
+    earlier = work / "sensitivities.json"  # (wall, peak RSS) of the earlier run that cached them, where recorded
+    if cached:
+        took = f" by an earlier run of the same command, which stopped after them: {json.loads(earlier.read_text())[0] / 60:.1f} min, not counted above" if earlier.is_file() else ""
+        planning = None  # not the planning step the projection projects
     return [
         f"| `quantize --format onnx --sensitivity proxy --avg-bits {avg_bits:g} --trace-questions 0 --no-verify` | {wall / 60:.1f} min | **{_gib(rss)}** |",
         *(f"| `quantize`: {what} | {secs / 60:.1f} min | |" for what, secs in phases.items()),
         f"| `run --runtime onnxruntime --max-new-tokens 8` on the bundle ({written / 1e9:.2f} GB) | {run_wall / 60:.1f} min | {_gib(run_rss)} |",
         "",
         *(f"- quantize printed: {ln}" for ln in _quoted(work / "quantize.log", QUOTED)),
-        f"- the bundle's manifest: the router check measured {check['plans_measured']} plan(s) whole and {check['picks_measured']} estimated picks end to end",
+        f"- the bundle's manifest: the router check measured {check['plans_measured']} plan(s) whole and {check['picks_measured']} estimated picks end to end"
+        + (f" in {check['pick_probes']} probes" if "pick_probes" in check else ""),
+        *([f"- the proxy sensitivities were read from the statistics folder's cache, written{took}"] if cached else []),
     ], planning
 
 
@@ -217,7 +231,7 @@ def projection_rows(work: Path, ckpt: Path, stats: Path, reuse: bool) -> tuple[l
         f"| GPTQ codes at int4 and int8 + energies: one MoE layer / one dense layer / lm_head and projector | {j['codes_moe_layer_s']:.0f} s / {j['codes_dense_layer_s']:.0f} s / {j['codes_other_s']:.0f} s | {m(j['codes_s'])} ({j['moe_layers']} MoE + {j['dense_layers']} dense layers) |",
         f"| the whole-plan router check: one full pass of the plan the estimates gave | | {m(j['full_pass_s'])} |",
         f"| **in all, when that plan holds the guard whole** (not counted: delta-from-meta's second codes for the quantized experts' input projections, and writing the ONNX files) | | **{m(j['load_s'] + planning[True])}** |",
-        f"| only when it fails: a probe of each pick that can move a router ({j['route_moving_units']}), and the plan measured again | | {m(j['route_probes_s'] + j['full_pass_s'])} |",
+        f"| only when it fails: a probe of each pick that can move a router ({j['route_moving_units']}; one each, as before the picks were measured in groups), and the plan measured again | | {m(j['route_probes_s'] + j['full_pass_s'])} |",
         f"| in all, when it fails (more if the plans after it fail too) | | {m(j['load_s'] + planning[False])} |",
     ], planning
 
