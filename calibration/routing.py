@@ -180,10 +180,11 @@ def measure_picks(
     and each half measured again, down to single picks, measured exactly (a group that flips more
     than `split_above` per pick is measured pick by pick at once); a group that flips less
     has its measured flips shared out among its picks in proportion to their estimated flips
-    (evenly where those are all 0). A probe from a low layer costs about a full pass, so at full
-    size, where a plan has ~90 route-moving picks and few of them flip many routes, this takes a
-    fraction of the probes; its agreements are as exact where it matters (every group that flips a
-    noticeable share is resolved to its picks) and a group's total is measured, never estimated.
+    (evenly where those are all 0). A probe from a low layer costs about a full pass, and a plan
+    that failed at full size had ~90 route-moving picks: where few of them flip many routes this
+    takes far fewer probes than one per pick, where most of them do (the demo's near-tied routes)
+    a few more (docs/QUANTIZATION.md, "... in groups"). Every group that flips a noticeable share
+    is resolved to its picks, and a group's total is measured, never estimated.
     Flips do not add (module docstring), so a group's share is that of its picks together.
     `together`: the flipped share of all `picks` together where it was measured already (the whole
     plan they are the route-moving picks of); that first probe is then not made again."""
