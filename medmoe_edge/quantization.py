@@ -457,7 +457,7 @@ def make_plan(
             params = max(sum(u.params for u in units), 1)
             raise InputError(
                 f"the budget {budget / 1e6:.3f} MB is below the smallest plan that keeps router agreement >= {router_guard:.1%} ({smallest / 1e6:.3f} MB, {8 * smallest / params:.2f} bits per weight; "
-                f"{len(held)} groups flip routes at their smallest type, first {held[0]}): raise --budget-mb to at least {math.ceil(smallest / 1e3) / 1e3:.3f} or --avg-bits to at least {math.ceil(800 * smallest / params) / 100:.2f}"
+                f"{len(held)} group{' flips' if len(held) == 1 else 's flip'} routes at their smallest type, first {held[0]}): raise --budget-mb to at least {math.ceil(smallest / 1e3) / 1e3:.3f} or --avg-bits to at least {math.ceil(800 * smallest / params) / 100:.2f}"
             )
         # the guard holds per unit, the plan's summed flips are held to the same share
         # (allocation.solve_routed), and the whole plan, measured, too (calibration.routing)
