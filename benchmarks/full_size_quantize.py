@@ -15,9 +15,8 @@ peak RSS), as a user would run it:
    - the whole-plan router check: one pass of the plan the estimates gave; only when that plan
      fails the guard whole does it measure each picked unit that can move a router (at or below
      the last MoE layer) end to end, projected at one probe per such unit (a re-solve that picks
-     another type for one adds another; the router check now measures them in groups, fewer
-     probes where few of them flip many routes), and the plan again: both totals are given, and a
-     run's manifest (`picks_measured`, `pick_probes`) says which one it was;
+     another type for one adds another), and the plan again: both totals are given, and a run's
+     manifest (`picks_measured`, `pick_probes`) says which one it was;
    - GPTQ codes at int4 and int8 plus the energies tr(ΔW H ΔWᵀ) of one MoE layer and one dense
      layer, times the layers of each kind, plus the lm_head's and the projector's;
 3. with `--quantize`: `medmoe-edge quantize --format onnx --sensitivity proxy --avg-bits B
@@ -193,7 +192,7 @@ def quantize_rows(work: Path, ckpt: Path, stats: Path, avg_bits: float, reuse: b
     check = _router_check(bundle)
     earlier = work / "sensitivities.json"  # (wall, peak RSS) of the earlier run that cached them, where recorded
     if cached:
-        took = f" by an earlier run of the same command, which stopped after them: {json.loads(earlier.read_text())[0] / 60:.1f} min, not counted above" if earlier.is_file() else ""
+        took = f", which stopped after them: {json.loads(earlier.read_text())[0] / 60:.1f} min, not counted above" if earlier.is_file() else ""
         planning = None  # not the planning step the projection projects
     return [
         f"| `quantize --format onnx --sensitivity proxy --avg-bits {avg_bits:g} --trace-questions 0 --no-verify` | {wall / 60:.1f} min | **{_gib(rss)}** |",
@@ -203,7 +202,7 @@ def quantize_rows(work: Path, ckpt: Path, stats: Path, avg_bits: float, reuse: b
         *(f"- quantize printed: {ln}" for ln in _quoted(work / "quantize.log", QUOTED)),
         f"- the bundle's manifest: the router check measured {check['plans_measured']} plan(s) whole and {check['picks_measured']} estimated picks end to end"
         + (f" in {check['pick_probes']} probes" if "pick_probes" in check else ""),
-        *([f"- the proxy sensitivities were read from the statistics folder's cache, written{took}"] if cached else []),
+        *([f"- the proxy sensitivities were read from the statistics folder's cache, written by an earlier run{took}"] if cached else []),
     ], planning
 
 
@@ -231,7 +230,7 @@ def projection_rows(work: Path, ckpt: Path, stats: Path, reuse: bool) -> tuple[l
         f"| GPTQ codes at int4 and int8 + energies: one MoE layer / one dense layer / lm_head and projector | {j['codes_moe_layer_s']:.0f} s / {j['codes_dense_layer_s']:.0f} s / {j['codes_other_s']:.0f} s | {m(j['codes_s'])} ({j['moe_layers']} MoE + {j['dense_layers']} dense layers) |",
         f"| the whole-plan router check: one full pass of the plan the estimates gave | | {m(j['full_pass_s'])} |",
         f"| **in all, when that plan holds the guard whole** (not counted: delta-from-meta's second codes for the quantized experts' input projections, and writing the ONNX files) | | **{m(j['load_s'] + planning[True])}** |",
-        f"| only when it fails: a probe of each pick that can move a router ({j['route_moving_units']}; one each, as before the picks were measured in groups), and the plan measured again | | {m(j['route_probes_s'] + j['full_pass_s'])} |",
+        f"| only when it fails: a probe of each pick that can move a router ({j['route_moving_units']}), and the plan measured again | | {m(j['route_probes_s'] + j['full_pass_s'])} |",
         f"| in all, when it fails (more if the plans after it fail too) | | {m(j['load_s'] + planning[False])} |",
     ], planning
 

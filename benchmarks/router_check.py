@@ -14,6 +14,7 @@ time is the codes, the solves and the router check's measurements).
 `--compare grouped` compares, the same way, the picks measured one probe each (as after the first
 comparison) against measured in groups that are split only while they flip many routes
 (`calibration.routing.measure_picks`): at full size a probe of a low layer's pick is a full pass.
+The groups took more probes here, so `quantize` kept one probe per pick.
 
     python benchmarks/router_check.py [--compare first|grouped] [--calib-per-domain 16 64] [--held-out 16] [--work DIR] [--no-doc]
 
@@ -38,7 +39,7 @@ BUDGETS = (("uniform int3 GPTQ bytes", "int3", None), ("3.0 bits", None, 3.0), (
 # per comparison: (hold_routes' keyword arguments, label) before and now
 WAYS = {
     "first": (({"measure_picks_first": True, "grouped": False}, "picks first (before)"), ({"grouped": False}, "picks on failure (now)")),
-    "grouped": (({"grouped": False}, "one probe per pick (before)"), ({"grouped": True}, "in groups (now)")),
+    "grouped": (({"grouped": False}, "one probe per pick (kept)"), ({"grouped": True}, "in groups (not adopted)")),
 }
 
 

@@ -128,12 +128,7 @@ def quantize_cmd(
             f"whole-plan routing on the calibration probe sequences: {r.check.flips:.2%} ± {r.check.stderr:.2%} of routes flipped "
             f"(guard: ≤ {1 - ROUTER_GUARD:.1%} with one standard error: {verdict}; {r.rounds} plan{'s' if r.rounds != 1 else ''} measured whole"
             # proxy sensitivities: the picks' estimated flips are probed only when the plan they gave failed whole (calibration.routing)
-            + (
-                f"; {r.measured_picks} estimated pick{'s' if r.measured_picks != 1 else ''} measured end to end in {r.pick_probes} probe{'s' if r.pick_probes != 1 else ''}"
-                if mode is SensitivityMode.PROXY
-                else ""
-            )
-            + ")",
+            + (f"; {r.measured_picks} estimated pick{'s' if r.measured_picks != 1 else ''} probed end to end" if mode is SensitivityMode.PROXY else "") + ")",
             highlight=False,
             soft_wrap=True,
         )
