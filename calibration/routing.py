@@ -257,7 +257,6 @@ def hold_routes(
     units = tuple(units)
     measured: set[tuple[str, str]] = set()
     pick_probes = 0  # end-to-end probes made to measure picks (one each, unless grouped)
-    split_above = SPLIT_SHARE * max_flips
     checks: dict[tuple, PlanCheck] = {}  # plans measured whole, by picks: different targets often give one plan
     measuring = estimated and measure_picks_first  # else estimated picks are measured once a plan made from them fails whole
 
@@ -275,13 +274,15 @@ def hold_routes(
             ]
             if not todo:
                 return Allocation(units, alloc.picks, budget)
-            # a plan already measured whole, all of whose route-moving picks are to be measured: their
-            # flips together are the plan's (no other unit moves a route), so that probe is not made again
-            whole = checks.get(tuple(c.precision for c in alloc.picks))
-            moving = [i for i, (u, c) in enumerate(zip(units, alloc.picks)) if not c.precision.is_float and moves_routes(u, moe_layers)]
-            together = whole.flips if whole is not None and todo == moving else None
+            together = None
+            if grouped:  # a plan already measured whole, all of whose route-moving picks are to be measured: their
+                # flips together are the plan's (no other unit moves a route), so that probe is not made again
+                whole = checks.get(tuple(c.precision for c in alloc.picks))
+                moving = [i for i, (u, c) in enumerate(zip(units, alloc.picks)) if not c.precision.is_float and moves_routes(u, moe_layers)]
+                together = whole.flips if whole is not None and todo == moving else None
             now = list(units)
-            agreements, probes = measure_picks(loaded, probe, [(units[i], alloc.picks[i]) for i in todo], dequantize, *((split_above, together) if grouped else (None,)))
+            picks = [(units[i], alloc.picks[i]) for i in todo]
+            agreements, probes = measure_picks(loaded, probe, picks, dequantize, split_above=SPLIT_SHARE * max_flips if grouped else None, together=together)
             pick_probes += probes
             for i, agree in zip(todo, agreements):
                 u, c = units[i], alloc.picks[i]  # ΔD stays the estimate the other choices are ranked by
